@@ -1,0 +1,62 @@
+"""The ``speechprompt`` command. Each subcommand lives in its own module, which defines
+``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first line is the one-line help."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from speechprompt import __version__
+from speechprompt.errors import SpeechPromptError
+
+# name -> module. Order is the order of `speechprompt --help`.
+COMMANDS: dict[str, str] = {
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the layout of descriptions and epilogs."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechprompt",
+        description="Adapt frozen speech models to new tasks with tiny per-task parameters.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"speechprompt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(
+            name, help=doc.splitlines()[0] if doc else None, description=doc, formatter_class=_Formatter
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except SpeechPromptError as e:
+        print(f"speechprompt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"speechprompt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""Safe reading and writing of fairseq artefacts without fairseq: checkpoints, ``dict.txt`` and ``km.bin``.
+
+Pickles run code by design, so every pickle here goes through a restricted unpickler. It rebuilds tensors, plain
+containers, ``argparse.Namespace`` and numpy arrays, and turns the few foreign classes a fairseq or sklearn pickle
+legitimately holds (omegaconf containers, fairseq's ``Dictionary``, sklearn's ``MiniBatchKMeans``) into inert
+records of their state. Anything else is refused with :class:`UnsafeCheckpointError`, before it is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import collections
+import gzip
+import io
+import lzma
+import os
+import pickle
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from speechprompt.errors import CheckpointError, UnsafeCheckpointError
+
+# --------------------------------------------------------------------------------------------------------------
+# Inert records of foreign objects
+
+
+class Record:
+    """A foreign object rebuilt as data only: its class name, constructor args and pickled state."""
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        # (dict_state, slot_state) pairs come from classes with __slots__; keep both, flattened.
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            merged = dict(state[0] or {})
+            merged.update(state[1])
+            state = merged
+        self.state = state
+
+    def __getitem__(self, key: str) -> Any:
+        return self.state[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.state.get(key, default) if isinstance(self.state, dict) else default
+
+    def __repr__(self) -> str:
+        return f"<record of {self.qualname}>"
+
+
+def _record_class(module: str, name: str) -> type[Record]:
+    return type(name, (Record,), {"qualname": f"{module}.{name}", "__module__": __name__})
+
+
+def omegaconf_to_plain(obj: Any) -> Any:
+    """Turn records of omegaconf ``DictConfig``/``ListConfig``/value nodes (and anything nested) into plain
+    Python values. Interpolations such as ``${task.label_rate}`` stay strings, as saved."""
+    if isinstance(obj, Record):
+        if obj.qualname.startswith("omegaconf."):
+            state = obj.state if isinstance(obj.state, dict) else {}
+            if "_content" in state:
+                return omegaconf_to_plain(state["_content"])
+            if "_val" in state:
+                return omegaconf_to_plain(state["_val"])
+            return None
+        return obj
+    if isinstance(obj, dict):
+        return {k: omegaconf_to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [omegaconf_to_plain(v) for v in obj]
+    if isinstance(obj, argparse.Namespace):
+        return {k: omegaconf_to_plain(v) for k, v in vars(obj).items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The restricted unpickler
+
+# Globals that are data constructors and cannot reach the file system, the network or an interpreter.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "defaultdict"): collections.defaultdict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "object"): object,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "int"): int,
+    ("builtins", "float"): float,
+    ("builtins", "str"): str,
+    ("builtins", "bool"): bool,
+    ("builtins", "bytes"): bytes,
+    ("typing", "Any"): Any,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+}
+for _dtype_name in ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+                    "bool", "complex64", "complex128"):
+    _ALLOWED[("torch", _dtype_name)] = getattr(torch, _dtype_name)
+_ALLOWED[("numpy", "ndarray")] = np.ndarray
+_ALLOWED[("numpy", "dtype")] = np.dtype
+
+try:  # numpy 2 moved the module; pickles name either path
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct_impl
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct_impl
+
+_NUMPY_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")
+
+
+def _safe_encode(obj: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode``: numpy scalars pickled under protocol 2 carry their bytes as latin-1 strings."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError("refusing _codecs.encode with non-string or non-latin1 arguments")
+    return obj.encode(encoding)
+
+
+def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise UnsafeCheckpointError(f"refusing to rebuild a numpy array of type {subtype!r}")
+    return _np_reconstruct_impl(subtype, shape, dtype)
+
+
+def _np_scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeCheckpointError("refusing a numpy scalar of object dtype")
+    return np.frombuffer(data if data is not None else b"\x00" * dtype.itemsize, dtype=dtype)[0]
+
+
+# Modules whose classes become inert records, by what may legitimately appear in the pickles we read.
+_RECORD_MODULE_PREFIXES: tuple[str, ...] = ("omegaconf.",)
+_RECORD_CLASSES: set[tuple[str, str]] = {
+    ("fairseq.data.dictionary", "Dictionary"),
+}
+
+
+class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so that BUILD can be extended (km.bin)
+    """Unpickler with an allow-list. ``record_modules`` adds module prefixes whose classes become records."""
+
+    def __init__(self, file: Any, *, source: str = "<pickle>", record_modules: Sequence[str] = (), **kwargs: Any):
+        super().__init__(file, **kwargs)
+        self.source = source
+        self.record_modules = tuple(_RECORD_MODULE_PREFIXES) + tuple(record_modules)
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key == ("copyreg", "_reconstructor"):
+            return self._reconstructor
+        if key == ("_codecs", "encode"):
+            return _safe_encode
+        if module in _NUMPY_MULTIARRAY and name == "_reconstruct":
+            return _np_reconstruct
+        if module in _NUMPY_MULTIARRAY and name == "scalar":
+            return _np_scalar
+        if module == "numpy.dtypes" and name.endswith("DType"):  # numpy 2 pickles dtype classes
+            return np.dtype
+        if key in _ALLOWED:
+            return _ALLOWED[key]
+        if key in _RECORD_CLASSES or module.startswith(self.record_modules):
+            return _record_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: refusing to unpickle {module}.{name}: it is not on the allow-list of "
+            "fairseq/sklearn artefacts (a tampered or unsupported file?)"
+        )
+
+    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        if not (isinstance(cls, type) and (issubclass(cls, Record) or cls in _ALLOWED.values())):
+            raise UnsafeCheckpointError(f"{self.source}: refusing copyreg._reconstructor for {cls!r}")
+        obj = object.__new__(cls) if base is object else base.__new__(cls, state)
+        return obj
+
+
+class _SafePickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` class and a ``load`` function."""
+
+    def __init__(self, source: str) -> None:
+        source_ = source
+
+        class Unpickler(SafeUnpickler):
+            def __init__(self, file: Any, **kwargs: Any) -> None:
+                super().__init__(file, source=source_, **kwargs)
+
+        self.Unpickler = Unpickler
+        self.__name__ = "speechprompt_safe_pickle"
+
+    def load(self, file: Any, **kwargs: Any) -> Any:
+        return self.Unpickler(file, **kwargs).load()
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` through :class:`SafeUnpickler`, on CPU. Works for zip and legacy formats."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_SafePickleModule(path), weights_only=False)
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch/fairseq checkpoint ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fairseq checkpoints
+
+
+def load_fairseq_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a fairseq checkpoint safely and normalise it.
+
+    Returns a dict with ``model`` (the state dict), ``cfg`` (a plain nested dict with at least ``model`` and
+    ``task`` sections, built from legacy ``args`` when the checkpoint has no ``cfg``) and ``task_state`` (with
+    fairseq ``Dictionary`` objects turned into :class:`Dictionary`). Other top-level entries are kept as read.
+    """
+    raw = safe_torch_load(path)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    out = dict(raw)
+    cfg = omegaconf_to_plain(raw.get("cfg"))
+    args = raw.get("args")
+    if cfg is None or not cfg.get("model"):
+        if args is None:
+            raise CheckpointError(f"{path}: fairseq checkpoint has neither 'cfg' nor 'args'")
+        flat = omegaconf_to_plain(args)
+        cfg = {"model": dict(flat), "task": dict(flat), "common": dict(flat)}
+    elif isinstance(cfg.get("model"), argparse.Namespace):
+        cfg["model"] = vars(cfg["model"])
+    out["cfg"] = cfg
+    out["task_state"] = {
+        k: Dictionary.from_record(v) if isinstance(v, Record) and v.qualname.endswith(".Dictionary") else v
+        for k, v in (raw.get("task_state") or {}).items()
+    }
+    return out
+
+
+def save_fairseq_checkpoint(
+    path: str | os.PathLike, model_state: dict[str, torch.Tensor], cfg: dict[str, Any]
+) -> None:
+    """Write a checkpoint in fairseq's layout (``model``, ``cfg``, ``args``, ``extra_state``...), atomically.
+
+    ``cfg`` is a plain dict, as fairseq itself saves it (``OmegaConf.to_container``). fairseq's
+    ``load_checkpoint_to_cpu`` reads the result and rebuilds the model from ``cfg``.
+    """
+    from speechprompt.fileio import torch_save
+
+    state = {
+        "args": None,
+        "cfg": cfg,
+        "model": {k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+        "criterion": None,
+        "optimizer_history": [
+            {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "lr_scheduler_state": {},
+             "num_updates": 0}
+        ],
+        "task_state": {},
+        "extra_state": {"metrics": {}, "previous_training_time": 0},
+        "last_optimizer_state": None,
+    }
+    torch_save(state, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict.txt
+
+
+class Dictionary:
+    """fairseq's token dictionary: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then ``dict.txt`` in order.
+
+    For a GSLM unit dictionary (symbols "0".."99") unit ``u`` has id ``u + 4``.
+    """
+
+    def __init__(self, symbols: Iterable[str] = (), counts: Iterable[int] | None = None) -> None:
+        self.bos_word, self.pad_word, self.eos_word, self.unk_word = "<s>", "<pad>", "</s>", "<unk>"
+        self.symbols: list[str] = [self.bos_word, self.pad_word, self.eos_word, self.unk_word]
+        self.count: list[int] = [1, 1, 1, 1]
+        self.indices: dict[str, int] = {s: i for i, s in enumerate(self.symbols)}
+        self.nspecial = 4
+        counts = list(counts) if counts is not None else None
+        for i, sym in enumerate(symbols):
+            self.add_symbol(sym, counts[i] if counts is not None else 1)
+
+    bos_index, pad_index, eos_index, unk_index = 0, 1, 2, 3
+
+    def add_symbol(self, symbol: str, count: int = 1, overwrite: bool = False) -> int:
+        if symbol in self.indices and not overwrite:
+            idx = self.indices[symbol]
+            self.count[idx] += count
+            return idx
+        idx = len(self.symbols)
+        self.indices[symbol] = idx
+        self.symbols.append(symbol)
+        self.count.append(count)
+        return idx
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dictionary) and self.symbols == other.symbols
+
+    def __getitem__(self, idx: int) -> str:
+        return self.symbols[idx]
+
+    def index(self, symbol: str) -> int:
+        return self.indices.get(symbol, self.unk_index)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Dictionary:
+        """Read ``dict.txt``: one ``symbol count [#fairseq:overwrite]`` per line."""
+        d = cls()
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read dictionary ({e.strerror})") from None
+        for n, line in enumerate(lines, 1):
+            line = line.rstrip()
+            if not line:
+                continue
+            overwrite = False
+            if line.endswith(" #fairseq:overwrite"):
+                overwrite = True
+                line = line[: -len(" #fairseq:overwrite")]
+            parts = line.rsplit(" ", 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise CheckpointError(f"{path}:{n}: expected '<symbol> <count>', got {line!r}")
+            sym, count = parts
+            if sym in d.indices and not overwrite:
+                raise CheckpointError(f"{path}:{n}: duplicate symbol {sym!r} (add '#fairseq:overwrite')")
+            d.add_symbol(sym, int(count), overwrite=overwrite)
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        from speechprompt.fileio import write_text
+
+        write_text(path, "".join(f"{s} {c}\n" for s, c in zip(self.symbols[self.nspecial:],
+                                                            self.count[self.nspecial:])))
+
+    @classmethod
+    def for_units(cls, n_units: int) -> Dictionary:
+        """The GSLM unit dictionary: symbols ``"0"`` .. ``str(n_units - 1)``."""
+        return cls([str(u) for u in range(n_units)])
+
+    @classmethod
+    def from_record(cls, rec: Record) -> Dictionary:
+        """Rebuild from a pickled fairseq ``Dictionary`` (its ``symbols`` and ``count`` lists)."""
+        state = rec.state or {}
+        symbols, counts = list(state.get("symbols", [])), list(state.get("count", []))
+        d = cls()
+        d.symbols, d.count = symbols, counts or [1] * len(symbols)
+        d.indices = {s: i for i, s in enumerate(symbols)}
+        d.nspecial = int(state.get("nspecial", 4))
+        for attr in ("bos_word", "pad_word", "eos_word", "unk_word"):
+            if attr in state:
+                setattr(d, attr, state[attr])
+        for attr in ("bos_index", "pad_index", "eos_index", "unk_index"):
+            if attr in state:
+                setattr(d, attr, int(state[attr]))
+        return d
+
+    def encode_line(self, line: str, append_eos: bool = True) -> torch.Tensor:
+        """Space-separated symbols to ids (``<unk>`` for unknown ones), with ``</s>`` appended by default."""
+        ids = [self.index(tok) for tok in line.split()]
+        if append_eos:
+            ids.append(self.eos_index)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def encode_units(self, units: Sequence[int], append_eos: bool = False) -> torch.Tensor:
+        """Unit ids (ints) to token ids. Raises for a unit that the dictionary does not hold."""
+        ids = []
+        for u in units:
+            idx = self.indices.get(str(int(u)))
+            if idx is None:
+                raise CheckpointError(f"unit {u} is not in the dictionary ({len(self) - self.nspecial} symbols)")
+            ids.append(idx)
+        if append_eos:
+            ids.append(self.eos_index)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def string(self, ids: Iterable[int], strip_special: bool = True) -> str:
+        """Token ids back to a space-separated string (special symbols dropped by default)."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if strip_special and i < self.nspecial:
+                continue
+            out.append(self.symbols[i])
+        return " ".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# km.bin (a joblib pickle of sklearn MiniBatchKMeans)
+
+_JOBLIB_WRAPPER = ("joblib.numpy_pickle", "NumpyArrayWrapper")
+
+
+class _JoblibUnpickler(SafeUnpickler):
+    """Reads joblib's format: each ``NumpyArrayWrapper`` is followed, after its BUILD, by the raw array bytes."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file, source=source, record_modules=("sklearn.", "numpy.random."))
+        self._raw = file
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == _JOBLIB_WRAPPER:
+            return _record_class(module, name)
+        return super().find_class(module, name)
+
+    def load_build(self) -> None:
+        pickle._Unpickler.load_build(self)
+        top = self.stack[-1]
+        if isinstance(top, Record) and top.qualname == ".".join(_JOBLIB_WRAPPER):
+            self.stack[-1] = self._read_array(top.state or {})
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _read_array(self, w: dict[str, Any]) -> np.ndarray:
+        dtype, shape, order = w.get("dtype"), tuple(w.get("shape", ())), w.get("order", "C")
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise UnsafeCheckpointError(f"{self.source}: refusing a joblib array of object dtype")
+        if w.get("numpy_array_alignment_bytes") is not None:
+            pad = self._raw.read(1)
+            if pad and pad[0]:
+                self._raw.read(pad[0])
+        count = int(np.prod(shape)) if shape else 1
+        nbytes = count * dtype.itemsize
+        data = self._raw.read(nbytes)
+        if len(data) != nbytes:
+            raise CheckpointError(f"{self.source}: truncated joblib array ({len(data)} of {nbytes} bytes)")
+        arr = np.frombuffer(data, dtype=dtype, count=count).copy()
+        return arr.reshape(shape[::-1]).T if order == "F" else arr.reshape(shape)
+
+
+def _open_maybe_compressed(path: Path) -> io.BufferedIOBase:
+    head = path.read_bytes()[:6]
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if head.startswith(b"BZh"):
+        return bz2.open(path, "rb")
+    if head.startswith(b"\xfd7zXZ") or head.startswith(b"]\x00\x00"):
+        return lzma.open(path, "rb")
+    if head[:1] == b"x" and len(head) > 1 and (head[0] * 256 + head[1]) % 31 == 0:
+        return io.BytesIO(zlib.decompress(path.read_bytes()))
+    return open(path, "rb")
+
+
+def read_kmeans_pickle(path: str | os.PathLike) -> np.ndarray:
+    """The ``cluster_centers_`` (K, D) of a joblib-pickled sklearn k-means (GSLM's ``km.bin``), as float32.
+
+    Nothing in the pickle is executed: the estimator becomes a record of its attributes and only the centroids
+    are kept.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such k-means file")
+    try:
+        with _open_maybe_compressed(path) as f:
+            obj = _JoblibUnpickler(f, source=str(path)).load()
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable joblib/pickle k-means model ({e})") from None
+    state = obj.state if isinstance(obj, Record) else obj
+    centers = state.get("cluster_centers_") if isinstance(state, dict) else None
+    if not isinstance(centers, np.ndarray) or centers.ndim != 2:
+        raise CheckpointError(f"{path}: k-means pickle has no 2-D cluster_centers_ (is it a fitted sklearn KMeans?)")
+    return np.ascontiguousarray(centers, dtype=np.float32)
