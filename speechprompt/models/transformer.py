@@ -1,0 +1,245 @@
+"""The transformer block shared by the unit LM (fairseq ``TransformerDecoderLayer``) and the HuBERT encoder
+(fairseq ``TransformerSentenceEncoderLayer``).
+
+Both fairseq layers have the same parameter names (``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
+``fc1``, ``fc2``, ``final_layer_norm``) and differ only in masking, activation and LayerNorm placement, so one
+implementation serves both backbones, and every tuning method attaches to both through the hooks defined here:
+
+* ``kv_replace``: per-layer key/value *inputs* that replace the first L positions before the frozen k/v
+  projections (SpeechPrompt's deep prompt);
+* ``prefix``: per-layer post-projection keys/values prepended to the attention (prefix tuning). A KV cache is
+  the same mechanism, so prefixes and cached positions share one code path;
+* adapter slots on :class:`TransformerLayer` (``post_attn``, ``post_ffn``, ``parallel_ffn``), empty by default;
+* the ``nn.Linear`` children themselves, which LoRA and S3-Router masks wrap in place.
+
+With nothing attached, the forward is exactly fairseq's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    # fairseq's "gelu_accurate" is the tanh approximation.
+    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
+
+
+@dataclass
+class LayerKV:
+    """Keys and values of one attention layer, ``(B, H, S, head_dim)`` each, already projected."""
+
+    key: Tensor
+    value: Tensor
+
+    def __len__(self) -> int:
+        return self.key.shape[2]
+
+
+@dataclass
+class KVCache:
+    """Projected keys/values of every layer for incremental decoding.
+
+    A cache may start non-empty: prefix-tuning vectors and a prompt computed once per batch are simply its first
+    entries. ``positions`` counts, per row, the *tokens* seen so far (prompts and prefixes have no positions), which
+    is what positional embeddings need on the next step.
+    """
+
+    layers: list[LayerKV | None] = field(default_factory=list)
+    positions: Tensor | None = None  # (B,) long
+
+    def __len__(self) -> int:
+        first = self.layers[0] if self.layers else None
+        return 0 if first is None else len(first)
+
+    def update(self, idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys/values ``(B, H, T, hd)`` to layer ``idx`` and return everything cached so far."""
+        while len(self.layers) <= idx:
+            self.layers.append(None)
+        old = self.layers[idx]
+        if old is not None:
+            key = torch.cat([old.key, key], dim=2)
+            value = torch.cat([old.value, value], dim=2)
+        self.layers[idx] = LayerKV(key, value)
+        return key, value
+
+    def index_select(self, rows: Tensor) -> KVCache:
+        """Reorder/select batch rows (beam search)."""
+        return KVCache(
+            [None if kv is None else LayerKV(kv.key[rows], kv.value[rows]) for kv in self.layers],
+            None if self.positions is None else self.positions[rows],
+        )
+
+
+class MultiheadAttention(nn.Module):
+    """fairseq-compatible multi-head attention on ``scaled_dot_product_attention``.
+
+    Input ``x`` is ``(B, T, D)``. ``attn_mask`` is boolean ``(B, 1, T, S)`` with True where attention is allowed, where
+    ``S = prefix/cache length + T``; ``None`` means full attention.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout = dropout
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv_replace: tuple[Tensor, Tensor] | None = None,
+        prefix: LayerKV | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        """Self-attention over ``x`` (B, T, D), optionally with the tuning hooks (see the module docstring).
+
+        Args:
+            kv_replace: ``(K_in, V_in)``, each ``(B or 1, L, D)``: the key/value inputs at positions ``0..L-1``.
+            prefix: projected keys/values prepended before everything else (not used together with ``cache``:
+                a cache is seeded with the prefix instead).
+            cache: when given, this step's keys/values are appended to it and attention runs over all of it.
+        """
+        B, T, D = x.shape
+        k_in = v_in = x
+        if kv_replace is not None:
+            pk, pv = kv_replace
+            L = pk.shape[1]
+            k_in = torch.cat([pk.expand(B, -1, -1).to(x.dtype), x[:, L:]], dim=1)
+            v_in = torch.cat([pv.expand(B, -1, -1).to(x.dtype), x[:, L:]], dim=1)
+        q = self._heads(self.q_proj(x))  # (B, H, T, hd)
+        k = self._heads(self.k_proj(k_in))
+        v = self._heads(self.v_proj(v_in))
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        elif prefix is not None:
+            k = torch.cat([prefix.key.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([prefix.value.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class TransformerLayer(nn.Module):
+    """One fairseq transformer layer: self-attention and FFN, each with a residual and a LayerNorm.
+
+    ``normalize_before`` selects pre-LN (LN at the start of each sublayer, as ``transformer_lm_big`` and HuBERT large)
+    or post-LN (LN after each residual, as HuBERT base). Input and output are ``(B, T, D)``.
+
+    Adapter slots (``None`` until a tuning method sets them, so the frozen state dict is unchanged):
+        post_attn: applied to the attention output, before its residual (Houlsby's first adapter).
+        post_ffn: applied to the FFN output, before its residual (Houlsby's second adapter).
+        parallel_ffn: receives the FFN input; its output is added to the FFN output (AAT's parallel adapter).
+    """
+
+    post_attn: nn.Module | None
+    post_ffn: nn.Module | None
+    parallel_ffn: nn.Module | None
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        normalize_before: bool,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        self.normalize_before = normalize_before
+        self.activation = activation
+        self.self_attn = MultiheadAttention(embed_dim, num_heads, attention_dropout, bias)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.post_attn = self.post_ffn = self.parallel_ffn = None
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv_replace: tuple[Tensor, Tensor] | None = None,
+        prefix: LayerKV | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx)
+        if self.post_attn is not None:
+            x = self.post_attn(x)
+        x = residual + self.dropout(x)
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        h = self.fc2(self.activation_dropout(ACTIVATIONS[self.activation](self.fc1(x))))
+        if self.post_ffn is not None:
+            h = self.post_ffn(h)
+        if self.parallel_ffn is not None:
+            h = h + self.parallel_ffn(x)
+        x = residual + self.dropout(h)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x
+
+
+def attention_mask(
+    key_padding: Tensor | None,
+    query_len: int,
+    past_len: int = 0,
+    causal: bool = True,
+) -> Tensor | None:
+    """Boolean ``(B, 1, T, S)`` mask (True = may attend) for ``T`` new positions after ``past_len`` cached ones.
+
+    Args:
+        key_padding: ``(B, S)`` True at padded keys, with ``S = past_len + query_len``; ``None`` if there is none.
+        causal: query ``i`` (absolute position ``past_len + i``) sees keys ``0..past_len + i``.
+
+    A padded query would see no key at all, and SDPA turns such rows into NaN, which then leaks into the values of
+    later layers through ``0 * NaN``. So every query may always attend to its own position; padded outputs are
+    garbage but finite, and real positions never attend to them.
+    """
+    S = past_len + query_len
+    if key_padding is None and not causal:
+        return None
+    device = key_padding.device if key_padding is not None else None
+    q_pos = torch.arange(past_len, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos if causal else torch.ones(query_len, S, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_padding is not None:
+        allowed = allowed & ~key_padding[:, None, None, :]
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed
