@@ -1,0 +1,224 @@
+"""What every verbalizer shares: the token layout, the error type, the registry and unit frequency ranking.
+
+A verbalizer turns a task label into the unit tokens that the frozen unit LM is taught to emit after the
+``<s>`` separator, and turns emitted tokens back into a label. Token ids follow fairseq's GSLM dictionary:
+``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then unit ``u`` is token ``u + 4``.
+
+Each kind registers a *builder* (fits the verbalizer from training data and a :class:`VerbalizerConfig`) and a
+*loader* (rebuilds it from its :meth:`Verbalizer.to_dict`), so that adding a kind is one file and no ``if/elif``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from speechprompt.config import option
+from speechprompt.errors import SpeechPromptError
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+NSPECIAL = 4  # unit u is token u + NSPECIAL
+UNKNOWN_LABEL = "<unk>"  # what decode() returns for a token sequence that is no known label
+FORMAT_VERSION = 1  # of to_dict(); bumped when a field changes meaning
+
+
+class VerbalizerError(SpeechPromptError, ValueError):
+    """A label, map, token sequence or vocabulary that does not fit the verbalizer."""
+
+
+class VerbalizerKind(str, enum.Enum):
+    FREQ = "freq"
+    RANDOM = "random"
+    MAP = "map"
+    LEARNABLE = "learnable"
+    SEQUENCE = "sequence"
+
+
+@dataclasses.dataclass
+class VerbalizerConfig:
+    """How labels become unit tokens. Only the fields of the chosen ``kind`` are read."""
+
+    kind: VerbalizerKind = option(
+        VerbalizerKind.FREQ,
+        help="freq: most frequent label -> most frequent unit; random: seeded random map; map: explicit JSON map "
+        "(map_path); learnable: Linear(V, C) on the LM's vocabulary logits; sequence: sentencepiece pieces -> units",
+    )
+    seed: int = option(0, help="seed of the random map (kind=random)")
+    map_path: str | None = option(
+        None, help="JSON file {label: [unit ids]} for kind=map, or for learnable_init=map (see verbalizers/README.md)"
+    )
+    slot_separator: str | None = option(
+        None,
+        help="split each label into slots that get one token each, e.g. '|' for Fluent Speech Commands "
+        "'action|object|location' (kinds freq and random)",
+    )
+    learnable_init: str = option(
+        "random",
+        help="kind=learnable: 'random' (PyTorch's zero-mean uniform Linear init) or a fixed kind ('freq', 'map') "
+        "whose one-hot rows make step 0 score classes exactly as that fixed verbalizer does",
+    )
+    sp_model_type: str = option("unigram", help="kind=sequence: sentencepiece model type, 'unigram' or 'bpe'")
+    sp_vocab_size: int | None = option(
+        None, help="kind=sequence: number of pieces (at most the number of units; None: as many as units)"
+    )
+    user_symbols: list[str] = option(
+        [], help="kind=sequence: symbols kept whole as single pieces, e.g. slot tags 'B-artist', 'E-artist'"
+    )
+    tag_pattern: str | None = option(
+        None,
+        help=r"kind=sequence: regex; every whitespace-separated word of the training text that matches it fully "
+        r"becomes a user symbol (SUPERB SNIPS slot tags: '[BE]-\S+')",
+    )
+
+    def __post_init__(self) -> None:
+        self.kind = VerbalizerKind(self.kind)
+        if self.kind is VerbalizerKind.MAP and not self.map_path:
+            raise ValueError("kind=map needs map_path")
+        if self.learnable_init not in ("random", "freq", "map"):
+            raise ValueError(f"learnable_init must be 'random', 'freq' or 'map', got {self.learnable_init!r}")
+        if self.learnable_init == "map" and not self.map_path:
+            raise ValueError("learnable_init=map needs map_path")
+        if self.sp_model_type not in ("unigram", "bpe"):
+            raise ValueError(f"sp_model_type must be 'unigram' or 'bpe', got {self.sp_model_type!r}")
+        if self.sp_vocab_size is not None and self.sp_vocab_size < 1:
+            raise ValueError(f"sp_vocab_size must be positive, got {self.sp_vocab_size}")
+        if self.slot_separator == "":
+            raise ValueError("slot_separator must be a non-empty string or null")
+
+
+@runtime_checkable
+class Verbalizer(Protocol):
+    """The interface every kind implements."""
+
+    kind: str
+    n_units: int
+
+    @property
+    def labels(self) -> list[str]:
+        """Class labels in class-index order (empty for sequence tasks, which have no closed label set)."""
+
+    @property
+    def target_length(self) -> int | None:
+        """Tokens after ``<s>`` per label for classification; ``None`` for sequences."""
+
+    def encode(self, label: str) -> list[int]:
+        """Token ids that the LM is trained to emit after ``<s>`` for ``label``."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The label (or text) of emitted token ids."""
+
+    def candidates(self) -> torch.Tensor:
+        """``(C, L)`` token ids of every class, in :attr:`labels` order, for constrained scoring."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description from which :func:`verbalizer_from_dict` rebuilds this verbalizer."""
+
+    def check_vocab(self, n_tokens: int) -> None:
+        """Raise :class:`VerbalizerError` unless the model's dictionary has ``n_tokens`` = units + 4 tokens."""
+
+
+Builder = Callable[[VerbalizerConfig, Sequence[str], Sequence[Sequence[int]], int], Verbalizer]
+Loader = Callable[[dict[str, Any]], Verbalizer]
+
+_BUILDERS: dict[str, Builder] = {}
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_builder(*kinds: str) -> Callable[[Builder], Builder]:
+    """Register ``fn(cfg, train_labels, train_units, n_units) -> Verbalizer`` for ``kinds``."""
+
+    def deco(fn: Builder) -> Builder:
+        for kind in kinds:
+            _BUILDERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def register_loader(*kinds: str) -> Callable[[Loader], Loader]:
+    """Register ``fn(to_dict output) -> Verbalizer`` for ``kinds``."""
+
+    def deco(fn: Loader) -> Loader:
+        for kind in kinds:
+            _LOADERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def build_verbalizer(
+    cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]], n_units: int
+) -> Verbalizer:
+    """Fit the verbalizer ``cfg.kind`` on a training split.
+
+    Args:
+        cfg: The verbalizer config.
+        train_labels: One label (classification) or transcript (sequence tasks) per training utterance.
+        train_units: The training inputs as unit *token* ids (unit + 4), one list per utterance; only their
+            unit frequencies are used.
+        n_units: Number of units K of the unit LM's dictionary.
+    """
+    return _BUILDERS[VerbalizerKind(cfg.kind).value](cfg, train_labels, train_units, n_units)
+
+
+def verbalizer_from_dict(d: dict[str, Any]) -> Verbalizer:
+    """Rebuild any verbalizer from its :meth:`~Verbalizer.to_dict` output."""
+    if not isinstance(d, dict) or "kind" not in d:
+        raise VerbalizerError("a verbalizer description must be a mapping with a 'kind'")
+    version = d.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise VerbalizerError(
+            f"verbalizer format version {version} is newer than this toolkit reads ({FORMAT_VERSION}); upgrade it"
+        )
+    loader = _LOADERS.get(d["kind"])
+    if loader is None:
+        raise VerbalizerError(f"unknown verbalizer kind {d['kind']!r}; known kinds: {', '.join(sorted(_LOADERS))}")
+    return loader(d)
+
+
+def check_n_units(n_units: int, n_tokens: int) -> None:
+    """The shared body of ``check_vocab``: the model's dictionary must hold exactly ``n_units`` units."""
+    model_units = n_tokens - NSPECIAL
+    if model_units != n_units:
+        raise VerbalizerError(
+            f"verbalizer was built for {n_units} units but the model has {model_units} "
+            f"({n_tokens} tokens with the 4 specials)"
+        )
+
+
+def unit_ranking(train_units: Iterable[Sequence[int]], n_units: int) -> list[int]:
+    """Unit token ids from the most to the least frequent in the training inputs.
+
+    Ties (including units never seen) are broken by the smaller id, so the ranking is deterministic.
+
+    Raises:
+        VerbalizerError: an id is not a unit token (they are unit + 4: raw unit ids would be misread).
+    """
+    if n_units < 1:
+        raise VerbalizerError(f"n_units must be positive, got {n_units}")
+    counts: collections.Counter[int] = collections.Counter()
+    for seq in train_units:
+        counts.update(int(t) for t in seq)
+    bad = [t for t in counts if not NSPECIAL <= t < NSPECIAL + n_units]
+    if bad:
+        raise VerbalizerError(
+            f"training inputs hold token id {min(bad)}, which is not a unit token (units are ids "
+            f"{NSPECIAL}..{NSPECIAL + n_units - 1}: unit u is token u + {NSPECIAL})"
+        )
+    return sorted(range(NSPECIAL, NSPECIAL + n_units), key=lambda t: (-counts[t], t))
+
+
+def strip_eos(ids: Sequence[int]) -> list[int]:
+    """Token ids up to (not including) the first ``</s>``."""
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(EOS)] if EOS in ids else ids
+
+
+def unseen_label_error(label: str, known: Sequence[str]) -> VerbalizerError:
+    shown = ", ".join(repr(k) for k in known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
+    return VerbalizerError(f"label {label!r} was not seen when the verbalizer was built; known labels: {shown}")
