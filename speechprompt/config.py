@@ -6,6 +6,7 @@ of the wrong type are errors, never silently ignored, and a config is saved besi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import types
@@ -25,11 +26,13 @@ class ConfigError(SpeechPromptError, ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text. Mutable defaults (lists, dicts) are copied per instance."""
+    """A dataclass field with help text. Mutable defaults (lists, dicts, nested configs) are copied per instance."""
     metadata = {"help": help}
-    if isinstance(default, (list, dict, set)):
+    if isinstance(default, (list, dict, set)) or (
+        dataclasses.is_dataclass(default) and not isinstance(default, type)
+    ):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 

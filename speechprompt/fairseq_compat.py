@@ -8,6 +8,7 @@ records of their state. Anything else is refused with :class:`UnsafeCheckpointEr
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import bz2
 import collections
@@ -163,6 +164,9 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so that BU
         self.record_modules = tuple(_RECORD_MODULE_PREFIXES) + tuple(record_modules)
 
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3:  # Python 2 era names (protocol 2 pickles say __builtin__, copy_reg)
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = (module, name)
         if key == ("copyreg", "_reconstructor"):
             return self._reconstructor
@@ -216,8 +220,9 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", pickle_module=_SafePickleModule(path), weights_only=False)
     except UnsafeCheckpointError:
         raise
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch/fairseq checkpoint ({e})") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        # The pure-Python unpickler reports an unknown opcode as a KeyError.
+        raise CheckpointError(f"{path}: not a readable torch/fairseq checkpoint ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,11 +250,19 @@ def load_fairseq_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     elif isinstance(cfg.get("model"), argparse.Namespace):
         cfg["model"] = vars(cfg["model"])
     out["cfg"] = cfg
-    out["task_state"] = {
-        k: Dictionary.from_record(v) if isinstance(v, Record) and v.qualname.endswith(".Dictionary") else v
-        for k, v in (raw.get("task_state") or {}).items()
-    }
+    out["task_state"] = _convert_dictionaries(raw.get("task_state") or {})
     return out
+
+
+def _convert_dictionaries(obj: Any) -> Any:
+    """Replace records of fairseq ``Dictionary`` objects (HuBERT keeps a list of them) by :class:`Dictionary`."""
+    if isinstance(obj, Record) and obj.qualname == "fairseq.data.dictionary.Dictionary":
+        return Dictionary.from_record(obj)
+    if isinstance(obj, dict):
+        return {k: _convert_dictionaries(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_convert_dictionaries(v) for v in obj]
+    return obj
 
 
 def save_fairseq_checkpoint(
