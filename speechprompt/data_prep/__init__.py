@@ -1,0 +1,1 @@
+"""Data preparation: manifests, feature readers, k-means quantizers and speech-to-unit conversion."""

@@ -1,0 +1,273 @@
+"""Feature readers: a waveform in, a ``(frames, D)`` feature matrix out.
+
+Readers are chosen by name through a small registry, so that a new one is one class and one
+:func:`register_feature_reader` call, not another branch in every script::
+
+    reader = build_feature_reader("hubert", checkpoint="hubert_base_ls960.pt", layer=6)
+    feats = reader.read(wav)  # (frames, 768) at 50 Hz
+
+Every reader can :meth:`~FeatureReader.describe` itself (name, dimension, layer, checkpoint and its sha256). A
+quantizer stores that description when it is learned, and ``speechprompt prepare`` refuses features that do not
+match it: units from the wrong layer or checkpoint are silently meaningless otherwise.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from speechprompt.errors import SpeechPromptError
+
+SAMPLE_RATE = 16000
+
+
+class FeatureError(SpeechPromptError):
+    """A feature reader that cannot be built as asked, or features that do not fit what they are used with."""
+
+
+class FeatureReader(abc.ABC):
+    """Turns a 16 kHz mono float waveform into features.
+
+    Attributes:
+        name: the registry name.
+        dim: the feature dimension D.
+        frame_rate: frames per second of audio.
+    """
+
+    name: ClassVar[str]
+    frame_rate: ClassVar[float]
+    dim: int
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> FeatureReader:
+        """Build the reader from the command-line options (each reader says which it needs)."""
+
+    @abc.abstractmethod
+    def _read(self, wav: torch.Tensor) -> torch.Tensor:
+        """(T,) float32 -> (frames, D)."""
+
+    def read(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Features of one utterance.
+
+        Args:
+            wav: (T,) float waveform at 16 kHz.
+
+        Returns:
+            (frames, D) float32 tensor (on the reader's device).
+        """
+        x = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav, dtype=torch.float32)
+        if x.dim() != 1:
+            raise FeatureError(f"{self.name} reader expects a mono (T,) waveform, got shape {tuple(x.shape)}")
+        with torch.inference_mode():
+            return self._read(x)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies these features: compared by :func:`feature_mismatch`, stored with quantizers."""
+        return {"name": self.name, "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": SAMPLE_RATE}
+
+
+_READERS: dict[str, type[FeatureReader]] = {}
+
+
+def register_feature_reader(name: str, cls: type[FeatureReader]) -> type[FeatureReader]:
+    """Make ``cls`` available as ``--features name``."""
+    if name in _READERS and _READERS[name] is not cls:
+        raise ValueError(f"feature reader {name!r} is already registered ({_READERS[name].__name__})")
+    cls.name = name
+    _READERS[name] = cls
+    return cls
+
+
+def feature_reader_names() -> list[str]:
+    return list(_READERS)
+
+
+def build_feature_reader(
+    name: str, checkpoint: str | os.PathLike | None = None, layer: int | None = None, device: str = "cpu"
+) -> FeatureReader:
+    """The registered reader ``name``, built from the options it takes."""
+    if name not in _READERS:
+        raise FeatureError(f"unknown feature reader {name!r}; choose from {', '.join(_READERS)}")
+    return _READERS[name].from_options(str(checkpoint) if checkpoint is not None else None, layer, device)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """``sha256:<hex>`` of a file's bytes: the same digest ``sha256sum`` prints, so users can check it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+# Keys that identify the features. A checkpoint's path is not one of them: the same file may move.
+_IDENTITY_KEYS = ("name", "dim", "layer", "fingerprint", "n_mels", "n_mfcc", "deltas", "normalize", "sample_rate")
+
+
+def feature_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> str | None:
+    """A sentence naming what differs between two reader descriptions, or ``None`` if they are the same."""
+    diffs = [
+        f"{key} {expected.get(key)!r} vs {actual.get(key)!r}"
+        for key in _IDENTITY_KEYS
+        if (key in expected or key in actual) and expected.get(key) != actual.get(key)
+    ]
+    return "; ".join(diffs) or None
+
+
+def _no_model_options(name: str, checkpoint: str | None, layer: int | None) -> None:
+    if checkpoint is not None or layer is not None:
+        raise FeatureError(f"--checkpoint and --layer are for the hubert reader; the {name} reader takes neither")
+
+
+class HubertFeatureReader(FeatureReader):
+    """Layer ``layer`` (1-based, fairseq's ``output_layer``) of a HuBERT checkpoint, at 50 Hz.
+
+    Matches fairseq's GSLM ``HubertFeatureReader``: the whole waveform is layer-normed iff the checkpoint's task
+    config says ``normalize``; then it is cut into chunks of at most ``max_chunk`` samples, each chunk is encoded
+    on its own (no padding mask) and the frames are concatenated.
+    """
+
+    frame_rate = 50.0
+    max_chunk = 1_600_000
+    # The conv front end's receptive field: a shorter chunk gives no frame (and would fail in the conv).
+    min_chunk = 400
+
+    def __init__(self, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> None:
+        from speechprompt.models.hubert import load_hubert
+
+        self.checkpoint = str(Path(checkpoint).resolve())
+        if not Path(self.checkpoint).is_file():
+            raise FeatureError(f"HuBERT checkpoint {checkpoint} does not exist")
+        model, task_cfg = load_hubert(self.checkpoint)
+        num_layers = _num_layers(model)
+        if num_layers is not None and not 1 <= layer <= num_layers:
+            raise FeatureError(f"--layer {layer} is out of range: {checkpoint} has layers 1..{num_layers}")
+        self.model = model.eval().to(device)
+        self.layer = int(layer)
+        self.device = device
+        self.normalize = bool(task_cfg.get("normalize", False))
+        self.fingerprint = file_sha256(self.checkpoint)
+        self.dim = _encoder_dim(model)
+
+    @classmethod
+    def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> HubertFeatureReader:
+        if checkpoint is None or layer is None:
+            raise FeatureError("the hubert reader needs --checkpoint (a fairseq HuBERT .pt) and --layer (1-based)")
+        return cls(checkpoint, layer, device)
+
+    def _read(self, wav: torch.Tensor) -> torch.Tensor:
+        x = wav.to(self.device)
+        if self.normalize:
+            x = F.layer_norm(x, x.shape)
+        x = x.view(1, -1)  # (1, T)
+        feats = []
+        for start in range(0, x.size(1), self.max_chunk):
+            chunk = x[:, start : start + self.max_chunk]
+            if chunk.size(1) < self.min_chunk:
+                continue
+            feats.append(self.model.extract_features(chunk, padding_mask=None, output_layer=self.layer))  # (1, F, D)
+        if not feats:
+            return x.new_zeros(0, self.dim)
+        return torch.cat(feats, dim=1).squeeze(0)  # (frames, D)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "layer": self.layer,
+            "checkpoint": self.checkpoint,
+            "fingerprint": self.fingerprint,
+            "normalize": self.normalize,
+            "max_chunk": self.max_chunk,
+        }
+
+
+def _num_layers(model: torch.nn.Module) -> int | None:
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    return len(layers) if layers is not None else None
+
+
+def _encoder_dim(model: torch.nn.Module) -> int:
+    for attr in ("encoder_embed_dim", "embed_dim", "dim"):
+        value = getattr(model, attr, None) or getattr(getattr(model, "cfg", None), attr, None)
+        if isinstance(value, int):
+            return value
+    # Fall back to measuring: one second of silence through the model.
+    with torch.inference_mode():
+        probe = torch.zeros(1, SAMPLE_RATE, device=next(model.parameters()).device)
+        return int(model.extract_features(probe, padding_mask=None, output_layer=1).shape[-1])
+
+
+class MfccFeatureReader(FeatureReader):
+    """13 Kaldi-style MFCCs plus deltas and delta-deltas (39-d) at 100 Hz, as GSLM/HuBERT's MFCC reader."""
+
+    frame_rate = 100.0
+
+    def __init__(self, n_mfcc: int = 13, deltas: bool = True) -> None:
+        self.n_mfcc = n_mfcc
+        self.deltas = deltas
+        self.dim = n_mfcc * (3 if deltas else 1)
+
+    @classmethod
+    def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> MfccFeatureReader:
+        _no_model_options("mfcc", checkpoint, layer)
+        return cls()
+
+    def _read(self, wav: torch.Tensor) -> torch.Tensor:
+        from speechprompt.audio import mfcc
+
+        return mfcc(wav, sample_rate=SAMPLE_RATE, n_mfcc=self.n_mfcc, deltas=self.deltas).float()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n_mfcc": self.n_mfcc, "deltas": self.deltas}
+
+
+class LogMelFeatureReader(FeatureReader):
+    """80 log-mel filterbank energies (25 ms window, 10 ms hop) at 100 Hz, as GSLM's log-mel reader."""
+
+    frame_rate = 100.0
+
+    def __init__(self, n_mels: int = 80) -> None:
+        self.n_mels = n_mels
+        self.dim = n_mels
+
+    @classmethod
+    def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> LogMelFeatureReader:
+        _no_model_options("logmel", checkpoint, layer)
+        return cls()
+
+    def _read(self, wav: torch.Tensor) -> torch.Tensor:
+        from speechprompt.audio import log_mel
+
+        return log_mel(wav, sample_rate=SAMPLE_RATE, n_mels=self.n_mels).float()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n_mels": self.n_mels}
+
+
+register_feature_reader("hubert", HubertFeatureReader)
+register_feature_reader("mfcc", MfccFeatureReader)
+register_feature_reader("logmel", LogMelFeatureReader)
+
+
+def add_feature_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The options that choose a feature reader, shared by ``kmeans`` and ``prepare``."""
+    parser.add_argument("--features", required=required, choices=feature_reader_names(),
+                        help="feature reader: hubert (a HuBERT checkpoint's layer, 50 Hz), mfcc (39-d, 100 Hz) or "
+                        "logmel (80-d, 100 Hz)")
+    parser.add_argument("--checkpoint", default=None, help="fairseq HuBERT checkpoint (hubert only)")
+    parser.add_argument("--layer", type=int, default=None, help="1-based transformer layer to read (hubert only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device that runs the feature reader and the quantizer")
+
+
+def reader_from_args(args: argparse.Namespace) -> FeatureReader:
+    return build_feature_reader(args.features, checkpoint=args.checkpoint, layer=args.layer, device=args.device)
