@@ -13,6 +13,8 @@ from speechprompt.errors import SpeechPromptError
 
 # name -> module. Order is the order of `speechprompt --help`.
 COMMANDS: dict[str, str] = {
+    "kmeans": "speechprompt.data_prep.kmeans",
+    "prepare": "speechprompt.data_prep.speech2unit",
 }
 
 
