@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from speechprompt.audio import HUBERT_RECEPTIVE_FIELD, SAMPLE_RATE, log_mel, mfcc
 from speechprompt.errors import SpeechPromptError
-
-SAMPLE_RATE = 16000
 
 
 class FeatureError(SpeechPromptError):
@@ -138,8 +137,6 @@ class HubertFeatureReader(FeatureReader):
 
     frame_rate = 50.0
     max_chunk = 1_600_000
-    # The conv front end's receptive field: a shorter chunk gives no frame (and would fail in the conv).
-    min_chunk = 400
 
     def __init__(self, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> None:
         from speechprompt.models.hubert import load_hubert
@@ -172,7 +169,7 @@ class HubertFeatureReader(FeatureReader):
         feats = []
         for start in range(0, x.size(1), self.max_chunk):
             chunk = x[:, start : start + self.max_chunk]
-            if chunk.size(1) < self.min_chunk:
+            if chunk.size(1) < HUBERT_RECEPTIVE_FIELD:  # a last sliver has no frame (and would fail in the conv)
                 continue
             feats.append(self.model.extract_features(chunk, padding_mask=None, output_layer=self.layer))  # (1, F, D)
         if not feats:
@@ -222,8 +219,6 @@ class MfccFeatureReader(FeatureReader):
         return cls()
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
-        from speechprompt.audio import mfcc
-
         return mfcc(wav, sample_rate=SAMPLE_RATE, n_mfcc=self.n_mfcc, deltas=self.deltas).float()
 
     def describe(self) -> dict[str, Any]:
@@ -245,8 +240,6 @@ class LogMelFeatureReader(FeatureReader):
         return cls()
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
-        from speechprompt.audio import log_mel
-
         return log_mel(wav, sample_rate=SAMPLE_RATE, n_mels=self.n_mels).float()
 
     def describe(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from speechprompt.audio import load_audio
 from speechprompt.config import option, to_dict
 from speechprompt.data_prep.features import (
     FeatureReader,
@@ -288,10 +290,6 @@ def collect_features(
     Returns:
         The features and a summary (utterances sampled and used, frames, skipped files with reasons).
     """
-    from tqdm import tqdm
-
-    from speechprompt.audio import load_audio
-
     manifest = read_manifest(manifest_path)
     n = len(manifest)
     if n == 0:
@@ -304,8 +302,9 @@ def collect_features(
         try:
             f = reader.read(load_audio(path))
         except Exception as e:  # any unreadable file is skipped: one bad file must not sink a corpus
-            skipped.append({"row": row, "path": str(path), "reason": str(e)})
-            logger.warning("skipped %s: %s", path, e)
+            reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # AudioError: without the path
+            skipped.append({"row": row, "path": str(path), "reason": reason})
+            logger.warning("skipped %s: %s", path, reason)
             continue
         feats.append(f.float().cpu().numpy())
     if not feats:

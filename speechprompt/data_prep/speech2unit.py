@@ -31,7 +31,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from speechprompt.data_prep.features import SAMPLE_RATE, FeatureReader, add_feature_arguments, reader_from_args
+from speechprompt.audio import SAMPLE_RATE, load_audio
+from speechprompt.data_prep.features import FeatureReader, add_feature_arguments, reader_from_args
 from speechprompt.data_prep.kmeans import Quantizer, QuantizerError, load_quantizer
 from speechprompt.data_prep.manifest import read_manifest, shard_range
 from speechprompt.errors import SpeechPromptError
@@ -88,8 +89,6 @@ def _read_partial(path: Path, settings: dict[str, Any], start: int) -> list[dict
 def _convert(
     path: Path, reader: FeatureReader, quantizer: Quantizer, deduplicate: bool
 ) -> dict[str, Any]:
-    from speechprompt.audio import load_audio
-
     wav = load_audio(path)  # (T,) float32 at 16 kHz
     feats = reader.read(wav)  # (frames, D)
     units = quantizer.units(feats, deduplicate=deduplicate, source=str(path))
@@ -170,8 +169,9 @@ def prepare(
             except QuantizerError:
                 raise  # a mismatched quantizer is not a bad file: every row would fail the same way
             except Exception as e:  # one unreadable file must not sink a corpus; it is reported instead
-                logger.warning("skipped row %d, %s: %s", row, path, e)
-                rec = {"row": row, "path": str(path), "skipped": str(e) or type(e).__name__}
+                reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # AudioError: without the path
+                logger.warning("skipped row %d, %s: %s", row, path, reason)
+                rec = {"row": row, "path": str(path), "skipped": reason}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             records.append(rec)
