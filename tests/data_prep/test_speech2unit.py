@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +217,29 @@ def test_reader_output_shapes() -> None:
     wav = torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, SR).astype(np.float32))
     assert build_feature_reader("mfcc").read(wav).shape == (98, 39)
     assert build_feature_reader("logmel").read(wav.numpy()).shape == (98, 80)
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_same_output(
+    corpus: dict[str, Path], single_run: Path, tmp_path: Path
+) -> None:
+    """A real SIGKILL (no cleanup runs) after four rows, in a subprocess; then an ordinary rerun."""
+    script = f"""
+import os, signal
+from speechprompt.cli import main
+from speechprompt.data_prep import speech2unit
+real, done = speech2unit._convert, []
+def convert(*args, **kwargs):
+    if len(done) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done.append(1)
+    return real(*args, **kwargs)
+speech2unit._convert = convert
+main(["prepare", "--manifest", {str(corpus["manifest"])!r}, "--features", "logmel", "--kmeans",
+      {str(corpus["km"])!r}, "--out", {str(tmp_path)!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert len((tmp_path / "train.units.partial").read_text().splitlines()) == 1 + 4
+    assert _prepare(corpus, tmp_path) == 0
+    assert (tmp_path / "train.units").read_bytes() == (single_run / "train.units").read_bytes()
