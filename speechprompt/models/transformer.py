@@ -51,11 +51,13 @@ class KVCache:
 
     A cache may start non-empty: prefix-tuning vectors and a prompt computed once per batch are simply its first
     entries. ``positions`` counts, per row, the *tokens* seen so far (prompts and prefixes have no positions), which
-    is what positional embeddings need on the next step.
+    is what positional embeddings need on the next step. ``key_padding`` remembers which cached keys were padding,
+    so that later steps of a padded batch keep ignoring them.
     """
 
     layers: list[LayerKV | None] = field(default_factory=list)
     positions: Tensor | None = None  # (B,) long
+    key_padding: Tensor | None = None  # (B, S) bool, True at padded cached keys
 
     def __len__(self) -> int:
         first = self.layers[0] if self.layers else None
@@ -77,6 +79,7 @@ class KVCache:
         return KVCache(
             [None if kv is None else LayerKV(kv.key[rows], kv.value[rows]) for kv in self.layers],
             None if self.positions is None else self.positions[rows],
+            None if self.key_padding is None else self.key_padding[rows],
         )
 
 

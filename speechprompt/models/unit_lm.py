@@ -1,0 +1,650 @@
+"""The frozen unit language model: GSLM's fairseq ``transformer_lm``, without fairseq.
+
+The module tree and state-dict names are fairseq's (``decoder.embed_tokens``, ``decoder.layers.{i}.self_attn...``,
+``decoder.layer_norm``, ``decoder.output_projection``), so an official GSLM checkpoint loads with
+``strict=True`` and our exports load back into fairseq. The layers are :class:`~speechprompt.models.transformer.
+TransformerLayer`, which carries the hooks every tuning method uses: input prompts, deep prompts (``kv_replace``),
+prefixes and the KV cache are arguments of :meth:`UnitLM.forward`; adapters, LoRA and masks attach to the modules
+returned by :meth:`UnitLM.transformer_layers`.
+
+Two state-dict entries of fairseq's are not part of this model and are handled by :func:`load_unit_lm` and
+:func:`save_unit_lm` instead: ``decoder.version`` (fairseq drops the final LayerNorm of checkpoints older than
+version 3, so exports must carry ``[3]``) and ``decoder.embed_positions._float_tensor`` (a dummy buffer of
+fairseq's sinusoidal embedding that older fairseq requires in a strict load, and fairseq-fixed ignores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechprompt.config import ConfigError, from_dict, option, to_dict
+from speechprompt.errors import CheckpointError
+from speechprompt.fairseq_compat import Dictionary, load_fairseq_checkpoint, save_fairseq_checkpoint
+from speechprompt.models.transformer import ACTIVATIONS, KVCache, LayerKV, TransformerLayer, attention_mask
+
+# fairseq's DEFAULT_MAX_TARGET_POSITIONS (used when neither max_target_positions nor tokens_per_sample is set).
+_FAIRSEQ_DEFAULT_MAX_POSITIONS = 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class UnitLMConfig:
+    """Architecture of a decoder-only unit LM (fairseq ``transformer_lm`` family)."""
+
+    vocab_size: int = option(104, help="dictionary size including the 4 specials (100 units -> 104)")
+    embed_dim: int = option(1024, help="model width d (fairseq decoder_embed_dim)")
+    ffn_dim: int = option(4096, help="hidden size of the feed-forward blocks (decoder_ffn_embed_dim)")
+    layers: int = option(12, help="number of transformer layers (decoder_layers)")
+    heads: int = option(16, help="attention heads per layer (decoder_attention_heads)")
+    normalize_before: bool = option(True, help="pre-LayerNorm layers (decoder_normalize_before)")
+    final_layer_norm: bool = option(
+        True, help="LayerNorm after the last layer (fairseq adds it only to pre-LN models: not no_decoder_final_norm)"
+    )
+    learned_pos: bool = option(False, help="learned positional embeddings instead of sinusoidal (decoder_learned_pos)")
+    max_positions: int = option(
+        3072, help="longest token sequence (max_target_positions); sizes the table of learned positions"
+    )
+    tie_embeddings: bool = option(
+        True, help="output projection shares the input embedding (share_decoder_input_output_embed)"
+    )
+    scale_embedding: bool = option(True, help="multiply token embeddings by sqrt(d) (not no_scale_embedding)")
+    activation: str = option("relu", help=f"FFN activation, one of {sorted(ACTIVATIONS)}")
+    dropout: float = option(0.1, help="dropout on embeddings and residual branches (active only in train mode)")
+    attention_dropout: float = option(0.1, help="dropout on attention weights")
+    activation_dropout: float = option(0.0, help="dropout after the FFN activation")
+    padding_idx: int = option(1, help="id of <pad> in the dictionary (fairseq: 1)")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "ffn_dim", "layers", "heads", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"UnitLMConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.heads:
+            raise ConfigError(f"UnitLMConfig: embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"UnitLMConfig.activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if not 0 <= self.padding_idx < self.vocab_size:
+            raise ConfigError(f"UnitLMConfig.padding_idx {self.padding_idx} is outside the vocabulary")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"UnitLMConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.learned_pos and self.embed_dim < 4:
+            raise ConfigError("UnitLMConfig: sinusoidal positions need embed_dim >= 4")
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> UnitLMConfig:
+        """A registered architecture (see :data:`NAMED_CONFIGS`), with optional field overrides."""
+        if name not in NAMED_CONFIGS:
+            raise ConfigError(f"unknown unit LM config {name!r}; known: {', '.join(NAMED_CONFIGS)}")
+        return from_dict(cls, {**NAMED_CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_fairseq(cls, cfg: Mapping[str, Any]) -> UnitLMConfig:
+        """Read fairseq's model config: a checkpoint's whole ``cfg`` (with ``model`` and ``task`` sections), its
+        ``cfg["model"]`` (new style), or a legacy flat ``args`` dict. Absent fields take the defaults of the named
+        ``arch`` (``transformer_lm_big`` etc.) as fairseq itself would fill them in."""
+        root = dict(cfg)
+        model = dict(root["model"]) if isinstance(root.get("model"), Mapping) else root
+        model = {k: _resolve_interpolation(v, root) for k, v in model.items()}
+        arch = model.get("_name") or model.get("arch") or "transformer_lm"
+        if arch not in _FAIRSEQ_ARCH_DEFAULTS:
+            raise CheckpointError(
+                f"unsupported fairseq architecture {arch!r}; supported: {', '.join(_FAIRSEQ_ARCH_DEFAULTS)}"
+            )
+        m = {**_FAIRSEQ_ARCH_DEFAULTS[arch], **{k: v for k, v in model.items() if v is not None}}
+        if arch != "transformer_lm":
+            # fairseq's base_lm_architecture forces pre-LN for every registered transformer_lm_* arch.
+            m["decoder_normalize_before"] = True
+        if "decoder_final_norm" in m:  # an older spelling
+            m["no_decoder_final_norm"] = not m["decoder_final_norm"]
+        for flag in _UNSUPPORTED_FAIRSEQ_FLAGS:
+            if m.get(flag):
+                raise CheckpointError(f"fairseq option {flag}={m[flag]!r} is not supported by UnitLM")
+        d = int(m["decoder_embed_dim"])
+        for key in ("decoder_input_dim", "decoder_output_dim"):
+            if m.get(key) is not None and int(m[key]) != d:
+                raise CheckpointError(f"fairseq option {key}={m[key]} != decoder_embed_dim {d} is not supported")
+        max_pos = m.get("max_target_positions") or m.get("tokens_per_sample") or _FAIRSEQ_DEFAULT_MAX_POSITIONS
+        activation_dropout = float(m.get("activation_dropout") or 0.0) or float(m.get("relu_dropout") or 0.0)
+        activation = str(m.get("activation_fn", "relu"))
+        vocab_size = int(m["vocab_size"]) if "vocab_size" in m else NAMED_CONFIGS["gslm_big"]["vocab_size"]
+        return cls(
+            vocab_size=vocab_size,
+            embed_dim=d,
+            ffn_dim=int(m["decoder_ffn_embed_dim"]),
+            layers=int(m["decoder_layers"]),
+            heads=int(m["decoder_attention_heads"]),
+            normalize_before=bool(m["decoder_normalize_before"]),
+            final_layer_norm=bool(m["decoder_normalize_before"]) and not bool(m.get("no_decoder_final_norm")),
+            learned_pos=bool(m.get("decoder_learned_pos", False)),
+            max_positions=int(max_pos),
+            tie_embeddings=bool(m.get("share_decoder_input_output_embed", False)),
+            scale_embedding=not bool(m.get("no_scale_embedding", False)),
+            activation=_FAIRSEQ_ACTIVATION_ALIASES.get(activation, activation),
+            dropout=float(m.get("dropout", 0.1)),
+            attention_dropout=float(m.get("attention_dropout", 0.0)),
+            activation_dropout=activation_dropout,
+        )
+
+    def to_fairseq_cfg(self) -> dict[str, Any]:
+        """fairseq's ``cfg["model"]`` for this architecture (``_name: transformer_lm``, every field explicit), from
+        which fairseq rebuilds the same model. ``vocab_size`` is not a fairseq field: fairseq takes it from
+        ``dict.txt``."""
+        if self.final_layer_norm and not self.normalize_before:
+            raise ConfigError("fairseq cannot express a final LayerNorm on a post-LN model")
+        if self.padding_idx != 1:
+            raise ConfigError("fairseq dictionaries always have <pad> at index 1")
+        return {
+            "_name": "transformer_lm",
+            "activation_fn": self.activation,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "activation_dropout": self.activation_dropout,
+            "relu_dropout": 0.0,
+            "decoder_embed_dim": self.embed_dim,
+            "decoder_output_dim": self.embed_dim,
+            "decoder_input_dim": self.embed_dim,
+            "decoder_ffn_embed_dim": self.ffn_dim,
+            "decoder_layers": self.layers,
+            "decoder_attention_heads": self.heads,
+            "decoder_normalize_before": self.normalize_before,
+            "no_decoder_final_norm": self.normalize_before and not self.final_layer_norm,
+            "adaptive_softmax_cutoff": None,
+            "adaptive_softmax_dropout": 0.0,
+            "adaptive_softmax_factor": 4.0,
+            "no_token_positional_embeddings": False,
+            "share_decoder_input_output_embed": self.tie_embeddings,
+            "character_embeddings": False,
+            "adaptive_input": False,
+            "tie_adaptive_weights": False,
+            "tie_adaptive_proj": False,
+            "decoder_learned_pos": self.learned_pos,
+            "layernorm_embedding": False,
+            "no_scale_embedding": not self.scale_embedding,
+            "checkpoint_activations": False,
+            "offload_activations": False,
+            "decoder_layerdrop": 0.0,
+            "decoder_layers_to_keep": None,
+            "quant_noise_pq": 0.0,
+            "quant_noise_pq_block_size": 8,
+            "quant_noise_scalar": 0.0,
+            "base_layers": 0,
+            "base_sublayers": 1,
+            "base_shuffle": 1,
+            "scale_fc": False,
+            "scale_attn": False,
+            "scale_heads": False,
+            "scale_resids": False,
+            "add_bos_token": False,
+            "tokens_per_sample": self.max_positions,
+            "max_target_positions": self.max_positions,
+            "tpu": False,
+        }
+
+
+# name -> field values. `gslm_big` is GSLM's unit LM (fairseq transformer_lm_big, 151,263,232 parameters with 100
+# units); `small` pretrains on a CPU in minutes; `tiny` is for tests.
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "gslm_big": dict(vocab_size=104, embed_dim=1024, ffn_dim=4096, layers=12, heads=16, max_positions=3072,
+                     dropout=0.1, attention_dropout=0.1),
+    "small": dict(vocab_size=104, embed_dim=256, ffn_dim=1024, layers=6, heads=4, max_positions=1024,
+                  dropout=0.1, attention_dropout=0.1),
+    "tiny": dict(vocab_size=104, embed_dim=64, ffn_dim=128, layers=2, heads=4, max_positions=256,
+                 dropout=0.0, attention_dropout=0.0),
+}
+
+# fairseq defaults per architecture, as base_lm_architecture / transformer_lm_big and the
+# TransformerLanguageModelConfig dataclass fill them in.
+_FAIRSEQ_BASE = dict(
+    decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_layers=6, decoder_attention_heads=8,
+    decoder_normalize_before=False, dropout=0.1, attention_dropout=0.0, activation_fn="relu",
+)
+_FAIRSEQ_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transformer_lm": _FAIRSEQ_BASE,
+    "transformer_lm_big": {**_FAIRSEQ_BASE, "decoder_embed_dim": 1024, "decoder_ffn_embed_dim": 4096,
+                           "decoder_layers": 12, "decoder_attention_heads": 16},
+    "transformer_lm_gpt": {**_FAIRSEQ_BASE, "decoder_embed_dim": 768, "decoder_ffn_embed_dim": 3072,
+                           "decoder_layers": 12, "decoder_attention_heads": 12, "attention_dropout": 0.1,
+                           "activation_fn": "gelu"},
+}
+_FAIRSEQ_ACTIVATION_ALIASES = {"gelu_fast": "gelu_accurate"}
+_UNSUPPORTED_FAIRSEQ_FLAGS = (
+    "adaptive_input", "character_embeddings", "adaptive_softmax_cutoff", "layernorm_embedding",
+    "no_token_positional_embeddings", "scale_fc", "scale_attn", "scale_heads", "scale_resids", "base_layers",
+)
+_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def _resolve_interpolation(value: Any, root: Mapping[str, Any]) -> Any:
+    """Resolve an omegaconf ``${task.tokens_per_sample}`` left unresolved in a saved cfg (None if absent)."""
+    if not isinstance(value, str):
+        return value
+    match = _INTERPOLATION.match(value)
+    if not match:
+        return value
+    node: Any = root
+    for part in match.group(1).split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def make_positions(tokens: Tensor, padding_idx: int, offset: Tensor | None = None) -> Tensor:
+    """fairseq's ``utils.make_positions``: non-pad tokens are numbered ``padding_idx + 1, ...`` in order, pads get
+    ``padding_idx``. ``offset`` (B,) continues the count after tokens already seen (incremental decoding).
+
+    Args:
+        tokens: ``(B, T)`` token ids, left- or right-padded.
+    Returns:
+        ``(B, T)`` long positions.
+    """
+    mask = tokens.ne(padding_idx).long()
+    count = torch.cumsum(mask, dim=1)
+    if offset is not None:
+        count = count + offset[:, None]
+    return count * mask + padding_idx
+
+
+class SinusoidalPositions(nn.Module):
+    """fairseq's ``SinusoidalPositionalEmbedding`` computed on the fly (no state): ``[sin | cos]`` halves, and
+    position ``padding_idx`` maps to zeros."""
+
+    def __init__(self, embed_dim: int, padding_idx: int) -> None:
+        super().__init__()
+        self.embed_dim, self.padding_idx = embed_dim, padding_idx
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """``(B, T)`` long positions -> ``(B, T, D)`` float32 embeddings."""
+        half = self.embed_dim // 2
+        # Same operation order as fairseq's get_embedding, so that values match bit for bit.
+        freq = torch.exp(torch.arange(half, dtype=torch.float, device=positions.device)
+                         * -(math.log(10000) / (half - 1)))
+        angles = positions.float()[..., None] * freq  # (B, T, D/2)
+        emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        if self.embed_dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb.masked_fill(positions.eq(self.padding_idx)[..., None], 0.0)
+
+
+class LearnedPositions(nn.Module):
+    """fairseq's ``LearnedPositionalEmbedding``: a table of ``max_positions + padding_idx + 1`` rows, because positions
+    start at ``padding_idx + 1``; row ``padding_idx`` (pads) stays zero."""
+
+    def __init__(self, max_positions: int, embed_dim: int, padding_idx: int) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.empty(max_positions + padding_idx + 1, embed_dim))
+        nn.init.normal_(self.weight, mean=0.0, std=embed_dim**-0.5)
+        with torch.no_grad():
+            self.weight[padding_idx].zero_()
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """``(B, T)`` long positions -> ``(B, T, D)``."""
+        if positions.numel() and int(positions.max()) >= self.weight.shape[0]:
+            raise ValueError(
+                f"sequence of {int(positions.max()) - self.padding_idx} tokens is longer than the "
+                f"{self.weight.shape[0] - self.padding_idx - 1} learned positions"
+            )
+        return F.embedding(positions, self.weight, self.padding_idx)
+
+
+class UnitLMDecoder(nn.Module):
+    """fairseq's ``TransformerDecoder`` without encoder attention; named as fairseq names it (see :class:`UnitLM`)."""
+
+    def __init__(self, cfg: UnitLMConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.padding_idx = cfg.padding_idx
+        self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.padding_idx)
+        self.embed_positions: nn.Module = (
+            LearnedPositions(cfg.max_positions, d, cfg.padding_idx) if cfg.learned_pos
+            else SinusoidalPositions(d, cfg.padding_idx)
+        )
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, cfg.ffn_dim, cfg.heads, cfg.normalize_before, cfg.activation, cfg.dropout,
+                             cfg.attention_dropout, cfg.activation_dropout)
+            for _ in range(cfg.layers)
+        )
+        self.layer_norm = nn.LayerNorm(d) if cfg.final_layer_norm else None
+        self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self._init_weights(cfg)
+        if cfg.tie_embeddings:
+            # fairseq shares the Parameter, so the state dict lists it under both names (as fairseq saves it).
+            self.output_projection.weight = self.embed_tokens.weight
+
+    def _init_weights(self, cfg: UnitLMConfig) -> None:
+        """fairseq's initialisation, so that `pretrain-ulm` starts where fairseq would."""
+        d = cfg.embed_dim
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=d**-0.5)
+        nn.init.normal_(self.output_projection.weight, mean=0.0, std=d**-0.5)
+        with torch.no_grad():
+            self.embed_tokens.weight[cfg.padding_idx].zero_()
+        for layer in self.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))
+            nn.init.xavier_uniform_(attn.out_proj.weight)
+            nn.init.zeros_(attn.out_proj.bias)
+
+
+@dataclass
+class UnitLMOutput:
+    """What :meth:`UnitLM.forward` returns with ``return_hidden=True``."""
+
+    logits: Tensor  # (B, T, V)
+    hidden: Tensor  # (B, T, D): final states (after the final LayerNorm), before the output projection
+
+
+class UnitLM(nn.Module):
+    """GSLM's unit LM: a decoder-only transformer over unit tokens, with the hooks of SpeechPrompt-style tuning.
+
+    The only child is ``decoder``, so state-dict keys are fairseq's (``decoder.embed_tokens.weight``, ...).
+    Shapes: tokens ``(B, T)`` -> logits ``(B, T, V)``; hidden states are ``(B, T, D)``.
+    """
+
+    def __init__(self, cfg: UnitLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = UnitLMDecoder(cfg)
+
+    @property
+    def padding_idx(self) -> int:
+        return self.cfg.padding_idx
+
+    def transformer_layers(self) -> nn.ModuleList:
+        """The :class:`TransformerLayer` stack, where adapters, LoRA and masks attach."""
+        return self.decoder.layers
+
+    def embed(self, tokens: Tensor, embed_override: Mapping[int, Tensor] | None = None) -> Tensor:
+        """Token embeddings ``(B, T, D)`` before scaling, with rows of ``embed_override`` substituted.
+
+        ``embed_override`` maps a token id to a ``(D,)`` vector (e.g. SpeechPrompt's trainable ``<s>`` separator);
+        the table itself is not copied, so the vector receives the gradient and the frozen table does not.
+        """
+        emb = self.decoder.embed_tokens(tokens)  # (B, T, D)
+        for token_id, vector in (embed_override or {}).items():
+            emb = torch.where(tokens.eq(token_id)[..., None], vector.to(emb.dtype), emb)
+        return emb
+
+    def features(
+        self,
+        tokens: Tensor,
+        *,
+        input_prompt: Tensor | None = None,
+        kv_replace: list[tuple[Tensor, Tensor] | None] | None = None,
+        prefix: list[LayerKV] | None = None,
+        cache: KVCache | None = None,
+        embed_override: Mapping[int, Tensor] | None = None,
+    ) -> Tensor:
+        """Final hidden states ``(B, T, D)`` of the token positions (after the final LayerNorm).
+
+        Args:
+            tokens: ``(B, T)`` token ids. Padding (``padding_idx``) may sit on either side: pads are masked as keys
+                and positions count only real tokens (fairseq's ``make_positions``).
+            input_prompt: ``(1 or B, L, D)`` vectors placed before the tokens, after token embedding, scaling and
+                positions; they get no positional embedding and no outputs.
+            kv_replace: per layer, ``(K_in, V_in)`` each ``(1 or B, L, D)``: the key/value *inputs* of the first L
+                positions, i.e. of the input prompt, which must have the same L (SpeechPrompt's deep prompt).
+                The token positions then see, in layer i, exactly the keys/values of a ``prefix`` entry
+                ``LayerKV(k_proj(K_in), v_proj(V_in))``. So with an entry for every layer the token outputs equal
+                prefix tuning with those projected vectors, and do not depend on the input prompt's values at all:
+                the input prompt only provides the L positions (its own outputs are discarded).
+            prefix: per layer, projected keys/values ``(1 or B, H, P, hd)`` attended before everything else
+                (prefix tuning). With a ``cache`` the prefix is stored in it, so later calls pass only new tokens.
+            cache: incremental decoding. On the first call the prefix, prompt and tokens are cached; later calls
+                pass only the new tokens (and no prompt/prefix), whose positions continue from ``cache.positions``.
+            embed_override: see :meth:`embed`.
+        """
+        dec = self.decoder
+        B, T = tokens.shape
+        past = len(cache) if cache is not None else 0
+        if cache is not None and past and (input_prompt is not None or kv_replace is not None or prefix is not None):
+            raise ValueError("prompts and prefixes go into the first call with a cache only; they are cached since")
+        L = 0 if input_prompt is None else input_prompt.shape[1]
+        if kv_replace is not None:
+            if len(kv_replace) != len(dec.layers):
+                raise ValueError(f"kv_replace has {len(kv_replace)} entries for {len(dec.layers)} layers")
+            for kv in kv_replace:
+                if kv is not None and (kv[0].shape[1] != L or kv[1].shape[1] != L):
+                    raise ValueError(f"kv_replace covers {kv[0].shape[1]} positions but the input prompt has {L}")
+        if prefix is not None and len(prefix) != len(dec.layers):
+            raise ValueError(f"prefix has {len(prefix)} entries for {len(dec.layers)} layers")
+
+        pad = tokens.eq(self.padding_idx)  # (B, T)
+        offset = cache.positions if cache is not None and cache.positions is not None else None
+        positions = make_positions(tokens, self.padding_idx, offset)  # (B, T)
+        x = dec.embed_scale * self.embed(tokens, embed_override) + dec.embed_positions(positions).to(
+            dec.embed_tokens.weight.dtype
+        )  # (B, T, D)
+        if input_prompt is not None:
+            x = torch.cat([input_prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, L + T, D)
+        x = dec.dropout(x)
+
+        if cache is not None and not past and prefix is not None:
+            # Seed the cache with the prefix, which then acts as already-seen keys for every later step.
+            cache.layers = [LayerKV(p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)) for p in prefix]
+            past = len(cache)
+            prefix = None
+        if prefix is not None:
+            past = len(prefix[0])
+        key_padding = torch.cat([pad.new_zeros(B, L), pad], dim=1)  # (B, L + T)
+        if past:
+            old = cache.key_padding if cache is not None and cache.key_padding is not None else pad.new_zeros(B, past)
+            key_padding = torch.cat([old, key_padding], dim=1)  # (B, past + L + T)
+        if cache is not None:
+            cache.key_padding = key_padding
+            n_real = (~pad).sum(1)
+            cache.positions = n_real if cache.positions is None else cache.positions + n_real
+        mask = attention_mask(key_padding if bool(key_padding.any()) else None, L + T, past)
+
+        for i, layer in enumerate(dec.layers):
+            x = layer(
+                x,
+                mask,
+                kv_replace=None if kv_replace is None else kv_replace[i],
+                prefix=None if prefix is None else prefix[i],
+                cache=cache,
+                layer_idx=i,
+            )
+        x = x[:, L:]  # (B, T, D): the prompt positions give no output
+        if dec.layer_norm is not None:
+            x = dec.layer_norm(x)
+        return x
+
+    def output_layer(self, hidden: Tensor) -> Tensor:
+        """``(..., D)`` hidden states -> ``(..., V)`` logits."""
+        return self.decoder.output_projection(hidden)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        *,
+        input_prompt: Tensor | None = None,
+        kv_replace: list[tuple[Tensor, Tensor] | None] | None = None,
+        prefix: list[LayerKV] | None = None,
+        cache: KVCache | None = None,
+        embed_override: Mapping[int, Tensor] | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor | UnitLMOutput:
+        """Logits ``(B, T, V)`` of the token positions; with ``return_hidden`` a :class:`UnitLMOutput` holding the
+        logits and the hidden states. Arguments as in :meth:`features`. With no prompt, prefix or adapter attached
+        this is exactly fairseq's forward."""
+        hidden = self.features(tokens, input_prompt=input_prompt, kv_replace=kv_replace, prefix=prefix, cache=cache,
+                               embed_override=embed_override)
+        logits = self.output_layer(hidden)
+        return UnitLMOutput(logits, hidden) if return_hidden else logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _to_our_state(state: dict[str, Tensor], cfg: UnitLMConfig) -> dict[str, Tensor]:
+    """Upgrade a fairseq state dict to this model's keys (the renames fairseq's own ``upgrade_state_dict`` does)."""
+    state = dict(state)
+    state.pop("decoder.version", None)
+    for dummy in ("decoder.embed_positions._float_tensor", "decoder.embed_positions.weights"):
+        if not cfg.learned_pos:
+            state.pop(dummy, None)
+    if "decoder.output_projection.weight" not in state:
+        source = "decoder.embed_tokens.weight" if cfg.tie_embeddings else "decoder.embed_out"
+        if source in state:
+            state["decoder.output_projection.weight"] = state[source]
+    if not cfg.tie_embeddings:
+        state.pop("decoder.embed_out", None)
+    renames = {"0": "self_attn_layer_norm", "2": "final_layer_norm"}
+    for key in list(state):
+        m = re.match(r"^decoder\.layers\.(\d+)\.layer_norms\.([02])\.(weight|bias)$", key)
+        if m:
+            state[f"decoder.layers.{m[1]}.{renames[m[2]]}.{m[3]}"] = state.pop(key)
+    return state
+
+
+def load_unit_lm(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> tuple[UnitLM, Dictionary]:
+    """Load a fairseq unit-LM checkpoint (GSLM's, or one written by :func:`save_unit_lm`), without fairseq.
+
+    Args:
+        path: the checkpoint (``.pt``).
+        dict_path: its ``dict.txt``; by default the one beside the checkpoint.
+    Returns:
+        The model (in eval mode, on CPU) and its dictionary.
+    Raises:
+        CheckpointError: unreadable file, unsupported architecture, a dictionary whose size does not match the
+            embedding, or state-dict keys/shapes that do not fit the architecture.
+    """
+    path = Path(path)
+    ckpt = load_fairseq_checkpoint(path)
+    dict_path = Path(dict_path) if dict_path is not None else path.parent / "dict.txt"
+    if not dict_path.is_file():
+        raise CheckpointError(f"{path}: no dictionary at {dict_path} (pass the unit LM's dict.txt)")
+    dictionary = Dictionary.load(dict_path)
+    state = ckpt["model"]
+    emb = state.get("decoder.embed_tokens.weight")
+    if not isinstance(emb, Tensor) or emb.ndim != 2:
+        raise CheckpointError(f"{path}: no decoder.embed_tokens.weight; is this a fairseq language model?")
+    if emb.shape[0] != len(dictionary):
+        raise CheckpointError(
+            f"{path} has {emb.shape[0]} embedding rows but {dict_path} gives {len(dictionary)} symbols "
+            f"(including 4 specials): a mismatched dict"
+        )
+    cfg = dataclasses.replace(UnitLMConfig.from_fairseq(ckpt["cfg"]), vocab_size=len(dictionary))
+    version = state.get("decoder.version")
+    if isinstance(version, Tensor) and float(version.flatten()[0]) <= 2:
+        # fairseq: "earlier checkpoints did not normalize after the stack of layers"
+        cfg = dataclasses.replace(cfg, final_layer_norm=False)
+    if cfg.learned_pos and "decoder.embed_positions.weight" in state:
+        rows = state["decoder.embed_positions.weight"].shape[0]
+        cfg = dataclasses.replace(cfg, max_positions=rows - cfg.padding_idx - 1)
+    state = _to_our_state(state, cfg)
+    if cfg.tie_embeddings and not torch.equal(state["decoder.embed_tokens.weight"],
+                                              state["decoder.output_projection.weight"]):
+        raise CheckpointError(f"{path}: the config ties input/output embeddings but the checkpoint's differ")
+    model = UnitLM(cfg)
+    load_state_strict(model, state, str(path))
+    return model.eval(), dictionary
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that lists missing/unexpected keys and bad shapes."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            problems.append(f"{label}: {', '.join(items[:8])}{more}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(dict(state), strict=True)
+
+
+def fairseq_state_dict(model: UnitLM) -> dict[str, Tensor]:
+    """The model's state dict as fairseq saves it: plus ``decoder.version`` and, for sinusoidal positions, the
+    ``_float_tensor`` dummy that older fairseq expects."""
+    state = dict(model.state_dict())
+    state["decoder.version"] = torch.tensor([3.0])
+    if not model.cfg.learned_pos:
+        state["decoder.embed_positions._float_tensor"] = torch.zeros(1)
+    return state
+
+
+def save_unit_lm(
+    model: UnitLM, dictionary: Dictionary, path: str | os.PathLike, extra: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``model`` as a fairseq ``language_modeling`` checkpoint at ``path`` and ``dict.txt`` beside it.
+
+    fairseq loads the result with ``checkpoint_utils.load_model_ensemble([path])`` (its task's ``data`` is the
+    checkpoint's directory, where ``dict.txt`` is; pass ``arg_overrides={"data": ...}`` after moving the files).
+
+    Args:
+        extra: JSON-like values stored under the checkpoint's ``cfg["speechprompt"]`` (e.g. a training summary).
+    """
+    if len(dictionary) != model.cfg.vocab_size:
+        raise CheckpointError(f"dictionary has {len(dictionary)} symbols but the model {model.cfg.vocab_size} rows")
+    path = Path(path)
+    data_dir = str(path.parent.resolve())
+    cfg = {
+        "_name": None,
+        "common": {"seed": 1, "tpu": False, "fp16": False, "bf16": False, "use_plasma_view": False,
+                   "plasma_path": "/tmp/plasma"},
+        "dataset": {"batch_size": None, "batch_size_valid": None, "dataset_impl": None, "data_buffer_size": 10},
+        "model": model.cfg.to_fairseq_cfg(),
+        "task": {
+            "_name": "language_modeling", "data": data_dir, "sample_break_mode": "eos",
+            "tokens_per_sample": model.cfg.max_positions, "output_dictionary_size": -1, "self_target": False,
+            "future_target": False, "past_target": False, "add_bos_token": False,
+            "max_target_positions": model.cfg.max_positions, "shorten_method": "none",
+            "shorten_data_split_list": "", "pad_to_fixed_length": False, "pad_to_fixed_bsz": False, "seed": 1,
+            "batch_size": None, "batch_size_valid": None, "dataset_impl": None, "data_buffer_size": 10,
+            "tpu": False, "use_plasma_view": False, "plasma_path": "/tmp/plasma",
+        },
+        "criterion": {"_name": "cross_entropy", "sentence_avg": False},
+        "speechprompt": {"unit_lm_config": to_dict(model.cfg), **dict(extra or {})},
+    }
+    dictionary.save(path.parent / "dict.txt")
+    save_fairseq_checkpoint(path, fairseq_state_dict(model), cfg)
+
+
+def state_fingerprint(obj: nn.Module | Mapping[str, Tensor]) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and bytes of a state dict.
+
+    Prompt checkpoints store it for the *frozen base* model and refuse to load against another one, so compute it
+    on the base model before a tuning method attaches (LoRA and masks rename or add keys).
+    """
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+__all__: list[str] = [
+    "NAMED_CONFIGS", "UnitLM", "UnitLMConfig", "UnitLMOutput", "fairseq_state_dict", "load_state_strict",
+    "load_unit_lm", "make_positions", "save_unit_lm", "state_fingerprint",
+]
