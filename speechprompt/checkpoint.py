@@ -53,29 +53,14 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-def state_fingerprint(state: dict[str, Tensor]) -> str:
-    """``sha256:<hex>`` of a state dict: every name, dtype, shape and byte, in sorted name order.
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """``sha256:<hex>`` of a frozen base model's state dict (names, dtypes, shapes, bytes; order-independent).
 
-    Two models fingerprint alike exactly when they hold the same tensors under the same names, whatever their
-    device or the order the state dict was built in.
+    Take it before a tuning method attaches: attached modules add state-dict entries.
     """
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return f"sha256:{h.hexdigest()}"
+    from speechprompt.models.unit_lm import state_fingerprint
 
-
-def file_fingerprint(path: str | os.PathLike | None) -> str | None:
-    """``sha256:<hex>`` of a file's bytes (what ``sha256sum`` prints), or ``None`` if there is no such file."""
-    if path is None or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{state_fingerprint(model)}"
 
 
 @dataclasses.dataclass

@@ -139,7 +139,8 @@ class Batch:
     Attributes:
         tokens: ``(B, T)`` ``u1..uN <s> y1..yM``, right-padded with ``<pad>``.
         targets: ``(B, T)`` the next token where a loss is taken (``<s>`` and label positions), else ``IGNORE``.
-        prefix: ``(B, P)`` ``u1..uN <s>`` right-padded, for decoding.
+        prefix: ``(B, P)`` ``u1..uN <s>`` *left*-padded, for decoding: every row's next token is then at the
+            same column, and positions count only real tokens, so left padding changes no output.
         prefix_lengths: ``(B,)`` N + 1.
         source_lengths: ``(B,)`` N.
         class_ids: ``(B,)`` class index of each label (``-1`` when the task has no closed label set or the label
@@ -167,11 +168,12 @@ class Batch:
         return self.tokens.size(0)
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
+def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        start = width - len(r) if left else 0
+        out[i, start : start + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
     return out
 
 
@@ -204,7 +206,7 @@ def collate(
     return Batch(
         tokens=_pad(rows, PAD),
         targets=_pad(targets, IGNORE),
-        prefix=_pad(prefixes, PAD),
+        prefix=_pad(prefixes, PAD, left=True),
         prefix_lengths=torch.tensor([len(p) for p in prefixes], dtype=torch.long),
         source_lengths=torch.tensor([len(s) for s in sources], dtype=torch.long),
         class_ids=torch.tensor([class_index.get(label, -1) for label in labels], dtype=torch.long),
