@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "synth": "speechprompt.data_prep.synth",
     "kmeans": "speechprompt.data_prep.kmeans",
     "prepare": "speechprompt.data_prep.speech2unit",
+    "pretrain-ulm": "speechprompt.pretrain",
 }
 
 
