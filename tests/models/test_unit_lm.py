@@ -1,0 +1,335 @@
+"""The unit LM: parity with fairseq's transformer_lm, checkpoint import/export, and the tuning hooks."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechprompt.config import ConfigError
+from speechprompt.errors import CheckpointError
+from speechprompt.fairseq_compat import Dictionary
+from speechprompt.models.transformer import KVCache, LayerKV
+from speechprompt.models.unit_lm import (
+    UnitLM,
+    UnitLMConfig,
+    load_unit_lm,
+    save_unit_lm,
+    state_fingerprint,
+)
+
+N_UNITS = 20  # vocab = 24
+
+
+def _tiny(**overrides) -> UnitLM:
+    torch.manual_seed(0)
+    cfg = UnitLMConfig.named("tiny", vocab_size=N_UNITS + 4, embed_dim=32, ffn_dim=64, **overrides)
+    model = UnitLM(cfg).eval()
+    _randomize(model)
+    return model
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Non-trivial values everywhere (fairseq initialises biases and LayerNorms to constants)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _batch(B: int = 3, T: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, N_UNITS + 4, (B, T), generator=g)
+
+
+def _left_pad(tokens: torch.Tensor, n_pad: list[int], pad: int = 1) -> torch.Tensor:
+    out = tokens.clone()
+    for row, n in enumerate(n_pad):
+        out[row, :n] = pad
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fairseq parity
+
+
+def _fairseq_lm(**cfg_fields):
+    """A fairseq TransformerLanguageModel built from its own config dataclass and a tiny dictionary."""
+    from fairseq.data import Dictionary as FsDictionary
+    from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+    from omegaconf import OmegaConf
+
+    d = FsDictionary()
+    for u in range(N_UNITS):
+        d.add_symbol(str(u))
+
+    class Task:
+        source_dictionary = target_dictionary = d
+
+    fields = dict(decoder_embed_dim=32, decoder_input_dim=32, decoder_output_dim=32, decoder_ffn_embed_dim=64,
+                  decoder_layers=2, decoder_attention_heads=4, add_bos_token=False, tokens_per_sample=64,
+                  max_target_positions=64, tpu=False)
+    fields.update(cfg_fields)
+    cfg = OmegaConf.structured(TransformerLanguageModelConfig(**fields))
+    torch.manual_seed(0)
+    model = TransformerLanguageModel.build_model(cfg, Task()).eval()
+    _randomize(model)
+    return model, d, OmegaConf.to_container(cfg, enum_to_str=True)
+
+
+def _save_fairseq_style(tmp_path: Path, model, fs_dict, model_cfg: dict) -> Path:
+    """What fairseq's checkpoint_utils.save_state writes (cfg as a plain container), plus dict.txt beside it."""
+    path = tmp_path / "checkpoint_best.pt"
+    task = {"_name": "language_modeling", "data": str(tmp_path), "tokens_per_sample": 64,
+            "max_target_positions": 64}
+    torch.save({"args": None, "cfg": {"model": model_cfg, "task": task}, "model": model.state_dict(),
+                "optimizer_history": [], "extra_state": {}}, path)
+    fs_dict.save(str(tmp_path / "dict.txt"))
+    return path
+
+
+PARITY_CONFIGS = {
+    "preln_sinusoidal_tied_finalnorm": dict(decoder_normalize_before=True, share_decoder_input_output_embed=True),
+    "postln_learned_untied": dict(decoder_normalize_before=False, decoder_learned_pos=True),
+    "preln_no_final_norm_learned_gelu_noscale": dict(
+        decoder_normalize_before=True, no_decoder_final_norm=True, decoder_learned_pos=True,
+        share_decoder_input_output_embed=True, no_scale_embedding=True, activation_fn="gelu"),
+}
+
+
+@pytest.mark.fairseq
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_logits_match_fairseq(tmp_path: Path, name: str) -> None:
+    fs_model, fs_dict, model_cfg = _fairseq_lm(**PARITY_CONFIGS[name])
+    if name.startswith("preln_sinusoidal"):
+        model_cfg["max_target_positions"] = "${task.max_target_positions}"  # as fairseq saves an interpolation
+    path = _save_fairseq_style(tmp_path, fs_model, fs_dict, model_cfg)
+    model, dictionary = load_unit_lm(path)
+    assert len(dictionary) == len(fs_dict) == model.cfg.vocab_size
+    assert model.cfg.normalize_before == PARITY_CONFIGS[name]["decoder_normalize_before"]
+    assert model.cfg.max_positions == 64
+
+    tokens = _batch()
+    with torch.no_grad():
+        ref = fs_model(tokens)[0]
+        ours = model(tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+    # Right padding: equal on the real positions.
+    padded = tokens.clone()
+    padded[0, 4:] = fs_dict.pad()
+    padded[2, 6:] = fs_dict.pad()
+    real = padded.ne(fs_dict.pad())
+    with torch.no_grad():
+        ref = fs_model(padded)[0]
+        ours = model(padded)
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.fairseq
+def test_legacy_args_checkpoint_takes_transformer_lm_big_defaults(tmp_path: Path) -> None:
+    """A legacy checkpoint stores argparse args; absent fields come from the arch (pre-LN forced, 12 layers...)."""
+    from fairseq.models.transformer_lm import transformer_lm_big
+
+    args = argparse.Namespace(arch="transformer_lm_big", decoder_layers=2, decoder_embed_dim=32,
+                              decoder_ffn_embed_dim=64, decoder_attention_heads=4, decoder_normalize_before=False,
+                              share_decoder_input_output_embed=True, tokens_per_sample=64)
+    saved = copy.deepcopy(args)
+    transformer_lm_big(args)
+    defining = ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+                "decoder_normalize_before", "no_decoder_final_norm", "share_decoder_input_output_embed",
+                "decoder_learned_pos", "no_scale_embedding", "activation_fn")
+    fs_model, fs_dict, _ = _fairseq_lm(**{k: getattr(args, k) for k in defining})
+    path = tmp_path / "legacy.pt"
+    torch.save({"args": saved, "model": fs_model.state_dict()}, path)
+    fs_dict.save(str(tmp_path / "dict.txt"))
+    model, _ = load_unit_lm(path)
+    assert model.cfg.normalize_before and model.cfg.final_layer_norm and model.cfg.tie_embeddings
+    tokens = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), fs_model(tokens)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.fairseq
+@pytest.mark.parametrize("overrides", [{}, dict(normalize_before=False, final_layer_norm=False, learned_pos=True,
+                                                tie_embeddings=False)])
+def test_export_loads_in_fairseq(tmp_path: Path, overrides: dict) -> None:
+    from fairseq import checkpoint_utils
+
+    model = _tiny(**overrides)
+    path = tmp_path / "export" / "ulm.pt"
+    save_unit_lm(model, Dictionary.for_units(N_UNITS), path, extra={"note": "test"})
+    assert (path.parent / "dict.txt").is_file()
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], strict=True)
+    fs_model = models[0].eval()
+    assert len(task.source_dictionary) == N_UNITS + 4
+    tokens = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), fs_model(tokens)[0], atol=1e-5, rtol=1e-5)
+    # And our loader reads our export back exactly.
+    again, _ = load_unit_lm(path)
+    assert state_fingerprint(again) == state_fingerprint(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architecture and checkpoint errors
+
+
+def test_gslm_big_has_the_published_parameter_count() -> None:
+    with torch.device("meta"):
+        model = UnitLM(UnitLMConfig.named("gslm_big"))
+    assert sum(p.numel() for p in model.parameters()) == 151_263_232
+    keys = set(model.state_dict())
+    assert "decoder.output_projection.weight" in keys and "decoder.layers.11.self_attn.k_proj.bias" in keys
+    assert "decoder.layer_norm.weight" in keys and not any("embed_positions" in k for k in keys)
+
+
+def test_named_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown unit LM config"):
+        UnitLMConfig.named("huge")
+    with pytest.raises(ConfigError, match="divisible"):
+        UnitLMConfig.named("tiny", heads=5)
+
+
+def test_mismatched_dict_is_a_clear_error(tmp_path: Path) -> None:
+    model = _tiny()
+    path = tmp_path / "ulm.pt"
+    save_unit_lm(model, Dictionary.for_units(N_UNITS), path)
+    Dictionary.for_units(N_UNITS + 1).save(tmp_path / "other.txt")
+    with pytest.raises(CheckpointError, match=r"24 embedding rows .* 25 symbols .*mismatched dict"):
+        load_unit_lm(path, dict_path=tmp_path / "other.txt")
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
+    from speechprompt.fairseq_compat import save_fairseq_checkpoint
+    from speechprompt.models.unit_lm import fairseq_state_dict
+
+    model = _tiny()
+    state = fairseq_state_dict(model)
+    state.pop("decoder.layers.1.fc2.bias")
+    state["decoder.layers.1.extra.weight"] = torch.zeros(1)
+    save_fairseq_checkpoint(tmp_path / "bad.pt", state, {"model": model.cfg.to_fairseq_cfg(), "task": {}})
+    Dictionary.for_units(N_UNITS).save(tmp_path / "dict.txt")
+    with pytest.raises(CheckpointError, match=r"missing keys: decoder\.layers\.1\.fc2\.bias.*unexpected keys: "
+                                              r"decoder\.layers\.1\.extra\.weight"):
+        load_unit_lm(tmp_path / "bad.pt")
+
+
+def test_fingerprint_tracks_weights_not_identity() -> None:
+    a, b = _tiny(), _tiny()
+    assert state_fingerprint(a) == state_fingerprint(b) == state_fingerprint(a.state_dict())
+    with torch.no_grad():
+        b.decoder.layers[0].fc1.bias[0] += 1e-3
+    assert state_fingerprint(a) != state_fingerprint(b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hooks
+
+
+def test_zero_length_hooks_are_no_ops() -> None:
+    model = _tiny()
+    tokens = _left_pad(_batch(), [0, 2, 0])
+    H, hd, D = 4, 8, 32
+    empty = torch.zeros(1, 0, D)
+    with torch.no_grad():
+        plain = model(tokens)
+        hooked = model(tokens, input_prompt=empty, kv_replace=[(empty, empty)] * 2,
+                       prefix=[LayerKV(torch.zeros(1, H, 0, hd), torch.zeros(1, H, 0, hd))] * 2)
+    torch.testing.assert_close(hooked, plain, atol=0, rtol=0)
+
+
+def test_deep_prompt_equals_projected_prefix() -> None:
+    """kv_replace in every layer == prefix tuning with LayerKV(k_proj(K_in), v_proj(V_in)) (see UnitLM.features)."""
+    model = _tiny()
+    tokens = _left_pad(_batch(), [0, 3, 1])
+    L, D = 5, 32
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randn(1, L, D, generator=g)
+    kv = [(torch.randn(1, L, D, generator=g), torch.randn(1, L, D, generator=g)) for _ in range(2)]
+    prefix = []
+    for layer, (k_in, v_in) in zip(model.transformer_layers(), kv):
+        attn = layer.self_attn
+        prefix.append(LayerKV(attn._heads(attn.k_proj(k_in)), attn._heads(attn.v_proj(v_in))))
+    with torch.no_grad():
+        deep = model(tokens, input_prompt=prompt, kv_replace=kv)
+        pre = model(tokens, prefix=prefix)
+        other_prompt = model(tokens, input_prompt=torch.randn(1, L, D, generator=g), kv_replace=kv)
+        shallow = model(tokens, input_prompt=prompt)
+    real = tokens.ne(1)
+    torch.testing.assert_close(deep[real], pre[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other_prompt, deep, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(shallow[real], model(tokens).detach()[real], atol=1e-3)
+
+
+def test_kv_replace_needs_matching_prompt_length() -> None:
+    model = _tiny()
+    kv = [(torch.zeros(1, 3, 32), torch.zeros(1, 3, 32))] * 2
+    with pytest.raises(ValueError, match="input prompt has 2"):
+        model(_batch(), input_prompt=torch.zeros(1, 2, 32), kv_replace=kv)
+
+
+def test_embed_override_replaces_the_row_and_gets_the_gradient() -> None:
+    model = _tiny(tie_embeddings=False)  # tied, editing the row would also change the output projection
+    tokens = _batch()
+    tokens[:, 3] = 0  # the <s> separator
+    vec = torch.randn(32, requires_grad=True)
+    out = model(tokens, embed_override={0: vec})
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.decoder.embed_tokens.weight[0] = vec
+        ref = edited(tokens)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert vec.grad is not None and vec.grad.abs().sum() > 0
+    assert model.decoder.embed_tokens.weight.grad is None or model.decoder.embed_tokens.weight.grad[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("hooks", ["none", "prompt", "deep", "prefix"])
+def test_cached_forward_equals_full_forward_step_by_step(hooks: str) -> None:
+    model = _tiny()
+    tokens = _left_pad(_batch(T=9), [0, 3, 5])
+    L, D, H, hd = 4, 32, 4, 8
+    g = torch.Generator().manual_seed(5)
+    kwargs: dict = {}
+    if hooks in ("prompt", "deep"):
+        kwargs["input_prompt"] = torch.randn(1, L, D, generator=g)
+    if hooks == "deep":
+        kwargs["kv_replace"] = [(torch.randn(1, L, D, generator=g), torch.randn(1, L, D, generator=g))] * 2
+    if hooks == "prefix":
+        kwargs["prefix"] = [LayerKV(torch.randn(1, H, 3, hd, generator=g), torch.randn(1, H, 3, hd, generator=g))] * 2
+    with torch.no_grad():
+        full = model(tokens, **kwargs)
+        cache = KVCache()
+        steps = [model(tokens[:, :4], cache=cache, **kwargs)]
+        for t in range(4, tokens.shape[1]):
+            steps.append(model(tokens[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    real = tokens.ne(1)
+    torch.testing.assert_close(cached[real], full[real], atol=1e-5, rtol=1e-5)
+    assert cache.positions.tolist() == real.sum(1).tolist()
+    with pytest.raises(ValueError, match="first call"):
+        model(tokens[:, :1], cache=cache, input_prompt=torch.zeros(1, 1, D))
+
+
+def test_padding_side_does_not_change_real_positions() -> None:
+    model = _tiny()
+    seq = _batch(B=1, T=5)
+    left = torch.cat([torch.ones(1, 3, dtype=torch.long), seq], dim=1)
+    right = torch.cat([seq, torch.ones(1, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a, b, c = model(seq), model(left)[:, 3:], model(right)[:, :5]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_only_in_train_mode() -> None:
+    model = _tiny(dropout=0.3)
+    tokens = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), model(tokens))
+        model.train()
+        assert not torch.equal(model(tokens), model(tokens))
