@@ -10,12 +10,13 @@ Each kind registers a *builder* (fits the verbalizer from training data and a :c
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
+import itertools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from speechprompt.config import option
@@ -57,12 +58,14 @@ class VerbalizerConfig:
         help="split each label into slots that get one token each, e.g. '|' for Fluent Speech Commands "
         "'action|object|location' (kinds freq and random)",
     )
-    learnable_init: str = option(
+    learnable_init: Literal["random", "freq", "map"] = option(
         "random",
         help="kind=learnable: 'random' (PyTorch's zero-mean uniform Linear init) or a fixed kind ('freq', 'map') "
         "whose one-hot rows make step 0 score classes exactly as that fixed verbalizer does",
     )
-    sp_model_type: str = option("unigram", help="kind=sequence: sentencepiece model type, 'unigram' or 'bpe'")
+    sp_model_type: Literal["unigram", "bpe"] = option(
+        "unigram", help="kind=sequence: sentencepiece model type, 'unigram' or 'bpe'"
+    )
     sp_vocab_size: int | None = option(
         None, help="kind=sequence: number of pieces (at most the number of units; None: as many as units)"
     )
@@ -201,15 +204,14 @@ def unit_ranking(train_units: Iterable[Sequence[int]], n_units: int) -> list[int
     """
     if n_units < 1:
         raise VerbalizerError(f"n_units must be positive, got {n_units}")
-    counts: collections.Counter[int] = collections.Counter()
-    for seq in train_units:
-        counts.update(int(t) for t in seq)
-    bad = [t for t in counts if not NSPECIAL <= t < NSPECIAL + n_units]
-    if bad:
+    tokens = np.fromiter(itertools.chain.from_iterable(train_units), dtype=np.int64)
+    bad = tokens[(tokens < NSPECIAL) | (tokens >= NSPECIAL + n_units)]
+    if bad.size:
         raise VerbalizerError(
-            f"training inputs hold token id {min(bad)}, which is not a unit token (units are ids "
+            f"training inputs hold token id {int(bad[0])}, which is not a unit token (units are ids "
             f"{NSPECIAL}..{NSPECIAL + n_units - 1}: unit u is token u + {NSPECIAL})"
         )
+    counts = np.bincount(tokens, minlength=NSPECIAL + n_units).tolist()
     return sorted(range(NSPECIAL, NSPECIAL + n_units), key=lambda t: (-counts[t], t))
 
 
