@@ -1,0 +1,125 @@
+"""Parameter-efficient tuning methods, chosen by name from one registry.
+
+=========  =========================  =======================================================================
+name       config                     what trains
+=========  =========================  =======================================================================
+prompt     :class:`PromptConfig`      input prompt, deep key/value prompts, ``<s>`` separator (unit LM only)
+prefix     :class:`PrefixConfig`      projected per-layer keys/values (optional MLP reparameterisation)
+adapter    :class:`AdapterConfig`     bottleneck adapters: serial (Houlsby) and/or parallel (AAT)
+lora       :class:`LoraConfig`        low-rank updates of chosen linears (mergeable)
+bitfit     :class:`BitFitConfig`      the backbone's biases
+mask       :class:`MaskConfig`        S3-Router scores selecting which frozen weights to keep
+=========  =========================  =======================================================================
+
+Usage::
+
+    method = build_method(method_config("lora", {"rank": 4}), model)   # built for and attached to model
+    params = freeze_except(model, method)                              # optimizer gets exactly these
+    logits = model(tokens, **method.forward_kwargs())
+
+A new method registers itself with :func:`register_method` (name, config dataclass, :class:`TuningMethod`
+subclass whose ``__init__`` takes ``(config, model)``); nothing else in the toolkit needs to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from speechprompt.config import from_dict
+from speechprompt.tuning.adapter import AdapterConfig, Adapters
+from speechprompt.tuning.base import TuningError, TuningMethod, count_parameters, freeze_except
+from speechprompt.tuning.bitfit import BitFit, BitFitConfig
+from speechprompt.tuning.lora import Lora, LoraConfig
+from speechprompt.tuning.mask import MaskConfig, S3Router, sparsity_sweep
+from speechprompt.tuning.prefix import PrefixConfig, PrefixTuning
+from speechprompt.tuning.prompt import PromptConfig, PromptTuning
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, config dataclass and module class."""
+
+    name: str
+    config_cls: type
+    method_cls: type[TuningMethod]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type, method_cls: type[TuningMethod]) -> None:
+    """Make a method available by ``name`` to :func:`build_method` and to configs."""
+    if name in METHODS:
+        raise ValueError(f"tuning method {name!r} is already registered")
+    if any(spec.config_cls is config_cls for spec in METHODS.values()):
+        raise ValueError(f"{config_cls.__name__} already belongs to another method")
+    METHODS[name] = MethodSpec(name, config_cls, method_cls)
+
+
+def _spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise TuningError(f"unknown tuning method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_config(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The config of method ``name`` from a plain mapping (YAML / a checkpoint sidecar), checked strictly."""
+    return from_dict(_spec(name).config_cls, dict(options or {}), where=name)
+
+
+def method_name(config: Any) -> str:
+    """The registered name of a config object (what a checkpoint sidecar records)."""
+    for spec in METHODS.values():
+        if type(config) is spec.config_cls:
+            return spec.name
+    raise TuningError(f"{type(config).__name__} is not the config of a registered tuning method")
+
+
+def build_method(name_or_config: str | Any, model: nn.Module, attach: bool = True) -> TuningMethod:
+    """Build a method for ``model`` from a registered name (default config) or a config object.
+
+    Args:
+        attach: inject it into ``model`` right away (prompt and prefix methods inject nothing either way).
+    """
+    config = _spec(name_or_config).config_cls() if isinstance(name_or_config, str) else name_or_config
+    method = METHODS[method_name(config)].method_cls(config, model)
+    if attach:
+        method.attach(model)
+    return method
+
+
+register_method("prompt", PromptConfig, PromptTuning)
+register_method("prefix", PrefixConfig, PrefixTuning)
+register_method("adapter", AdapterConfig, Adapters)
+register_method("lora", LoraConfig, Lora)
+register_method("bitfit", BitFitConfig, BitFit)
+register_method("mask", MaskConfig, S3Router)
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "Adapters",
+    "BitFit",
+    "BitFitConfig",
+    "Lora",
+    "LoraConfig",
+    "MaskConfig",
+    "MethodSpec",
+    "PrefixConfig",
+    "PrefixTuning",
+    "PromptConfig",
+    "PromptTuning",
+    "S3Router",
+    "TuningError",
+    "TuningMethod",
+    "build_method",
+    "count_parameters",
+    "freeze_except",
+    "method_config",
+    "method_name",
+    "register_method",
+    "sparsity_sweep",
+]

@@ -1,0 +1,288 @@
+"""S3-Router (Fu et al., 2022): learn which frozen weights to *remove*, per task, instead of new weights.
+
+Every masked linear gets a real-valued score per weight. The binary mask keeps the weights with the largest
+``|score|``: exactly ``ceil(keep_ratio * n)`` of the ``n`` weights of each layer (so at most ``1 - keep_ratio`` of
+them are removed; 0.9 by default), or, in threshold mode, those with ``|score| > threshold``. The forward uses
+``weight * mask``; the backward passes the gradient of the mask straight through to ``|score|``
+(straight-through estimator, as edge-popup and S3-Router do).
+
+Score init: ``kaiming`` (random, as edge-popup), ``magnitude`` (``|w|``: the first mask is magnitude pruning), or
+``rank`` (the rank of ``|w|`` in its layer, scaled to (0, 1]: the same first mask with scale-free scores).
+
+Injection wraps each target linear in a :class:`MaskedLinear` that holds the *same* ``weight``/``bias`` parameters
+under the same names plus a child ``router``; :meth:`~speechprompt.tuning.base.TuningMethod.detach` puts the
+original ``nn.Linear`` back. A task checkpoint stores the mask as a packed bitmask (``np.packbits``, 1 bit per weight,
+32x smaller than the scores); loading it gives a fixed, inference-only router.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechprompt.config import ConfigError, option
+from speechprompt.tuning.base import (
+    ALL_LINEARS,
+    FFN_LINEARS,
+    LinearName,
+    TuningError,
+    TuningMethod,
+    get_submodule,
+    module_paths,
+    select_layers,
+    set_submodule,
+    transformer_layers,
+)
+
+
+class ScoreInit(str, enum.Enum):
+    """Initial scores, hence the first mask."""
+
+    KAIMING = "kaiming"
+    MAGNITUDE = "magnitude"
+    RANK = "rank"
+
+
+@dataclass
+class MaskConfig:
+    """S3-Router weight masks on chosen linears."""
+
+    keep_ratio: float = option(0.9, help="fraction of each masked layer's weights kept (top-k of |score|)")
+    threshold: float | None = option(None, help="keep weights with |score| > threshold instead of a fixed ratio")
+    init: ScoreInit = option(ScoreInit.MAGNITUDE, help="score init: kaiming | magnitude | rank")
+    targets: list[LinearName] = option(
+        list(ALL_LINEARS), help="linears to mask: q_proj, k_proj, v_proj, out_proj, fc1, fc2"
+    )
+    ffn_only: bool = option(False, help="mask only the FFN (fc1, fc2) of the targets")
+    layers: list[int] | None = option(None, help="layer indices to mask (negative counts from the top); null = all")
+
+    def __post_init__(self) -> None:
+        self.init = ScoreInit(self.init)
+        self.targets = [LinearName(t) for t in self.targets]
+        if self.ffn_only:
+            self.targets = [t for t in self.targets if t in FFN_LINEARS]
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"mask targets must be a non-empty list without repeats (after ffn_only), got "
+                              f"{[t.value for t in self.targets]}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+
+
+def keep_count(numel: int, keep_ratio: float) -> int:
+    """Weights kept out of ``numel``: rounded up, so that at most ``1 - keep_ratio`` of them are removed."""
+    return min(numel, math.ceil(round(keep_ratio * numel, 6)))
+
+
+class _TopKMask(torch.autograd.Function):
+    """Forward: 1 for the ``k`` largest entries of ``magnitude``, else 0 (exactly ``k`` ones, ties broken by index
+    order of ``topk``). Backward: straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, magnitude: Tensor, k: int) -> Tensor:
+        mask = torch.ones_like(magnitude)
+        n = magnitude.numel()
+        if k < n:
+            # Removing the n - k smallest is cheaper than selecting the k largest when k is most of the layer.
+            drop = magnitude.reshape(-1).topk(n - k, largest=False, sorted=False).indices
+            mask.view(-1)[drop] = 0.0
+        return mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _ThresholdMask(torch.autograd.Function):
+    """Forward: ``magnitude > threshold`` as 0/1. Backward: straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, magnitude: Tensor, threshold: float) -> Tensor:
+        return (magnitude > threshold).to(magnitude.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class Router(nn.Module):
+    """The mask of one ``(out, in)`` weight: trainable ``scores`` or, after loading a bitmask, a fixed ``mask``."""
+
+    def __init__(self, scores: Tensor, keep_ratio: float, threshold: float | None) -> None:
+        super().__init__()
+        self.shape = tuple(scores.shape)
+        self.scores: nn.Parameter | None = nn.Parameter(scores)
+        self.keep_ratio, self.threshold = keep_ratio, threshold
+        # Non-persistent: a fixed router's checkpoint is the packed bitmask (see S3Router.export_state_dict).
+        self.register_buffer("mask", None, persistent=False)
+
+    @property
+    def fixed(self) -> bool:
+        return self.scores is None
+
+    def forward(self) -> Tensor:
+        """The current 0/1 mask ``(out, in)``, differentiable (straight through) with respect to ``scores``."""
+        if self.scores is None:
+            return self.mask
+        magnitude = self.scores.abs()
+        if self.threshold is not None:
+            return _ThresholdMask.apply(magnitude, self.threshold)
+        return _TopKMask.apply(magnitude, keep_count(magnitude.numel(), self.keep_ratio))
+
+    def fix(self, mask: Tensor) -> None:
+        """Freeze to a given 0/1 mask and drop the scores (inference only)."""
+        if tuple(mask.shape) != self.shape:
+            raise TuningError(f"mask of shape {tuple(mask.shape)} for a weight of shape {self.shape}")
+        device = self.scores.device if self.scores is not None else self.mask.device
+        self.scores = None
+        self.mask = mask.to(device=device, dtype=torch.float32)
+
+
+class MaskedLinear(nn.Module):
+    """``F.linear(x, weight * router(), bias)``. Holds the original linear's ``weight``/``bias`` parameters (same
+    objects, same names) and its ``router``. Input ``(..., in)``, output ``(..., out)``."""
+
+    def __init__(self, linear: nn.Linear, router: Router) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.router = router
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.router().to(self.weight.dtype), self.bias)
+
+
+def _initial_scores(weight: Tensor, init: ScoreInit) -> Tensor:
+    w = weight.detach().float()
+    if init is ScoreInit.KAIMING:
+        scores = torch.empty_like(w)
+        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+        return scores
+    if init is ScoreInit.MAGNITUDE:
+        return w.abs()
+    order = w.abs().reshape(-1).argsort()
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, order.numel() + 1, device=order.device)
+    return (ranks.float() / order.numel()).view_as(w)  # (out, in) in (0, 1]
+
+
+class S3Router(TuningMethod):
+    """One :class:`Router` per target linear, registered as ``<linear path>.router`` in model and method alike."""
+
+    config: MaskConfig
+
+    def __init__(self, config: MaskConfig, model: nn.Module) -> None:
+        super().__init__(config)
+        layers = transformer_layers(model)
+        paths = module_paths(model)
+        self._targets: list[str] = []  # backbone paths of the masked linears
+        for i in select_layers(len(layers), config.layers):
+            for target in config.targets:
+                linear = layers[i].get_submodule(target.path)
+                if not isinstance(linear, nn.Linear):
+                    raise TuningError(f"mask target {target.value} of layer {i} is a {type(linear).__name__}, "
+                                      "not an nn.Linear (is another method attached?)")
+                path = paths[id(linear)]
+                self._own(f"{path}.router", Router(_initial_scores(linear.weight, config.init), config.keep_ratio,
+                                                   config.threshold))
+                self._targets.append(path)
+
+    def routers(self) -> dict[str, Router]:
+        """Backbone path of each masked linear -> its router."""
+        return {path: self.get_submodule(f"{path}.router") for path in self._targets}
+
+    def _inject(self, model: nn.Module) -> None:
+        for path, router in self.routers().items():
+            try:
+                linear = get_submodule(model, path)
+            except AttributeError:
+                raise TuningError(f"the model has no linear {path!r} to mask") from None
+            if type(linear) is not nn.Linear:
+                raise TuningError(f"{path} is a {type(linear).__name__}, not a plain nn.Linear "
+                                  "(is another method attached?)")
+            if tuple(linear.weight.shape) != router.shape:
+                raise TuningError(f"router for {path} has shape {router.shape}, the weight "
+                                  f"{tuple(linear.weight.shape)}")
+            set_submodule(model, path, MaskedLinear(linear, router))
+            self._on_detach(lambda path=path, linear=linear: set_submodule(model, path, linear))
+
+    # -- sparsity ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of weights removed in each masked linear."""
+        return {path: 1.0 - float(router().mean()) for path, router in self.routers().items()}
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Fraction of all masked weights removed."""
+        removed = total = 0
+        for router in self.routers().values():
+            mask = router()
+            removed += int(mask.numel() - mask.sum())
+            total += mask.numel()
+        return removed / total
+
+    def set_keep_ratio(self, keep_ratio: float, threshold: float | None = None) -> None:
+        """Change every router's keep ratio (or threshold) without touching the scores."""
+        if not 0.0 < keep_ratio <= 1.0:
+            raise TuningError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        for path, router in self.routers().items():
+            if router.fixed:
+                raise TuningError(f"the router of {path} is fixed (loaded from a bitmask); it has no scores")
+            router.keep_ratio, router.threshold = keep_ratio, threshold
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """``{"<linear path>.router.mask": uint8 (ceil(n / 8),)}``: each mask packed 8 weights per byte, row-major."""
+        out = {}
+        for path, router in self.routers().items():
+            bits = router().reshape(-1).to(torch.bool).cpu().numpy()
+            out[f"{path}.router.mask"] = torch.from_numpy(np.packbits(bits))
+        return out
+
+    def load_exported_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Fix every router to a packed bitmask from :meth:`export_state_dict` (the scores are dropped)."""
+        routers = {f"{path}.router.mask": router for path, router in self.routers().items()}
+        if set(state) != set(routers):
+            missing, unexpected = sorted(set(routers) - set(state)), sorted(set(state) - set(routers))
+            raise TuningError(f"bitmask does not fit this router: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for key, router in routers.items():
+            packed = state[key].cpu().numpy()
+            n = math.prod(router.shape)
+            if packed.dtype != np.uint8 or packed.shape != ((n + 7) // 8,):
+                raise TuningError(f"{key}: expected {(n + 7) // 8} packed bytes (uint8) for {n} weights, got "
+                                  f"{packed.shape} {packed.dtype}")
+            bits = np.unpackbits(packed, count=n).reshape(router.shape)
+            router.fix(torch.from_numpy(bits.astype(np.float32)))
+
+
+def sparsity_sweep(
+    method: S3Router, keep_ratios: Sequence[float], evaluate: Callable[[], float]
+) -> list[dict[str, float]]:
+    """Evaluate the masked model at several keep ratios (with ``init=magnitude`` and untrained scores this is
+    layer-wise magnitude pruning). The method's own ratio/threshold is restored afterwards.
+
+    Returns:
+        One ``{"keep_ratio", "sparsity", "metric"}`` row per ratio, in the given order.
+    """
+    saved = {path: (r.keep_ratio, r.threshold) for path, r in method.routers().items()}
+    rows = []
+    try:
+        for ratio in keep_ratios:
+            method.set_keep_ratio(ratio)
+            rows.append({"keep_ratio": ratio, "sparsity": method.sparsity(), "metric": float(evaluate())})
+    finally:
+        for path, router in method.routers().items():
+            router.keep_ratio, router.threshold = saved[path]
+    return rows

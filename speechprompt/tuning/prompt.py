@@ -1,0 +1,131 @@
+"""SpeechPrompt: input prompts, deep prompts and the trainable ``<s>`` separator (unit LM only).
+
+* Input prompt: ``L`` vectors of size ``d`` placed before the unit tokens, after token embedding, scaling and
+  positions (prompts get no positional embedding).
+* Deep prompt (SpeechPrompt style): in every layer, ``L`` key inputs and ``L`` value inputs replace the key/value
+  *inputs* of the prompt positions, before the frozen k/v projections (the ``kv_replace`` hook), plus the input
+  prompt that provides those ``L`` positions. Trainable: ``(2 * layers + 1) * L * d``.
+* Separator: the ``<s>`` row of the frozen embedding table is replaced by a trainable vector initialised from it
+  (``embed_override``; the table itself is never copied or touched).
+
+For gslm_big (d=1024, 12 layers), L=5, deep, with the separator: ``25 * 1024 * 5 + 1024 = 129,024`` trainable
+parameters, the count SpeechPrompt reports.
+
+Note on deep prompts: when every layer's key/value inputs at the prompt positions are replaced, the token outputs no
+longer depend on the input prompt's values (see ``UnitLM.features``), so it receives no gradient. It is kept, as in
+SpeechPrompt, because it provides the positions and belongs to the published parameter count.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from speechprompt.config import ConfigError, option
+from speechprompt.fairseq_compat import Dictionary
+from speechprompt.models.unit_lm import UnitLM
+from speechprompt.tuning.base import TuningError, TuningMethod
+
+
+class PromptInit(str, enum.Enum):
+    """How the input prompt starts."""
+
+    NORMAL = "normal"  # N(0, init_std^2)
+    SAMPLED_UNITS = "sampled_units"  # scaled embeddings of L unit tokens drawn at random
+    UNITS = "units"  # scaled embeddings of the unit string ``init_units``
+
+
+@dataclass
+class PromptConfig:
+    """SpeechPrompt's prompt tuning of the frozen unit LM."""
+
+    length: int = option(5, help="prompt length L (vectors per layer)")
+    deep: bool = option(True, help="deep prompt: per-layer key/value inputs at the prompt positions (SpeechPrompt "
+                        "v1/v2); false = input prompt only")
+    train_separator: bool = option(True, help="replace the <s> separator embedding by a trainable vector "
+                                   "initialised from the frozen row")
+    init: PromptInit = option(PromptInit.NORMAL, help="input prompt init: normal | sampled_units | units")
+    init_std: float = option(0.02, help="std of the normal init (also used for the deep key/value prompts)")
+    init_units: str = option("", help="space-separated unit ids (as in .units files) for init=units; "
+                             "repeated or cut to L")
+
+    def __post_init__(self) -> None:
+        self.init = PromptInit(self.init)
+        if self.length < 1:
+            raise ConfigError(f"prompt length must be >= 1, got {self.length}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std must be positive, got {self.init_std}")
+        if self.init is PromptInit.UNITS:
+            units = self.init_units.split()
+            if not units or not all(u.isdigit() for u in units):
+                raise ConfigError(f"init=units needs init_units as space-separated unit ids, got {self.init_units!r}")
+        elif self.init_units:
+            raise ConfigError("init_units is only used with init=units")
+
+
+class PromptTuning(TuningMethod):
+    """Input/deep prompts and the separator vector; all reach the model through :meth:`forward_kwargs`.
+
+    Parameters:
+        prompt: ``(L, D)`` input prompt.
+        deep_key, deep_value: ``(layers, L, D)`` key/value inputs of the prompt positions (``deep`` only).
+        separator: ``(D,)`` the ``<s>`` embedding before scaling (``train_separator`` only).
+    """
+
+    config: PromptConfig
+
+    def __init__(self, config: PromptConfig, model: nn.Module) -> None:
+        super().__init__(config)
+        if not isinstance(model, UnitLM):
+            raise TuningError(f"prompt tuning prepends to unit tokens: needs the unit LM, got {type(model).__name__}")
+        table = model.decoder.embed_tokens.weight.detach()  # (V, D)
+        L, D, n_layers = config.length, table.shape[1], len(model.transformer_layers())
+        self.length = L
+        self.prompt = nn.Parameter(self._initial_prompt(table, model.decoder.embed_scale).to(table.dtype))
+        if config.deep:
+            self.deep_key = nn.Parameter(torch.randn(n_layers, L, D, dtype=table.dtype) * config.init_std)
+            self.deep_value = nn.Parameter(torch.randn(n_layers, L, D, dtype=table.dtype) * config.init_std)
+        self.separator_id = Dictionary.bos_index
+        if config.train_separator:
+            self.separator = nn.Parameter(table[self.separator_id].clone())
+
+    def _initial_prompt(self, table: torch.Tensor, embed_scale: float) -> torch.Tensor:
+        """``(L, D)`` starting values: the input prompt lives after scaling, so unit rows are scaled too."""
+        cfg, (V, D) = self.config, table.shape
+        first_unit = Dictionary().nspecial  # <s> <pad> </s> <unk>, then the units: unit u is token u + 4
+        if cfg.init is PromptInit.NORMAL:
+            return torch.randn(cfg.length, D) * cfg.init_std
+        if cfg.init is PromptInit.SAMPLED_UNITS:
+            ids = torch.randint(first_unit, V, (cfg.length,))
+        else:
+            units = [int(u) for u in cfg.init_units.split()]
+            ids = torch.tensor([units[i % len(units)] for i in range(cfg.length)]) + first_unit
+            if int(ids.max()) >= V:
+                raise TuningError(f"init_units has unit {int(ids.max()) - first_unit}, but the LM knows only "
+                                  f"{V - first_unit} units")
+        return table[ids].float() * embed_scale
+
+    def _inject(self, model: nn.Module) -> None:
+        if not isinstance(model, UnitLM):
+            raise TuningError(f"prompt tuning needs the unit LM; got {type(model).__name__}")
+        n_layers = len(model.transformer_layers())
+        if self.config.deep and self.deep_key.shape[0] != n_layers:
+            raise TuningError(f"deep prompt has {self.deep_key.shape[0]} layers, the model {n_layers}")
+        if self.prompt.shape[1] != model.cfg.embed_dim:
+            raise TuningError(f"prompt width {self.prompt.shape[1]} != model width {model.cfg.embed_dim}")
+
+    def forward_kwargs(self, batch_size: int = 1) -> dict[str, Any]:
+        """``input_prompt`` (B, L, D), ``kv_replace`` (per layer ``(B, L, D)`` twice) and ``embed_override``."""
+        kwargs: dict[str, Any] = {"input_prompt": self.prompt[None].expand(batch_size, -1, -1)}  # (B, L, D)
+        if self.config.deep:
+            kwargs["kv_replace"] = [
+                (k[None].expand(batch_size, -1, -1), v[None].expand(batch_size, -1, -1))  # (B, L, D) each
+                for k, v in zip(self.deep_key, self.deep_value)
+            ]
+        if self.config.train_separator:
+            kwargs["embed_override"] = {self.separator_id: self.separator}
+        return kwargs
