@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "kmeans": "speechprompt.data_prep.kmeans",
     "prepare": "speechprompt.data_prep.speech2unit",
     "pretrain-ulm": "speechprompt.pretrain",
+    "score": "speechprompt.score",
 }
 
 
