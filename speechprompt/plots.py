@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import atomic_open
+from speechprompt.runlog import read_log
 
 
 class PlotError(SpeechPromptError, ValueError):
@@ -49,13 +50,24 @@ def _number(value: Any) -> float | None:
 
 
 def _read_rows(csv_or_rows: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    if isinstance(csv_or_rows, (str, os.PathLike)):
-        try:
-            with open(csv_or_rows, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        except OSError as e:
-            raise PlotError(f"{csv_or_rows}: cannot read ({e.strerror})") from None
-    return list(csv_or_rows)
+    """Rows as mappings. A run's ``log.csv`` (long form ``step,metric,value,time``, see
+    :mod:`speechprompt.runlog`) is pivoted to one row per step with one column per metric."""
+    if not isinstance(csv_or_rows, (str, os.PathLike)):
+        return list(csv_or_rows)
+    try:
+        with open(csv_or_rows, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            long_form = {"step", "metric", "value"} <= set(reader.fieldnames or ())
+    except OSError as e:
+        raise PlotError(f"{csv_or_rows}: cannot read ({e.strerror})") from None
+    if not long_form:
+        return rows
+    wide: dict[int, dict[str, Any]] = {}
+    for metric, points in read_log(csv_or_rows).items():
+        for step, value in points:
+            wide.setdefault(step, {"step": step})[metric] = value
+    return [wide[step] for step in sorted(wide)]
 
 
 def plot_learning_curves(
@@ -69,7 +81,8 @@ def plot_learning_curves(
     """Losses (left panel) and dev metrics (right panel) against the training step.
 
     Args:
-        csv_or_rows: A CSV file with a header, or rows as mappings. Empty cells are skipped, so a dev metric
+        csv_or_rows: A run's ``log.csv`` (long form, as :class:`speechprompt.runlog.RunLogger` writes it), a
+            wide CSV with one column per metric, or rows as mappings. Empty cells are skipped, so a dev metric
             logged every N steps and a loss logged every step can share one table.
         out_png: Where to write the PNG.
         x: The column of the x axis.

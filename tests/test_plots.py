@@ -31,6 +31,17 @@ def test_learning_curves_from_csv_with_sparse_dev_metric(tmp_path):
     assert_png(out)
 
 
+def test_learning_curves_from_a_run_log(tmp_path):
+    from speechprompt.runlog import RunLogger
+
+    with RunLogger(tmp_path / "run", tensorboard=False) as log:
+        for step in range(1, 11):
+            log.log(step, train_loss=3.0 / step, lr=1e-3)
+            if step % 5 == 0:
+                log.log(step, dev_loss=2.0 / step, dev_accuracy=step / 10)
+    assert_png(plot_learning_curves(tmp_path / "run" / "log.csv", tmp_path / "curves.png"))
+
+
 def test_learning_curves_from_rows_and_explicit_keys(tmp_path):
     rows = [{"step": s, "train_loss": 1 / s, "dev_wer": 0.5} for s in range(1, 5)]
     assert_png(plot_learning_curves(rows, tmp_path / "a.png", metric_keys=["dev_wer"], title="run"))
