@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import soxr
+from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve
 
 from speechprompt.config import ConfigError, option
@@ -87,12 +88,13 @@ def colored_noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise of ``n`` samples with a white, pink or brown spectrum, normalised to unit power."""
     if color not in NOISE_COLORS:
         raise ValueError(f"unknown noise color {color!r}; known: {', '.join(NOISE_COLORS)}")
-    spectrum = np.fft.rfft(rng.standard_normal(n))
+    m = next_fast_len(n, real=True)  # FFTs of prime lengths are slow; the extra samples are cropped below
+    spectrum = np.fft.rfft(rng.standard_normal(m))
     freqs = np.arange(len(spectrum), dtype=np.float64)
     freqs[0] = 1.0  # keep DC finite; it is removed below
     spectrum *= freqs ** (-NOISE_COLORS[color] / 2)  # amplitude ~ f^(-exponent/2)
     spectrum[0] = 0.0
-    y = np.fft.irfft(spectrum, n)
+    y = np.fft.irfft(spectrum, m)[:n]
     return (y / np.sqrt(max(power(y), 1e-20))).astype(np.float32)
 
 
