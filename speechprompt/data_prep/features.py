@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from speechprompt.audio import HUBERT_RECEPTIVE_FIELD, SAMPLE_RATE, log_mel, mfcc
+from speechprompt.audio import SAMPLE_RATE, log_mel, mfcc
 from speechprompt.errors import SpeechPromptError
+from speechprompt.models.hubert import load_hubert, normalize_waveform
 
 
 class FeatureError(SpeechPromptError):
@@ -132,28 +132,26 @@ class HubertFeatureReader(FeatureReader):
 
     Matches fairseq's GSLM ``HubertFeatureReader``: the whole waveform is layer-normed iff the checkpoint's task
     config says ``normalize``; then it is cut into chunks of at most ``max_chunk`` samples, each chunk is encoded
-    on its own (no padding mask) and the frames are concatenated.
+    on its own (no padding mask) and the frames are concatenated. One difference: a last chunk shorter than the
+    conv front end's receptive field (400 samples) gives no frame here, where fairseq fails in the conv.
     """
 
     frame_rate = 50.0
     max_chunk = 1_600_000
 
     def __init__(self, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> None:
-        from speechprompt.models.hubert import load_hubert
-
-        self.checkpoint = str(Path(checkpoint).resolve())
-        if not Path(self.checkpoint).is_file():
+        path = Path(checkpoint)
+        if not path.is_file():
             raise FeatureError(f"HuBERT checkpoint {checkpoint} does not exist")
-        model, task_cfg = load_hubert(self.checkpoint)
-        num_layers = _num_layers(model)
-        if num_layers is not None and not 1 <= layer <= num_layers:
-            raise FeatureError(f"--layer {layer} is out of range: {checkpoint} has layers 1..{num_layers}")
-        self.model = model.eval().to(device)
+        model, self.task_cfg = load_hubert(path)
+        if not 1 <= layer <= model.num_layers:
+            raise FeatureError(f"--layer {layer} is out of range: {checkpoint} has layers 1..{model.num_layers}")
+        self.model = model.to(device)
+        self.checkpoint = str(path.resolve())
         self.layer = int(layer)
         self.device = device
-        self.normalize = bool(task_cfg.get("normalize", False))
-        self.fingerprint = file_sha256(self.checkpoint)
-        self.dim = _encoder_dim(model)
+        self.dim = model.encoder_embed_dim
+        self.fingerprint = file_sha256(path)
 
     @classmethod
     def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> HubertFeatureReader:
@@ -162,14 +160,11 @@ class HubertFeatureReader(FeatureReader):
         return cls(checkpoint, layer, device)
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
-        x = wav.to(self.device)
-        if self.normalize:
-            x = F.layer_norm(x, x.shape)
-        x = x.view(1, -1)  # (1, T)
+        x = normalize_waveform(wav.to(self.device), self.task_cfg).view(1, -1)  # (1, T)
         feats = []
         for start in range(0, x.size(1), self.max_chunk):
             chunk = x[:, start : start + self.max_chunk]
-            if chunk.size(1) < HUBERT_RECEPTIVE_FIELD:  # a last sliver has no frame (and would fail in the conv)
+            if chunk.size(1) < self.model.receptive_field:
                 continue
             feats.append(self.model.extract_features(chunk, padding_mask=None, output_layer=self.layer))  # (1, F, D)
         if not feats:
@@ -182,25 +177,9 @@ class HubertFeatureReader(FeatureReader):
             "layer": self.layer,
             "checkpoint": self.checkpoint,
             "fingerprint": self.fingerprint,
-            "normalize": self.normalize,
+            "normalize": bool(self.task_cfg.get("normalize", False)),
             "max_chunk": self.max_chunk,
         }
-
-
-def _num_layers(model: torch.nn.Module) -> int | None:
-    layers = getattr(getattr(model, "encoder", None), "layers", None)
-    return len(layers) if layers is not None else None
-
-
-def _encoder_dim(model: torch.nn.Module) -> int:
-    for attr in ("encoder_embed_dim", "embed_dim", "dim"):
-        value = getattr(model, attr, None) or getattr(getattr(model, "cfg", None), attr, None)
-        if isinstance(value, int):
-            return value
-    # Fall back to measuring: one second of silence through the model.
-    with torch.inference_mode():
-        probe = torch.zeros(1, SAMPLE_RATE, device=next(model.parameters()).device)
-        return int(model.extract_features(probe, padding_mask=None, output_layer=1).shape[-1])
 
 
 class MfccFeatureReader(FeatureReader):
