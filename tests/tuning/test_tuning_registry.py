@@ -1,0 +1,193 @@
+"""The registry, and the contract every registered method keeps on both backbones: what trains is exactly what is
+saved, training never touches a frozen tensor, and detach/reload behave."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from speechprompt.config import ConfigError, to_dict
+from speechprompt.models.hubert import HubertConfig, HubertModel
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+from speechprompt.tuning import (
+    METHODS,
+    TuningError,
+    TuningMethod,
+    build_method,
+    count_parameters,
+    freeze_except,
+    method_config,
+    method_name,
+    register_method,
+)
+
+UNIT_LM_ONLY = {"prompt"}
+
+
+def _unit_lm() -> UnitLM:
+    torch.manual_seed(0)
+    return UnitLM(UnitLMConfig.named("tiny")).eval()
+
+
+def _hubert() -> HubertModel:
+    torch.manual_seed(0)
+    return HubertModel(HubertConfig.tiny()).eval()
+
+
+BACKBONES = {"unit_lm": _unit_lm, "hubert": _hubert}
+
+
+def _inputs(backbone: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if backbone == "unit_lm":
+        tokens = torch.randint(4, 104, (3, 9), generator=g)
+        tokens[:, 4] = 0  # the <s> separator, so that the separator vector is used
+        return tokens
+    return torch.randn(3, 1200, generator=g)
+
+
+def _run(model: nn.Module, method: TuningMethod | None, x: torch.Tensor) -> torch.Tensor:
+    kwargs = method.forward_kwargs() if method is not None else {}
+    if isinstance(model, UnitLM):
+        return model(x, **kwargs)  # (B, T, V)
+    return model.extract_features(x, **kwargs)  # (B, frames, D)
+
+
+def _toy_loss(out: torch.Tensor) -> torch.Tensor:
+    target = torch.linspace(-1, 1, out.shape[-1])
+    return ((out - target) ** 2).mean()
+
+
+def _combos():
+    for name in METHODS:
+        for backbone in BACKBONES:
+            if backbone != "unit_lm" and name in UNIT_LM_ONLY:
+                continue
+            yield name, backbone
+
+
+COMBOS = list(_combos())
+
+
+def test_all_methods_are_registered():
+    assert set(METHODS) == {"prompt", "prefix", "adapter", "lora", "bitfit", "mask"}
+
+
+def test_unknown_method_and_bad_options_are_clear_errors():
+    with pytest.raises(TuningError, match="unknown tuning method 'loar'.*lora"):
+        build_method("loar", _unit_lm())
+    with pytest.raises(ConfigError, match="unknown config key lora.rnak"):
+        method_config("lora", {"rnak": 4})
+    with pytest.raises(ConfigError, match="rank"):
+        method_config("lora", {"rank": 0})
+    with pytest.raises(TuningError, match="not the config of a registered"):
+        method_name(object())
+
+
+def test_registering_twice_is_refused():
+    spec = METHODS["lora"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("lora", spec.config_cls, spec.method_cls)
+    with pytest.raises(ValueError, match="already belongs"):
+        register_method("lora2", spec.config_cls, spec.method_cls)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_config_round_trips_through_a_plain_mapping(name):
+    config = METHODS[name].config_cls()
+    again = method_config(name, to_dict(config))
+    assert again == config and method_name(again) == name
+
+
+@pytest.mark.parametrize("name", sorted(UNIT_LM_ONLY))
+def test_unit_lm_only_methods_refuse_hubert(name):
+    with pytest.raises(TuningError, match="unit LM"):
+        build_method(name, _hubert())
+
+
+@pytest.mark.parametrize("name,backbone", COMBOS)
+def test_trainable_set_is_the_saved_set(name, backbone):
+    model = BACKBONES[backbone]()
+    method = build_method(name, model)
+    params = freeze_except(model, method)
+
+    trainable_in_method = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert set(method.state_dict()) == trainable_in_method and trainable_in_method
+    assert all(p.requires_grad for p in params) and len(params) == len(trainable_in_method)
+    # The backbone trains only parameters the method owns (prompts and prefixes are not in the backbone at all),
+    # and those carry the same names in both.
+    trainable_in_model = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    owned = {id(p) for p in params}
+    assert all(id(p) in owned for p in trainable_in_model.values())
+    if trainable_in_model:
+        assert set(trainable_in_model) == set(method.state_dict())
+    assert method.trainable_parameters() == count_parameters(method) == sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("name,backbone", COMBOS)
+def test_training_changes_only_the_method(name, backbone):
+    model = BACKBONES[backbone]()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _inputs(backbone)
+    method = build_method(name, model)
+    params = freeze_except(model, method)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        _toy_loss(_run(model, method, x)).backward()
+        opt.step()
+
+    trained = set(method.state_dict())  # BitFit's are backbone biases, by their backbone names
+    for key, value in model.state_dict().items():
+        if key in frozen and key not in trained:
+            assert torch.equal(value, frozen[key]), f"{key} changed"
+    changed = [k for k, v in method.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no method tensor was updated"
+    for p in model.parameters():
+        if not any(p is q for q in params):
+            assert p.grad is None
+
+
+@pytest.mark.parametrize("name,backbone", COMBOS)
+def test_reload_reproduces_outputs_and_detach_restores_the_backbone(name, backbone):
+    model = BACKBONES[backbone]()
+    x = _inputs(backbone)
+    with torch.no_grad():
+        plain = _run(model, None, x)
+    keys = set(model.state_dict())
+    method = build_method(name, model)
+    with torch.no_grad():  # move every tensor off its (often zero) init so that a reload has something to prove
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        tuned = _run(model, method, x)
+        state = copy.deepcopy(method.state_dict())
+        exported = copy.deepcopy(method.export_state_dict())
+    assert not torch.equal(tuned, plain)
+
+    method.detach()
+    assert set(model.state_dict()) == keys
+    if name != "bitfit":  # BitFit trains the backbone in place; it has nothing to detach
+        assert torch.equal(_run(model, None, x), plain)
+
+    torch.manual_seed(123)
+    for load in ("state_dict", "export"):
+        other = build_method(method_config(name, to_dict(method.config)), model)
+        if load == "state_dict":
+            other.load_state_dict(state, strict=True)
+        else:
+            other.load_exported_state_dict(exported)
+        with torch.no_grad():
+            assert torch.equal(_run(model, other, x), tuned), load
+        other.detach()
+
+
+@pytest.mark.parametrize("name,backbone", [c for c in COMBOS if c[0] != "prompt"])
+def test_attaching_twice_is_refused(name, backbone):
+    model = BACKBONES[backbone]()
+    method = build_method(name, model)
+    with pytest.raises(TuningError, match="already attached"):
+        method.attach(model)
