@@ -130,6 +130,8 @@ def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, min_sample
             (every sample exactly 0), or is shorter than ``min_samples``.
     """
     _check_exists(path)
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
@@ -143,11 +145,9 @@ def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, min_sample
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]  # (T,)
     wav = resample(wav, int(sr), target_sr)
     if len(wav) < min_samples:
-        raise AudioError(
-            path,
-            f"too short: {len(wav)} samples at {target_sr} Hz, fewer than {min_samples} "
-            f"({1000 * min_samples / target_sr:g} ms, the receptive field of HuBERT's conv front end)",
-        )
+        why = ", the receptive field of HuBERT's conv front end" if min_samples == HUBERT_RECEPTIVE_FIELD else ""
+        raise AudioError(path, f"too short: {len(wav)} samples at {target_sr} Hz, fewer than {min_samples} "
+                               f"({1000 * min_samples / target_sr:g} ms{why})")
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 

@@ -91,6 +91,13 @@ def test_load_audio_empty_file(tmp_path):
         load_audio(path)
 
 
+def test_load_audio_zero_byte_file(tmp_path):
+    path = tmp_path / "zero.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError, match="empty file"):
+        load_audio(path)
+
+
 def test_load_audio_nan(tmp_path):
     wav = _tone(16000)
     wav[100] = np.nan

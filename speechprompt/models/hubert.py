@@ -186,7 +186,7 @@ class HubertConfig:
 
     @classmethod
     def tiny(cls, layer_norm_first: bool = False) -> HubertConfig:
-        """A 2-layer, 32-wide model for tests (conv stride 80, receptive field 160 samples)."""
+        """A 2-layer, 32-wide model for tests (conv stride 80, receptive field 100 samples)."""
         return cls(
             extractor_mode=ExtractorMode.LAYER_NORM if layer_norm_first else ExtractorMode.DEFAULT,
             conv_feature_layers="[(16,10,5)] + [(16,3,2)] * 2 + [(16,2,2)] * 2",

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from speechprompt.config import ConfigError
+from speechprompt.config import ConfigError, to_dict
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
 from speechprompt.fairseq_compat import save_fairseq_checkpoint
 from speechprompt.models.hubert import (
@@ -216,9 +216,7 @@ def test_normalize_waveform():
 
 
 def _our_checkpoint(path: Path, model: HubertModel, state: dict | None = None) -> Path:
-    cfg = {"model": {"_name": "hubert", **{k: (v.value if isinstance(v, ExtractorMode) else v)
-                                            for k, v in vars(model.cfg).items()}},
-           "task": {"normalize": True, "sample_rate": 16000}}
+    cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": 16000}}
     save_fairseq_checkpoint(path, state if state is not None else model.state_dict(), cfg)
     return path
 
