@@ -18,6 +18,9 @@ COMMANDS: dict[str, str] = {
     "prepare": "speechprompt.data_prep.speech2unit",
     "pretrain-ulm": "speechprompt.pretrain",
     "score": "speechprompt.score",
+    "train": "speechprompt.train",
+    "evaluate": "speechprompt.evaluate",
+    "infer": "speechprompt.infer",
 }
 
 

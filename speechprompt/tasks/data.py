@@ -237,3 +237,20 @@ def batches(
         idx = order[start : start + batch_size]
         out.append(collate([split.tokens[i] for i in idx], [split.labels[i] for i in idx], verbalizer, idx))
     return out
+
+
+def lm_logits(model: torch.nn.Module, method: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """``(B, T, V)`` logits of the frozen LM with the tuning method's forward arguments (prompts, separator)."""
+    return model(tokens, **method.forward_kwargs(tokens.size(0)))
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over the positions that carry a target (``<s>`` and label positions).
+
+    Args:
+        logits: ``(B, T, V)``.
+        targets: ``(B, T)`` next-token ids, :data:`IGNORE` where no loss is taken.
+    """
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE
+    )  # (B*T, V) against (B*T,)

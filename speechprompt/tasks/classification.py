@@ -1,0 +1,159 @@
+"""Classification on the frozen unit LM: single-label, multi-slot, and the learnable verbalizer.
+
+* :class:`VerbalizedClassifier` (fixed verbalizers ``freq``/``random``/``map``): every label is ``target_length``
+  unit tokens that the LM learns to emit after ``<s>``. Two predictions are made from one batch:
+
+  - ``greedy``: free decoding, argmax over the whole vocabulary for ``target_length`` steps on the KV cache (what
+    SpeechPrompt reports); a token sequence that is no label decodes to ``<unk>`` and counts as wrong;
+  - ``constrained``: the summed log-probability of every class's tokens, argmax over classes. The context is run
+    once per batch on the KV cache and then copied to every candidate.
+
+  Multi-slot labels (Fluent Speech Commands ``action|object|location``) are the same thing with one token per slot:
+  accuracy is the fraction with every slot right, and ``slot<i>_accuracy`` reports each slot.
+* :class:`LearnableClassifier` (verbalizer ``learnable``): the vocabulary logits at ``<s>``, ``(B, V)``, go through
+  ``Linear(V, C)``; trained with cross-entropy on the class, predicted by ``argmax``.
+
+Every task object has the same small interface, used by the trainer and the evaluator: ``loss(batch)``,
+``predict(batch) -> {decoder: [label, ...]}``, ``metrics(refs, preds)``, ``confusion(refs, hyps)``, ``head`` (an
+``nn.Module`` trained with the method, or ``None``) and ``default_metric``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechprompt.models.generation import greedy
+from speechprompt.models.transformer import KVCache
+from speechprompt.tasks import metrics as M
+from speechprompt.tasks.data import Batch, lm_logits, lm_loss
+from speechprompt.verbalizers import EOS, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
+
+
+def classification_metrics(
+    refs: Sequence[str], preds: dict[str, list[str]], labels: Sequence[str], slot_separator: str | None = None
+) -> dict[str, float]:
+    """``{decoder.metric: value}``: accuracy and macro-F1 (over the known classes) per decoder, and per-slot
+    accuracy when labels have slots."""
+    out: dict[str, float] = {}
+    for decoder, hyps in preds.items():
+        out[f"{decoder}.accuracy"] = M.accuracy(refs, hyps)
+        out[f"{decoder}.macro_f1"] = M.macro_f1(refs, hyps, labels=list(labels))
+        if slot_separator:
+            ref_slots = [r.split(slot_separator) for r in refs]
+            hyp_slots = [h.split(slot_separator) for h in hyps]
+            for i in range(len(ref_slots[0])):
+                out[f"{decoder}.slot{i}_accuracy"] = M.accuracy(
+                    [r[i] for r in ref_slots], [h[i] if len(h) > i else UNKNOWN_LABEL for h in hyp_slots]
+                )
+    return out
+
+
+def confusion(refs: Sequence[str], hyps: Sequence[str], labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Confusion matrix over ``labels`` plus ``<unk>`` for undecodable predictions (and unseen references)."""
+    names = list(labels) + [UNKNOWN_LABEL]
+    known = set(labels)
+    refs = [r if r in known else UNKNOWN_LABEL for r in refs]
+    hyps = [h if h in known else UNKNOWN_LABEL for h in hyps]
+    return M.confusion_matrix(refs, hyps, names), names
+
+
+class VerbalizedClassifier:
+    """Single-label or multi-slot classification through a fixed verbalizer (the LM emits the label's tokens).
+
+    Args:
+        model: The frozen unit LM (with the method attached).
+        method: The tuning method; its ``forward_kwargs`` are passed to every LM call.
+        verbalizer: A fixed verbalizer; its ``slot_separator`` makes the task multi-slot.
+    """
+
+    decoders = ("greedy", "constrained")
+    default_metric = "greedy.accuracy"
+
+    def __init__(self, model: nn.Module, method: nn.Module, verbalizer: FixedVerbalizer) -> None:
+        self.model, self.method, self.verbalizer = model, method, verbalizer
+        self.head: nn.Module | None = None
+        self.labels = verbalizer.labels
+        self.slot_separator = verbalizer.slot_separator
+
+    def loss(self, batch: Batch) -> Tensor:
+        return lm_loss(lm_logits(self.model, self.method, batch.tokens), batch.targets)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> dict[str, list[str]]:
+        kwargs = self.method.forward_kwargs(len(batch))
+        steps = self.verbalizer.target_length
+        ids = greedy(self.model, batch.prefix, steps, EOS, model_kwargs=kwargs)  # (B, <= steps)
+        free = [self.verbalizer.decode(row) for row in ids.tolist()]
+        scores = self.candidate_scores(batch.prefix)  # (B, C)
+        best = [self.labels[i] for i in scores.argmax(dim=1).tolist()]
+        return {"greedy": free, "constrained": best}
+
+    def candidate_scores(self, prefix: Tensor) -> Tensor:
+        """``(B, C)`` summed log-probabilities of every class's tokens after each (left-padded) prefix.
+
+        The prefix goes through the LM once, filling a KV cache; the cache is then copied to the ``C`` candidates
+        of each row, which only feed their first ``L - 1`` tokens (the last token needs no input).
+        """
+        cands = self.verbalizer.candidates().to(prefix.device)  # (C, L)
+        B, (C, L) = prefix.size(0), cands.shape
+        kwargs = self.method.forward_kwargs(B)
+        cache = KVCache()
+        first = F.log_softmax(self.model(prefix, cache=cache, **kwargs)[:, -1].float(), dim=-1)  # (B, V)
+        scores = first[:, cands[:, 0]]  # (B, C)
+        if L > 1:
+            rows = torch.arange(B, device=prefix.device).repeat_interleave(C)  # (B*C,): row b for each candidate
+            cache = cache.index_select(rows)
+            step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}  # the rest lives in the cache
+            inputs = cands[:, :-1].repeat(B, 1)  # (B*C, L-1)
+            logp = F.log_softmax(self.model(inputs, cache=cache, **step_kwargs).float(), dim=-1)  # (B*C, L-1, V)
+            rest = logp.gather(-1, cands[:, 1:].repeat(B, 1)[..., None]).squeeze(-1)  # (B*C, L-1)
+            scores = scores + rest.sum(dim=1).view(B, C)
+        return scores
+
+    def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
+        return classification_metrics(refs, preds, self.labels, self.slot_separator)
+
+    def confusion(self, refs: Sequence[str], hyps: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        return confusion(refs, hyps, self.labels)
+
+
+class LearnableClassifier:
+    """SpeechPrompt v2: class logits from the LM's vocabulary logits at ``<s>`` through ``Linear(V, C)``.
+
+    Args:
+        model: The frozen unit LM (with the method attached).
+        method: The tuning method.
+        verbalizer: The learnable verbalizer; it is the trainable ``head``.
+    """
+
+    decoders = ("argmax",)
+    default_metric = "argmax.accuracy"
+
+    def __init__(self, model: nn.Module, method: nn.Module, verbalizer: LearnableVerbalizer) -> None:
+        self.model, self.method, self.verbalizer = model, method, verbalizer
+        self.head: nn.Module | None = verbalizer
+        self.labels = verbalizer.labels
+        self.slot_separator = None
+
+    def class_logits(self, batch: Batch) -> Tensor:
+        """``(B, C)`` class logits from the vocabulary logits at the ``<s>`` position (the last prefix column)."""
+        vocab = lm_logits(self.model, self.method, batch.prefix)[:, -1]  # (B, V)
+        return self.verbalizer(vocab.float())  # (B, C)
+
+    def loss(self, batch: Batch) -> Tensor:
+        return F.cross_entropy(self.class_logits(batch), batch.class_ids, ignore_index=-1)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> dict[str, list[str]]:
+        return {"argmax": [self.labels[i] for i in self.class_logits(batch).argmax(dim=1).tolist()]}
+
+    def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
+        return classification_metrics(refs, preds, self.labels)
+
+    def confusion(self, refs: Sequence[str], hyps: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        return confusion(refs, hyps, self.labels)
