@@ -243,3 +243,30 @@ main(["prepare", "--manifest", {str(corpus["manifest"])!r}, "--features", "logme
     assert len((tmp_path / "train.units.partial").read_text().splitlines()) == 1 + 4
     assert _prepare(corpus, tmp_path) == 0
     assert (tmp_path / "train.units").read_bytes() == (single_run / "train.units").read_bytes()
+
+
+def test_hubert_units_and_a_quantizer_from_another_layer(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from speechprompt.fairseq_compat import save_fairseq_checkpoint
+    from speechprompt.models.hubert import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    model = HubertModel(HubertConfig.tiny())
+    cfg = {k: getattr(v, "value", v) for k, v in vars(model.cfg).items()}
+    ckpt = tmp_path / "hubert.pt"
+    save_fairseq_checkpoint(ckpt, model.state_dict(), {"model": {"_name": "hubert", **cfg}, "task": {}})
+    km = tmp_path / "km_l1.safetensors"
+    hubert = ["--features", "hubert", "--checkpoint", str(ckpt)]
+    assert main(["kmeans", "--manifest", str(corpus["manifest"]), *hubert, "--layer", "1", "--k", "4", "--percent",
+                 "1", "--n-init", "1", "--out", str(km)]) == 0
+    base = ["prepare", "--manifest", str(corpus["manifest"]), *hubert, "--kmeans", str(km), "--out", str(tmp_path)]
+    # same dimension (32), other layer: refused, because the units would be meaningless
+    assert main([*base, "--layer", "2"]) == 2
+    assert "layer 1 vs 2" in capsys.readouterr().err
+    assert main([*base, "--layer", "1"]) == 0
+    lines = (tmp_path / "train.units").read_text().splitlines()
+    assert len(lines) == len(ROWS)
+    good = [line for name, line in zip(ROWS, lines) if name not in BAD]
+    assert all(line and {int(u) for u in line.split()} <= set(range(4)) for line in good)
+    summary = json.loads((tmp_path / "train.summary.json").read_text())
+    assert summary["features"]["layer"] == 1 and summary["features"]["name"] == "hubert"
+    assert summary["frames"] == sum(len(line.split()) for line in good)
