@@ -306,6 +306,42 @@ class HubertEncoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(D)
 
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, last_layer: int | None = None,
+                prefix: Sequence[LayerKV | None] | None = None) -> list[Tensor]:
+        """Add positions and run the layers up to ``last_layer`` (1-based; ``None`` = all). No final LayerNorm.
+
+        Args:
+            x: ``(B, frames, D)`` projected conv features.
+            padding_mask: ``(B, frames)`` True at padded frames.
+            prefix: per-layer projected keys/values prepended to the attention (see
+                :meth:`HubertModel.extract_features`).
+
+        Returns:
+            ``[layers' input, layer 1 output, ..., layer last_layer output]``, each ``(B, frames, D)``.
+        """
+        B, frames, _ = x.shape
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)  # padded frames must not leak through pos_conv
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, frames, D)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+
+        masks: dict[int, Tensor | None] = {}  # by prefix length: layers may carry prefixes of different lengths
+        hidden = [x]
+        for i, layer in enumerate(self.layers[:last_layer]):
+            p = prefix[i] if prefix is not None else None
+            n_prefix = len(p) if p is not None else 0
+            if n_prefix not in masks:
+                key_padding = padding_mask
+                if key_padding is not None and n_prefix:
+                    # Prefix keys are never padding.
+                    key_padding = torch.cat([key_padding.new_zeros(B, n_prefix), key_padding], dim=1)  # (B, P + F)
+                masks[n_prefix] = attention_mask(key_padding, frames, past_len=n_prefix, causal=False)
+            x = layer(x, attn_mask=masks[n_prefix], prefix=p)
+            hidden.append(x)
+        return hidden
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The model
@@ -405,34 +441,13 @@ class HubertModel(nn.Module):
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the conv front end's receptive "
                              f"field ({self.receptive_field} samples): it gives no frame")
         x = self.layer_norm(self._features(source))  # (B, frames, C)
-        frames = x.shape[1]
         if padding_mask is not None:
-            padding_mask = self.frame_padding_mask(padding_mask.to(torch.bool), frames)  # (B, frames)
+            padding_mask = self.frame_padding_mask(padding_mask.to(torch.bool), x.shape[1])  # (B, frames)
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)  # (B, frames, D)
         x = self.dropout_input(x)
 
-        enc = self.encoder
-        if padding_mask is not None:
-            x = x.masked_fill(padding_mask[..., None], 0.0)  # padded frames must not leak through pos_conv
-        x = x + enc.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, frames, D)
-        if not enc.layer_norm_first:
-            x = enc.layer_norm(x)
-        x = enc.dropout(x)
-
-        masks: dict[int, Tensor | None] = {}  # by prefix length: layers may carry prefixes of different lengths
-        hidden = [x]
-        for i, layer in enumerate(enc.layers[:last_layer]):
-            p = prefix[i] if prefix is not None else None
-            n_prefix = len(p) if p is not None else 0
-            if n_prefix not in masks:
-                key_padding = padding_mask
-                if key_padding is not None and n_prefix:
-                    # Prefix keys are never padding.
-                    key_padding = torch.cat([key_padding.new_zeros(key_padding.shape[0], n_prefix), key_padding], 1)
-                masks[n_prefix] = attention_mask(key_padding, frames, past_len=n_prefix, causal=False)
-            x = layer(x, attn_mask=masks[n_prefix], prefix=p)
-            hidden.append(x)
+        hidden = self.encoder(x, padding_mask, last_layer, prefix)
         return hidden, padding_mask
 
     def extract_features(
