@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, option
 from speechprompt.models.transformer import ACTIVATIONS
-from speechprompt.tuning.base import TuningError, TuningMethod, module_paths, select_layers, transformer_layers
+from speechprompt.tuning.base import TuningError, TuningMethod, as_enum, module_paths, select_layers, transformer_layers
 
 
 class AdapterSlot(str, enum.Enum):
@@ -45,7 +45,7 @@ class AdapterConfig:
     layers: list[int] | None = option(None, help="layer indices to adapt (negative counts from the top); null = all")
 
     def __post_init__(self) -> None:
-        self.slots = [AdapterSlot(s) for s in self.slots]
+        self.slots = [as_enum(AdapterSlot, s, "slots") for s in self.slots]
         if not self.slots or len(set(self.slots)) != len(self.slots):
             raise ConfigError(f"adapter slots must be a non-empty list without repeats, got {self.slots}")
         if self.bottleneck < 1:

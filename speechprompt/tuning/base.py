@@ -26,12 +26,23 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from speechprompt.config import ConfigError
 from speechprompt.errors import SpeechPromptError
 from speechprompt.models.transformer import TransformerLayer
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def as_enum(cls: type[E], value: Any, field: str) -> E:
+    """``cls(value)`` for a config's ``__post_init__``, with a :class:`ConfigError` naming the valid values."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{field}: {value!r} is not one of {[m.value for m in cls]}") from None
 
 
 class TuningError(SpeechPromptError, ValueError):

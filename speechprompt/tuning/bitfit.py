@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from speechprompt.config import option
-from speechprompt.tuning.base import TuningMethod, module_paths, transformer_layers
+from speechprompt.tuning.base import TuningMethod, as_enum, module_paths, transformer_layers
 
 
 class BitFitScope(str, enum.Enum):
@@ -36,7 +36,7 @@ class BitFitConfig:
     layer_norm: bool = option(True, help="also train LayerNorm/GroupNorm biases (BitFit does)")
 
     def __post_init__(self) -> None:
-        self.scope = BitFitScope(self.scope)
+        self.scope = as_enum(BitFitScope, self.scope, "scope")
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm)

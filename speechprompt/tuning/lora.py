@@ -26,6 +26,7 @@ from speechprompt.tuning.base import (
     LinearName,
     TuningError,
     TuningMethod,
+    as_enum,
     module_paths,
     select_layers,
     transformer_layers,
@@ -45,7 +46,7 @@ class LoraConfig:
     layers: list[int] | None = option(None, help="layer indices to adapt (negative counts from the top); null = all")
 
     def __post_init__(self) -> None:
-        self.targets = [LinearName(t) for t in self.targets]
+        self.targets = [as_enum(LinearName, t, "targets") for t in self.targets]
         if not self.targets or len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"LoRA targets must be a non-empty list without repeats, got {self.targets}")
         if self.rank < 1:

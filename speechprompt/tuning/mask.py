@@ -35,6 +35,7 @@ from speechprompt.tuning.base import (
     LinearName,
     TuningError,
     TuningMethod,
+    as_enum,
     get_submodule,
     module_paths,
     select_layers,
@@ -65,8 +66,8 @@ class MaskConfig:
     layers: list[int] | None = option(None, help="layer indices to mask (negative counts from the top); null = all")
 
     def __post_init__(self) -> None:
-        self.init = ScoreInit(self.init)
-        self.targets = [LinearName(t) for t in self.targets]
+        self.init = as_enum(ScoreInit, self.init, "init")
+        self.targets = [as_enum(LinearName, t, "targets") for t in self.targets]
         if self.ffn_only:
             self.targets = [t for t in self.targets if t in FFN_LINEARS]
         if not self.targets or len(set(self.targets)) != len(self.targets):

@@ -28,7 +28,7 @@ from torch import nn
 from speechprompt.config import ConfigError, option
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.unit_lm import UnitLM
-from speechprompt.tuning.base import TuningError, TuningMethod
+from speechprompt.tuning.base import TuningError, TuningMethod, as_enum
 
 
 class PromptInit(str, enum.Enum):
@@ -54,7 +54,7 @@ class PromptConfig:
                              "repeated or cut to L")
 
     def __post_init__(self) -> None:
-        self.init = PromptInit(self.init)
+        self.init = as_enum(PromptInit, self.init, "init")
         if self.length < 1:
             raise ConfigError(f"prompt length must be >= 1, got {self.length}")
         if self.init_std <= 0:
