@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import soxr
-from scipy.fft import next_fast_len
-from scipy.signal import fftconvolve
 
 from speechprompt.config import ConfigError, option
 
@@ -79,6 +77,11 @@ def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
     return np.pad(y, (0, n - len(y))).astype(np.float32, copy=False)
 
 
+def _fft_length(n: int) -> int:
+    """The next power of two (FFTs of arbitrary, e.g. prime, lengths are many times slower)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def power(x: np.ndarray) -> float:
     """Mean power of a waveform."""
     return float(np.mean(np.square(x, dtype=np.float64))) if len(x) else 0.0
@@ -88,7 +91,7 @@ def colored_noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise of ``n`` samples with a white, pink or brown spectrum, normalised to unit power."""
     if color not in NOISE_COLORS:
         raise ValueError(f"unknown noise color {color!r}; known: {', '.join(NOISE_COLORS)}")
-    m = next_fast_len(n, real=True)  # FFTs of prime lengths are slow; the extra samples are cropped below
+    m = _fft_length(n)  # FFTs of prime lengths are slow; the extra samples are cropped below
     spectrum = np.fft.rfft(rng.standard_normal(m))
     freqs = np.arange(len(spectrum), dtype=np.float64)
     freqs[0] = 1.0  # keep DC finite; it is removed below
@@ -177,7 +180,8 @@ def synthetic_rir(rt60: float, rng: np.random.Generator, sample_rate: int = 1600
 
 def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
     """Convolve ``x`` with ``rir``, keep its length (the tail past the end is cut) and its power."""
-    y = fftconvolve(np.asarray(x, dtype=np.float64), np.asarray(rir, dtype=np.float64))[: len(x)]
+    n = _fft_length(len(x) + len(rir) - 1)  # linear (not circular) convolution
+    y = np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(rir, n), n)[: len(x)]
     gain = np.sqrt(power(x) / max(power(y), 1e-20)) if power(x) > 0 else 1.0
     return (y * gain).astype(np.float32)
 

@@ -151,3 +151,12 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(speed_range=[1.1, 0.9])
     with pytest.raises(ConfigError, match="unknown config key"):
         from_dict(AugmentConfig, {"fractoin": 0.5})
+
+
+def test_reverberate_is_a_linear_convolution_cut_to_length():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(3001).astype(np.float32)
+    rir = synthetic_rir(0.1, rng)
+    expected = np.convolve(x.astype(np.float64), rir.astype(np.float64))[: len(x)]
+    expected *= np.sqrt(power(x) / power(expected))
+    np.testing.assert_allclose(reverberate(x, rir), expected, atol=1e-4)
