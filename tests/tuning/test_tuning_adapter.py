@@ -47,8 +47,7 @@ def test_step_zero_equals_the_frozen_model_exactly(backbone, slots):
 
 
 def test_hubert_base_post_ffn_adapter_has_the_published_count():
-    with torch.device("meta"):  # only shapes matter
-        model = HubertModel(HubertConfig.base())
+    model = HubertModel(HubertConfig.base())  # a real build: faster than on the meta device
     method = build_method(AdapterConfig(slots=[AdapterSlot.POST_FFN], bottleneck=32), model)
     assert method.trainable_parameters() == 12 * (768 * 32 + 32 + 32 * 768 + 768) == 599_424  # "0.60M"
 
