@@ -258,14 +258,16 @@ class S3Router(TuningMethod):
         if set(state) != set(routers):
             missing, unexpected = sorted(set(routers) - set(state)), sorted(set(state) - set(routers))
             raise TuningError(f"bitmask does not fit this router: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        masks = {}  # every mask is checked before any router changes
         for key, router in routers.items():
             packed = state[key].cpu().numpy()
             n = math.prod(router.shape)
             if packed.dtype != np.uint8 or packed.shape != ((n + 7) // 8,):
                 raise TuningError(f"{key}: expected {(n + 7) // 8} packed bytes (uint8) for {n} weights, got "
                                   f"{packed.shape} {packed.dtype}")
-            bits = np.unpackbits(packed, count=n).reshape(router.shape)
-            router.fix(torch.from_numpy(bits.astype(np.float32)))
+            masks[key] = torch.from_numpy(np.unpackbits(packed, count=n).reshape(router.shape).astype(np.float32))
+        for key, router in routers.items():
+            router.fix(masks[key])
 
 
 def sparsity_sweep(
