@@ -52,8 +52,8 @@ STATE_NAME = "train_state.pt"
 STATE_FORMAT = 1
 
 # Config keys that may change when a run is resumed: they do not change what the next update computes.
-_RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "num_workers", "device", "run_dir",
-                      "resume"}
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "save_every", "log_every", "num_workers", "device", "threads",
+                      "run_dir", "resume"}
 
 
 @dataclass
@@ -90,6 +90,10 @@ class PretrainConfig:
     resume: bool = option(True, help="resume from run_dir/train_state.pt if present; false refuses a non-empty run_dir")
     num_workers: int = option(0, help="DataLoader worker processes building batches")
     device: Literal["auto", "cpu", "cuda"] = option("auto", help="auto picks cuda when available")
+    threads: int = option(
+        0, help="CPU threads of torch ops (0: torch's default; torchrun sets 1 per process); fewer threads than "
+        "cores often run faster on a shared machine"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):
@@ -105,7 +109,7 @@ class PretrainConfig:
                      "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "num_workers"):
+        for name in ("warmup_steps", "lr_decay_steps", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -295,7 +299,7 @@ def _ppl(nll: float) -> dict[str, float]:
 
 
 class _Run:
-    """One pretraining run: holds the model, optimizer, data and bookkeeping of :func:`pretrain`."""
+    """One pretraining run: the model, optimizer and data of :func:`pretrain`, and what a resume restores."""
 
     def __init__(self, cfg: PretrainConfig, d: Dist, device: torch.device) -> None:
         self.cfg, self.d, self.device = cfg, d, device
@@ -304,24 +308,33 @@ class _Run:
         self.pad = self.dictionary.pad_index
         self.train_data = PackedLMDataset.from_unit_files(cfg.train, self.dictionary, cfg.tokens_per_sample)
         self.dev_data = PackedLMDataset.from_unit_files([cfg.dev], self.dictionary, cfg.tokens_per_sample)
+        self.unigram_nll = unigram_nll(self.train_data, self.dev_data, self.dictionary)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.model = UnitLM(cfg.model_config()).to(device)
-        # Dropout must differ between processes, and every RNG must be where a resumed run will find it.
+        # Dropout must differ between processes; from here on every RNG is part of the saved state.
         random.seed(cfg.seed + d.rank)
         np.random.seed(cfg.seed + d.rank)
         torch.manual_seed(cfg.seed + d.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
+        # DDP averages gradients over processes; a single process trains the model itself.
+        self.trained: nn.Module = self.model
+        if d.active:
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.step = 0
         self.best_dev_loss = math.inf
         self.best_step = -1
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # training seconds of earlier sessions
 
     # ---- state ---------------------------------------------------------------------------------------------
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a saved training state (model, optimizer, step, best dev loss, RNG states)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -338,11 +351,12 @@ class _Run:
             torch.manual_seed(self.cfg.seed + self.d.rank + 7919 * self.step)
 
     def save(self, elapsed: float) -> None:
-        """checkpoint_last.pt (fairseq format), then the training state, which commits the step."""
-        rngs = [_rng_state()]
+        """checkpoint_last.pt (fairseq format), then the training state, whose atomic rename commits the step."""
+        mine = _rng_state()
+        rngs = [mine]
         if self.d.active:
             rngs = [None] * self.d.world_size
-            dist.all_gather_object(rngs, _rng_state())
+            dist.all_gather_object(rngs, mine)
         if not self.d.main:
             return
         save_unit_lm(self.model, self.dictionary, self.run_dir / "checkpoint_last.pt", extra={"step": self.step})
@@ -363,14 +377,15 @@ class _Run:
             self.run_dir / STATE_NAME,
         )
 
-    # ---- loop ----------------------------------------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------------------------
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
         return lr_at(cfg.schedule, step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps,
                      cfg.min_lr_ratio)
 
-    def loader(self) -> torch.utils.data.DataLoader:
+    def batches(self) -> torch.utils.data.DataLoader:
+        """This process's ``(source, target)`` batches ``(B, T)`` for steps ``self.step .. max_steps - 1``."""
         batches = StepBatches(self.train_data, self.cfg.batch_size, self.cfg.seed, self.d.rank, self.d.world_size)
         return torch.utils.data.DataLoader(
             batches,
@@ -383,134 +398,159 @@ class _Run:
             generator=torch.Generator(),
         )
 
+    def train_step(self, source: Tensor, target: Tensor) -> tuple[Tensor, float, float]:
+        """One update on ``(B, T)`` sources and targets.
+
+        Returns:
+            ``(2,)`` float64 summed NLL and target count of the whole step (all processes), the learning rate, and
+            the gradient norm before clipping.
+        """
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        nll, count = token_nll(self.trained, source.to(self.device), target.to(self.device), self.pad)
+        # Normalise by the targets of the whole step over all processes: since DDP averages gradients over
+        # processes, N processes then take exactly the step of one process with N times the batch.
+        totals = self.d.all_reduce(torch.stack([nll.detach().double(), count.double()]))
+        if not math.isfinite(float(totals[0])):
+            raise SpeechPromptError(f"non-finite training loss at step {self.step + 1}; lower lr or raise warmup")
+        (nll * (self.d.world_size / totals[1].item())).backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.clip_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return totals.cpu(), lr, float(grad_norm)
+
+    def evaluate(self) -> tuple[dict[str, float], bool]:
+        """Dev loss/ppl, and whether it is the best so far (which then becomes the best)."""
+        dev = _ppl(evaluate(self.model, self.dev_data, self.cfg.batch_size, self.device, self.d))
+        improved = dev["loss"] < self.best_dev_loss
+        if improved:
+            self.best_dev_loss, self.best_step = dev["loss"], self.step
+        return dev, improved
+
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining as ``cfg`` says. Returns the final metrics (also in ``run_dir/metrics.json``)."""
-    with distributed(cfg.device) as (d, device):
-        return _pretrain(cfg, d, device)
+    with distributed(cfg.device) as (d, device), _torch_threads(cfg.threads):
+        state = _check_run_dir(cfg)
+        d.barrier()  # every process has looked at run_dir before the main one writes to it
+        run = _Run(cfg, d, device)
+        if state is not None:
+            run.restore(state)
+        log = None
+        if d.main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.run_dir / "config.yaml")
+            log = RunLogger(run.run_dir, resume_from=run.step if state is not None else 0)
+        try:
+            metrics = _train(run, log)
+        finally:
+            if log is not None:
+                log.close()
+        if d.main:
+            write_json(run.run_dir / "metrics.json", metrics)
+        d.barrier()
+        return metrics
 
 
-def _pretrain(cfg: PretrainConfig, d: Dist, device: torch.device) -> dict[str, Any]:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` intra-op threads (0: leave torch's setting) and restore the previous count on exit."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
+
+def _check_run_dir(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """The training state to resume from, or ``None`` to start; refuses a used run_dir when ``resume=false``."""
     run_dir = Path(cfg.run_dir)
     state_path = run_dir / STATE_NAME
-    state = None
     if cfg.resume and state_path.is_file():
         state = load_training_state(state_path)
         _check_resumable(cfg, state["config"], state_path)
-    elif not cfg.resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        return state
+    if not cfg.resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"run_dir {run_dir} is not empty and resume=false: choose a new run_dir or resume=true")
-    d.barrier()  # every process has looked at run_dir before the main one writes to it
+    return None
 
-    run = _Run(cfg, d, device)
-    if state is not None:
-        run.restore(state)
-    model: nn.Module = run.model
-    if d.active:
-        model = nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    unigram = unigram_nll(run.train_data, run.dev_data, run.dictionary)
 
-    log = None
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        log = RunLogger(run_dir, resume_from=run.step if state is not None else 0)
-        where = f"resuming at step {run.step}" if state is not None else "starting"
+def _train(run: _Run, log: RunLogger | None) -> dict[str, Any]:
+    """The loop: steps, logging (main process only), evaluation, checkpoints. Returns the final metrics."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    cfg, d = run.cfg, run.d
+    n_params = sum(p.numel() for p in run.params)
+    if log is not None:
         logger.info(
             "%s on %s: %d parameters; train %d utterances, %d tokens, %d blocks of %d; dev %d tokens; unigram dev "
-            "ppl %.2f", where, f"{d.world_size} processes" if d.active else device, n_params,
-            run.train_data.num_utterances, run.train_data.num_targets, len(run.train_data), cfg.tokens_per_sample,
-            run.dev_data.num_targets, math.exp(unigram),
+            "ppl %.2f", f"resuming at step {run.step}" if run.step else "starting",
+            f"{d.world_size} processes" if d.active else run.device, n_params, run.train_data.num_utterances,
+            run.train_data.num_targets, len(run.train_data), cfg.tokens_per_sample, run.dev_data.num_targets,
+            math.exp(run.unigram_nll),
         )
-        if state is None:
-            log.log(0, unigram_dev_loss=unigram, unigram_dev_ppl=math.exp(unigram))
+        if not run.step:
+            log.log(0, unigram_dev_loss=run.unigram_nll, unigram_dev_ppl=math.exp(run.unigram_nll))
 
-    start_time = time.monotonic() - run.elapsed
-    session_start, session_tokens = time.monotonic(), 0.0
-    window = torch.zeros(2, dtype=torch.float64)  # summed train NLL and tokens since the last log line
-    window_start = time.monotonic()
-    last_train_loss = math.nan
-    dev = _ppl(math.nan)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not d.main, unit="step", dynamic_ncols=True,
+    session_start = time.monotonic()
+    window = torch.zeros(2, dtype=torch.float64)  # summed train NLL and targets since the last log line
+    window_start, session_tokens = session_start, 0.0
+    train_loss, dev = math.nan, None
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=log is None, unit="step", dynamic_ncols=True,
                desc="pretrain-ulm")
-    model.train()
+    run.trained.train()
     with logging_redirect_tqdm(), bar:
-        for step, (source, target) in zip(range(run.step, cfg.max_steps), run.loader()):
-            source = source.to(device, non_blocking=True)  # (B, T)
-            target = target.to(device, non_blocking=True)  # (B, T)
-            lr = run.lr(step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            nll, count = token_nll(model, source, target, run.pad)
-            # Normalise by the tokens of the whole step, over all processes: DDP averages gradients over
-            # processes, so N processes then match one process with N times the batch exactly.
-            totals = d.all_reduce(torch.stack([nll.detach().double(), count.double()]))
-            if not math.isfinite(float(totals[0])):
-                raise SpeechPromptError(f"non-finite training loss at step {step + 1}; lower lr or raise warmup")
-            (nll * (d.world_size / totals[1].item())).backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.step = step + 1
-            window += totals.cpu()
+        for source, target in run.batches():
+            totals, lr, grad_norm = run.train_step(source, target)
+            window += totals
             session_tokens += float(totals[1])
             bar.update(1)
-
-            if d.main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
-                last_train_loss = float(window[0] / window[1])
+            step, last = run.step, run.step == cfg.max_steps
+            if log is not None and (step % cfg.log_every == 0 or last):
+                train_loss = float(window[0] / window[1])
                 now = time.monotonic()
-                log.log(run.step, train_loss=last_train_loss, lr=lr, grad_norm=float(grad_norm),
+                log.log(step, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
                         tokens_per_s=float(window[1]) / max(now - window_start, 1e-9),
-                        epoch=run.step * cfg.batch_size * d.world_size / len(run.train_data))
-                bar.set_postfix(loss=f"{last_train_loss:.3f}", lr=f"{lr:.2e}")
+                        epoch=step * cfg.batch_size * d.world_size / len(run.train_data))
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
                 window.zero_()
                 window_start = now
-            if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
-                dev = _ppl(evaluate(run.model, run.dev_data, cfg.batch_size, device, d))
-                improved = dev["loss"] < run.best_dev_loss
-                if improved:
-                    run.best_dev_loss, run.best_step = dev["loss"], run.step
-                if d.main:
-                    log.log(run.step, dev_loss=dev["loss"], dev_loss_bits=dev["loss_bits"], dev_ppl=dev["ppl"])
-                    logger.info("step %d: dev loss %.4f nats (%.4f bits), ppl %.3f%s", run.step, dev["loss"],
+            if step % cfg.eval_every == 0 or last:
+                dev, improved = run.evaluate()
+                if log is not None:
+                    log.log(step, dev_loss=dev["loss"], dev_loss_bits=dev["loss_bits"], dev_ppl=dev["ppl"])
+                    logger.info("step %d: dev loss %.4f nats (%.4f bits), ppl %.3f%s", step, dev["loss"],
                                 dev["loss_bits"], dev["ppl"], " (best)" if improved else "")
                     if improved:
-                        save_unit_lm(run.model, run.dictionary, run_dir / "checkpoint_best.pt",
-                                     extra={"step": run.step, "dev_ppl": dev["ppl"]})
-            if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
-                run.save(time.monotonic() - start_time)
+                        save_unit_lm(run.model, run.dictionary, run.run_dir / "checkpoint_best.pt",
+                                     extra={"step": step, "dev_ppl": dev["ppl"]})
+            if step % cfg.save_every == 0 or last:
+                run.save(run.elapsed + time.monotonic() - session_start)
 
-    if math.isnan(dev["loss"]):  # resumed a finished run: nothing trained, evaluate what is there
-        dev = _ppl(evaluate(run.model, run.dev_data, cfg.batch_size, device, d))
-    wall = time.monotonic() - start_time
-    metrics = {
+    if dev is None:  # a finished run resumed: nothing trained, report what is there
+        dev, _ = run.evaluate()
+    session = time.monotonic() - session_start
+    return {
         "step": run.step,
-        "train_loss": last_train_loss,
+        "train_loss": train_loss,
         "dev_loss": dev["loss"],
         "dev_loss_bits": dev["loss_bits"],
         "dev_ppl": dev["ppl"],
-        "best_dev_ppl": math.exp(run.best_dev_loss) if run.best_step >= 0 else dev["ppl"],
+        "best_dev_ppl": math.exp(run.best_dev_loss),
         "best_step": run.best_step,
-        "unigram_dev_ppl": math.exp(unigram),
+        "unigram_dev_ppl": math.exp(run.unigram_nll),
         "num_params": n_params,
         "train_tokens": run.train_data.num_targets,
         "dev_tokens": run.dev_data.num_targets,
         "world_size": d.world_size,
-        "wall_time_s": wall,
-        # Over this session only (a resumed run's earlier sessions are not timed here).
-        "train_tokens_per_s": session_tokens / max(time.monotonic() - session_start, 1e-9),
+        "wall_time_s": run.elapsed + session,
+        "train_tokens_per_s": session_tokens / max(session, 1e-9),  # this session's speed
     }
-    if d.main:
-        write_json(run_dir / "metrics.json", metrics)
-        log.close()
-    d.barrier()
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------------------

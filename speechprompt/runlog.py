@@ -55,6 +55,9 @@ class RunLogger:
     def __init__(self, run_dir: str | os.PathLike, resume_from: int | None = None, tensorboard: bool | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        writer_cls = _summary_writer_class() if tensorboard is not False else None
+        if writer_cls is None and tensorboard:
+            raise RuntimeError("tensorboard=True but tensorboard is not installed (pip install tensorboard)")
         self.path = self.run_dir / CSV_NAME
         if resume_from is not None and self.path.exists():
             self._truncate_after(resume_from)
@@ -64,13 +67,7 @@ class RunLogger:
         if new:
             self._csv.writerow(_HEADER)
             self._file.flush()
-        self._tb = None
-        if tensorboard is not False:
-            writer_cls = _summary_writer_class()
-            if writer_cls is None and tensorboard:
-                raise RuntimeError("tensorboard=True but tensorboard is not installed (pip install tensorboard)")
-            if writer_cls is not None:
-                self._tb = writer_cls(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+        self._tb = writer_cls(log_dir=str(self.run_dir / TENSORBOARD_DIR)) if writer_cls is not None else None
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path, encoding="utf-8", newline="") as f:

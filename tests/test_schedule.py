@@ -1,0 +1,92 @@
+"""LR schedules: warmup and decay values, the LambdaLR wrapper, and parity with fairseq's schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechprompt.schedule import SCHEDULES, build_scheduler, constant, cosine, get_schedule, inverse_sqrt, lr_at
+
+
+def test_warmup_is_linear_and_reaches_the_peak_on_the_last_warmup_update() -> None:
+    for fn in SCHEDULES.values():
+        values = [fn(s, 4, 100, 0.0) for s in range(4)]
+        assert values == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_constant_stays_at_the_peak() -> None:
+    assert [constant(s, 2) for s in range(2, 50, 7)] == [1.0] * 7
+    assert constant(0, 0) == 1.0  # no warmup: the first update is at the peak
+
+
+def test_inverse_sqrt_decays_as_one_over_root_n() -> None:
+    w = 10
+    assert inverse_sqrt(w - 1, w) == 1.0
+    assert inverse_sqrt(4 * w - 1, w) == pytest.approx(0.5)  # the 40th update: sqrt(10 / 40)
+    assert inverse_sqrt(100 * w - 1, w) == pytest.approx(0.1)
+    assert inverse_sqrt(8, 0) == pytest.approx(1 / 3)  # no warmup: 1 / sqrt(9) for the 9th update
+
+
+def test_cosine_goes_from_peak_to_floor_and_stays() -> None:
+    w, total, floor = 10, 110, 0.1
+    assert cosine(w - 1, w, total, floor) == 1.0
+    assert cosine(w - 1 + 50, w, total, floor) == pytest.approx(floor + (1 - floor) / 2)  # half way
+    assert cosine(total - 1, w, total, floor) == pytest.approx(floor)
+    assert cosine(total + 500, w, total, floor) == pytest.approx(floor)
+    decay = [cosine(s, w, total, floor) for s in range(w, total)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_lr_at_scales_the_peak_and_unknown_names_fail() -> None:
+    assert lr_at("inverse_sqrt", 39, 2e-3, warmup_steps=10) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="unknown LR schedule 'linear'"):
+        get_schedule("linear")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_build_scheduler_sets_the_same_rates_as_lr_at(name: str) -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.5)
+    sched = build_scheduler(opt, name, warmup_steps=3, total_steps=20, min_ratio=0.2)
+    for step in range(25):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(name, step, 0.5, 3, 20, 0.2))
+        opt.step()
+        sched.step()
+
+
+def _fairseq_rates(scheduler_cls: type, cfg: object, updates: int) -> list[float]:
+    """fairseq's rate for the update after ``n`` finished updates, for n = 1..updates."""
+    from fairseq.optim import FairseqOptimizer
+
+    class _Optimizer(FairseqOptimizer):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self._optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    opt = _Optimizer()
+    sched = scheduler_cls(cfg, opt)
+    return [sched.step_update(n) for n in range(1, updates + 1)]
+
+
+@pytest.mark.fairseq
+def test_inverse_sqrt_equals_fairseq_shifted_by_one_update() -> None:
+    from fairseq.optim.lr_scheduler.inverse_square_root_schedule import (
+        InverseSquareRootLRScheduleConfig,
+        InverseSquareRootSchedule,
+    )
+
+    cfg = InverseSquareRootLRScheduleConfig(warmup_updates=8, warmup_init_lr=0.0, lr=[5e-4])
+    theirs = _fairseq_rates(InverseSquareRootSchedule, cfg, 60)
+    ours = [lr_at("inverse_sqrt", s, 5e-4, warmup_steps=8) for s in range(60)]
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+@pytest.mark.fairseq
+def test_cosine_equals_fairseq_after_warmup() -> None:
+    from fairseq.optim.lr_scheduler.cosine_lr_scheduler import CosineLRSchedule, CosineLRScheduleConfig
+
+    cfg = CosineLRScheduleConfig(warmup_updates=5, warmup_init_lr=0.0, lr=[1e-3], min_lr=1e-4, max_update=50)
+    theirs = _fairseq_rates(CosineLRSchedule, cfg, 50)
+    ours = [lr_at("cosine", s, 1e-3, warmup_steps=5, total_steps=50, min_ratio=0.1) for s in range(50)]
+    # With warmup_init_lr=0 fairseq's warmup is linear from 0 as ours (its default starts at min_lr instead).
+    assert ours == pytest.approx(theirs, rel=1e-12)
