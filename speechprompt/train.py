@@ -353,6 +353,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.optim.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
             optimizer.step()
+            loss = loss.detach()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if st["step"] > 0:  # the first update pays one-off costs (allocations, kernel selection)
@@ -361,7 +362,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             st["step"] += 1
             st["batch_in_epoch"] = i + 1
             if st["step"] % cfg.log_every == 0:
-                log.log(st["step"], train_loss=float(loss), lr=lr)
+                log.log(st["step"], train_loss=loss.item(), lr=lr)
             if cfg.eval_every and st["step"] % cfg.eval_every == 0 and evaluate_and_save():
                 stopped, done = "early_stopping", True
                 break
