@@ -25,7 +25,7 @@ import torch
 
 from speechprompt.audio import SAMPLE_RATE, log_mel, mfcc
 from speechprompt.errors import SpeechPromptError
-from speechprompt.models.hubert import load_hubert, normalize_waveform
+from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
 
 
 class FeatureError(SpeechPromptError):
@@ -139,25 +139,40 @@ class HubertFeatureReader(FeatureReader):
     frame_rate = 50.0
     max_chunk = 1_600_000
 
-    def __init__(self, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FeatureError(f"HuBERT checkpoint {checkpoint} does not exist")
-        model, self.task_cfg = load_hubert(path)
+    def __init__(
+        self,
+        model: HubertModel,
+        task_cfg: dict[str, Any],
+        layer: int,
+        device: str = "cpu",
+        checkpoint: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         if not 1 <= layer <= model.num_layers:
-            raise FeatureError(f"--layer {layer} is out of range: {checkpoint} has layers 1..{model.num_layers}")
-        self.model = model.to(device)
-        self.checkpoint = str(path.resolve())
+            raise FeatureError(f"--layer {layer} is out of range: {checkpoint or 'the model'} has layers "
+                               f"1..{model.num_layers}")
+        self.model = model.eval().to(device)
+        self.task_cfg = task_cfg
         self.layer = int(layer)
         self.device = device
         self.dim = model.encoder_embed_dim
-        self.fingerprint = file_sha256(path)
+        self.checkpoint = checkpoint
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> HubertFeatureReader:
+        """Load a fairseq HuBERT checkpoint (safely, without fairseq) and fingerprint the file."""
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FeatureError(f"HuBERT checkpoint {checkpoint} does not exist")
+        model, task_cfg = load_hubert(path)
+        return cls(model, task_cfg, layer, device, checkpoint=str(path.resolve()), fingerprint=file_sha256(path))
 
     @classmethod
     def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> HubertFeatureReader:
         if checkpoint is None or layer is None:
             raise FeatureError("the hubert reader needs --checkpoint (a fairseq HuBERT .pt) and --layer (1-based)")
-        return cls(checkpoint, layer, device)
+        return cls.from_checkpoint(checkpoint, layer, device)
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
         x = normalize_waveform(wav.to(self.device), self.task_cfg).view(1, -1)  # (1, T)

@@ -172,7 +172,7 @@ def test_hubert_reader_matches_fairseq_gslm_reader(tmp_path: Path, normalize: bo
     gslm.model, gslm.layer, gslm.max_chunk, gslm.use_cuda = fs_model, 2, 1000, False
     gslm.task = types.SimpleNamespace(cfg=types.SimpleNamespace(normalize=normalize, sample_rate=16000))
 
-    ours = HubertFeatureReader(ckpt, layer=2)
+    ours = HubertFeatureReader.from_checkpoint(ckpt, layer=2)
     ours.max_chunk = 1000
     audio = tmp_path / "utt.wav"
     sf.write(audio, _wav(3500, seed=3), 16000)  # PCM16: both readers see the same samples
