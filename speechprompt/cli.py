@@ -14,6 +14,7 @@ from speechprompt.errors import SpeechPromptError
 # name -> module. Order is the order of `speechprompt --help`.
 COMMANDS: dict[str, str] = {
     "synth": "speechprompt.data_prep.synth",
+    "prepare-dataset": "speechprompt.data_prep.datasets",
     "kmeans": "speechprompt.data_prep.kmeans",
     "prepare": "speechprompt.data_prep.speech2unit",
     "pretrain-ulm": "speechprompt.pretrain",
