@@ -267,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.features is None or args.kmeans is None:
             raise PrepareError("--features and --kmeans are required (unless --merge)")
+        if args.nshard is None and args.rank != 0:
+            raise PrepareError("--rank needs --nshard (the number of shards)")
         if args.nshard is not None:
             shard_range(1, args.nshard, args.rank)  # validates nshard/rank before anything heavy is loaded
         quantizer = load_quantizer(args.kmeans)

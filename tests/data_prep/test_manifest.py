@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,11 @@ def test_module_entry_point_writes_and_validates(audio_dir: Path, tmp_path: Path
     out.write_text(out.read_text() + "missing.wav\t1\n")
     assert main(["--validate", str(out)]) == 1
     assert "missing file" in capsys.readouterr().err
+
+
+def test_runs_as_a_module_without_path_tricks(audio_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.tsv"
+    proc = subprocess.run([sys.executable, "-m", "speechprompt.data_prep.manifest", str(audio_dir), str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 files" in proc.stdout and len(read_manifest(out)) == 3

@@ -205,6 +205,7 @@ def test_help_and_bad_arguments(corpus: dict[str, Path], tmp_path: Path, capsys)
         main(["prepare", "--manifest", "m.tsv", "--out", str(tmp_path), "--features", "wav2vec"])
     assert e.value.code == 2
     assert _prepare(corpus, tmp_path, "--nshard", "2", "--rank", "2") == 2
+    assert _prepare(corpus, tmp_path, "--rank", "1") == 2  # a rank without --nshard
     assert main(["prepare", "--manifest", str(corpus["manifest"]), "--out", str(tmp_path)]) == 2
     assert main(["prepare", "--manifest", str(tmp_path / "missing.tsv"), "--features", "logmel", "--kmeans",
                  str(corpus["km"]), "--out", str(tmp_path)]) == 2
