@@ -1,0 +1,146 @@
+"""Classification heads: constrained scoring against brute force, greedy decoding, multi-slot, learnable verbalizer,
+unseen labels, and the LM data layout they rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechprompt.models.generation import sequence_logprob
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+from speechprompt.tasks.classification import (
+    LearnableClassifier,
+    VerbalizedClassifier,
+    classification_metrics,
+    confusion,
+)
+from speechprompt.tasks.data import IGNORE, collate
+from speechprompt.tuning import build_method, freeze_except, method_config
+from speechprompt.verbalizers import BOS, EOS, PAD, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
+
+K = 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def lm():
+    torch.manual_seed(0)
+    model = UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval()
+    method = build_method(method_config("prompt", {"length": 3}), model)
+    freeze_except(model, method)
+    with torch.no_grad():  # a prompt that is not at its init, so that it matters in every check
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model, method
+
+
+SOURCES = [[4, 5, 6, 7, 8], [9, 10], [11, 4, 4]]
+
+
+def test_collate_layout():
+    v = FixedVerbalizer({"a": [0, 1], "b": [2, 3]}, K)
+    b = collate(SOURCES[:2], ["b", "zzz"], v)
+    assert b.tokens[0].tolist() == [4, 5, 6, 7, 8, BOS, 6, 7]
+    assert b.targets[0].tolist() == [IGNORE] * 5 + [6, 7, EOS]
+    # An unseen label has no target at all and class id -1; it still gets a prefix to predict from.
+    assert b.targets[1].tolist() == [IGNORE] * 8 and b.class_ids.tolist() == [1, -1]
+    assert b.prefix.tolist() == [[4, 5, 6, 7, 8, BOS], [PAD, PAD, PAD, 9, 10, BOS]]  # left-padded
+
+
+def test_constrained_scores_equal_brute_force_sequence_logprob(lm):
+    model, method = lm
+    v = FixedVerbalizer({"a": [0, 1], "b": [2, 3], "c": [1, 0], "d": [5, 5]}, K)
+    task = VerbalizedClassifier(model, method, v)
+    batch = collate(SOURCES, ["a", "b", "c"], v)
+    with torch.no_grad():
+        scores = task.candidate_scores(batch.prefix)  # (B, C)
+        for i, src in enumerate(SOURCES):
+            for c, label in enumerate(v.labels):
+                tokens = torch.tensor([src + [BOS] + v.encode(label)])
+                mask = torch.zeros_like(tokens, dtype=torch.bool)
+                mask[0, len(src) + 1:] = True
+                ref = sequence_logprob(model, tokens, mask, model_kwargs=method.forward_kwargs(1))
+                torch.testing.assert_close(scores[i, c], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_prediction_is_the_argmax_path(lm):
+    model, method = lm
+    v = FixedVerbalizer({f"l{u}": [u] for u in range(K)}, K)  # every unit is a label: free decoding never fails
+    task = VerbalizedClassifier(model, method, v)
+    batch = collate(SOURCES, ["l0"] * 3, v)
+    preds = task.predict(batch)
+    with torch.no_grad():
+        for i, src in enumerate(SOURCES):
+            logits = model(torch.tensor([src + [BOS]]), **method.forward_kwargs(1))[0, -1]
+            best = int(logits.argmax())
+            assert preds["greedy"][i] == (f"l{best - 4}" if best >= 4 else UNKNOWN_LABEL)
+            # Constrained scoring only looks at the label tokens.
+            assert preds["constrained"][i] == f"l{int(logits[4:].argmax())}"
+
+
+def test_multislot_accuracy_needs_every_slot():
+    refs = ["on|lights|kitchen", "off|music|none", "on|lights|none"]
+    hyps = ["on|lights|kitchen", "off|lights|none", UNKNOWN_LABEL]
+    m = classification_metrics(refs, {"greedy": hyps}, sorted(set(refs)), slot_separator="|")
+    assert m["greedy.accuracy"] == pytest.approx(1 / 3)
+    assert m["greedy.slot0_accuracy"] == pytest.approx(2 / 3)
+    assert m["greedy.slot1_accuracy"] == pytest.approx(1 / 3)
+    assert m["greedy.slot2_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_multislot_verbalizer_trains_three_tokens():
+    import speechprompt.baselines  # noqa: F401  (registers full_finetune)
+
+    torch.manual_seed(0)
+    model = UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64))
+    method = build_method("full_finetune", model)
+    freeze_except(model, method)
+    labels = ["on|lights|kitchen", "off|music|none", "on|music|none"]
+    train_tokens = [[4 + u for u in range(K)]]
+    v = FixedVerbalizer.fit_freq(labels, train_tokens, K, slot_separator="|")
+    assert v.target_length == 3
+    task = VerbalizedClassifier(model, method, v)
+    batch = collate(SOURCES, labels, v)
+    assert (batch.targets != IGNORE).sum(1).tolist() == [4, 4, 4]  # three slot tokens and </s>
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    first = task.loss(batch).item()
+    for _ in range(40):
+        loss = task.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert task.loss(batch).item() < first / 4
+    model.eval()
+    preds = task.predict(batch)
+    assert preds["constrained"] == labels == preds["greedy"]
+    m = task.metrics(labels, preds)
+    assert m["constrained.accuracy"] == m["greedy.accuracy"] == m["greedy.slot2_accuracy"] == 1.0
+
+
+def test_learnable_verbalizer_reads_the_separator_position(lm):
+    model, method = lm
+    v = LearnableVerbalizer(["x", "y"], K)
+    task = LearnableClassifier(model, method, v)
+    batch = collate(SOURCES, ["x", "y", "x"], v)
+    logits = task.class_logits(batch)
+    with torch.no_grad():
+        for i, src in enumerate(SOURCES):
+            vocab = model(torch.tensor([src + [BOS]]), **method.forward_kwargs(1))[0, -1]
+            torch.testing.assert_close(logits[i], v(vocab), atol=1e-5, rtol=1e-5)
+    # Unknown labels are left out of the loss instead of crashing it.
+    unknown = collate(SOURCES, ["x", "nope", "y"], v)
+    assert unknown.class_ids.tolist() == [0, -1, 1] and torch.isfinite(task.loss(unknown))
+
+
+def test_confusion_counts_undecodable_predictions():
+    matrix, names = confusion(["a", "b", "b"], ["a", UNKNOWN_LABEL, "b"], ["a", "b"])
+    assert names == ["a", "b", UNKNOWN_LABEL]
+    assert matrix.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
