@@ -52,21 +52,22 @@ __all__ = [
 ]
 
 
-def _epilog() -> str:
-    parts = []
-    for spec in DATASETS.values():
-        parts.append(f"{spec.name}: {spec.summary_line}\n{spec.layout}\n  options (key=value):\n"
-                     + describe(spec.options, prefix="  "))
-    return "\n\n".join(parts)
+def _options_help(spec: DatasetSpec) -> str:
+    return f"expected layout:\n{spec.layout}\n\noptions (KEY=VALUE):\n{describe(spec.options)}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=list(DATASETS), help="which dataset ROOT holds")
-    parser.add_argument("--root", required=True, help="the dataset as extracted (layouts below)")
-    parser.add_argument("--out", required=True, help="output directory for the manifests, labels and summary")
-    parser.add_argument("options", nargs="*", metavar="KEY=VALUE",
-                        help="options of the dataset (below), e.g. lowercase=true or test=[test-clean,test-other]")
-    parser.epilog = _epilog()
+    # One sub-parser per dataset, so that `prepare-dataset snips --help` shows SNIPS's layout and options, and
+    # KEY=VALUE options may come before or after --root/--out.
+    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for spec in DATASETS.values():
+        p = sub.add_parser(spec.name, help=spec.summary_line, description=spec.summary_line,
+                           epilog=_options_help(spec), formatter_class=parser.formatter_class)
+        p.add_argument("--root", required=True, help="the dataset as extracted (layout below)")
+        p.add_argument("--out", required=True, help="output directory for the manifests, labels and summary")
+        p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="options of the dataset (below)")
+    parser.epilog = "\n\n".join(f"{spec.name}: {spec.summary_line}\n{spec.layout}" for spec in DATASETS.values()) \
+        + "\n\nEach dataset's options: speechprompt prepare-dataset DATASET --help"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -111,15 +111,23 @@ def get_dataset(name: str) -> DatasetSpec:
 # Layout checks
 
 
-def require(path: Path, spec_name: str, what: str, kind: str = "dir") -> Path:
-    """``path`` if it exists as a ``kind`` ("dir" or "file"), else a :class:`DatasetError` showing the layout."""
-    ok = path.is_dir() if kind == "dir" else path.is_file()
-    if not ok:
-        layout = DATASETS[spec_name].layout if spec_name in DATASETS else ""
-        noun = "folder" if kind == "dir" else "file"
-        raise DatasetError(
-            f"{spec_name}: missing {noun} {path} ({what}). Expected layout:\n{layout}"
-        )
+def _missing(path: Path, spec_name: str, what: str, noun: str) -> DatasetError:
+    layout = DATASETS[spec_name].layout if spec_name in DATASETS else ""
+    return DatasetError(f"{spec_name}: missing {noun} {path} ({what}). Expected layout:\n{layout}")
+
+
+def require_dir(path: Path, spec_name: str, what: str) -> Path:
+    """``path`` if it is a folder, else a :class:`DatasetError` naming it, saying what it holds and showing the
+    dataset's layout."""
+    if not path.is_dir():
+        raise _missing(path, spec_name, what, "folder")
+    return path
+
+
+def require_file(path: Path, spec_name: str, what: str) -> Path:
+    """``path`` if it is a file, else a :class:`DatasetError` as :func:`require_dir` raises."""
+    if not path.is_file():
+        raise _missing(path, spec_name, what, "file")
     return path
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Literal
 
 from speechprompt.config import option
-from speechprompt.data_prep.datasets.base import DatasetError, Item, Listing, register_dataset, require
+from speechprompt.data_prep.datasets.base import (
+    DatasetError,
+    Item,
+    Listing,
+    register_dataset,
+    require_dir,
+    require_file,
+)
 
 NAME = "fluent_commands"
 SLOTS: tuple[str, ...] = ("action", "object", "location")
@@ -63,10 +70,10 @@ def label_of(row: dict[str, str], target: str) -> str:
 @register_dataset(NAME, FluentCommandsOptions, LAYOUT, task="multislot")
 def build(root: Path, out: Path, opts: FluentCommandsOptions) -> Listing:
     """Fluent Speech Commands intents (action|object|location) on the official train/valid/test splits."""
-    data = require(root / "data", NAME, "the split CSVs")
+    data = require_dir(root / "data", NAME, "the split CSVs")
     splits = {}
     for split, name in SPLIT_FILES.items():
-        rows = read_rows(require(data / name, NAME, f"the {split} split"))
+        rows = read_rows(require_file(data / name, NAME, f"the {split} split"))
         splits[split] = [Item(root / row["path"], label_of(row, opts.target)) for row in rows]
     task = "multislot" if opts.target == "intent" else "sequence"
     # "task" overrides the registered one in summary.json: a transcription target is a sequence task.

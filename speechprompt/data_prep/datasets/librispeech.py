@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechprompt.config import ConfigError, option
-from speechprompt.data_prep.datasets.base import DatasetError, Item, Listing, register_dataset, require
+from speechprompt.data_prep.datasets.base import (
+    DatasetError,
+    Item,
+    Listing,
+    register_dataset,
+    require_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ def build(root: Path, out: Path, opts: LibriSpeechOptions) -> Listing:
     for split in ("train", "dev", "test"):
         splits[split] = []
         for subset in getattr(opts, split):
-            items, extra = subset_items(require(base / subset, NAME, f"the {subset} subset ({split})"), opts)
+            items, extra = subset_items(require_dir(base / subset, NAME, f"the {subset} subset ({split})"), opts)
             splits[split] += items
             untranscribed += extra
     for path in untranscribed:

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechprompt.config import ConfigError, option
-from speechprompt.data_prep.datasets.base import DatasetError, Item, Listing, register_dataset, require
+from speechprompt.data_prep.datasets.base import (
+    DatasetError,
+    Item,
+    Listing,
+    register_dataset,
+    require_dir,
+    require_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +122,13 @@ def read_transcripts(path: Path, lowercase: bool = False) -> dict[str, str]:
 @register_dataset(NAME, SnipsOptions, LAYOUT, task="sequence")
 def build(root: Path, out: Path, opts: SnipsOptions) -> Listing:
     """Audio SNIPS slot filling (SUPERB SF): transcripts with B-/E- slot tags, split by speaker."""
-    transcripts = read_transcripts(require(root / TRANSCRIPTS, NAME, "transcripts with slot tags"),
+    transcripts = read_transcripts(require_file(root / TRANSCRIPTS, NAME, "transcripts with slot tags"),
                                    opts.lowercase)
     speakers = {"train": opts.train_speakers, "dev": opts.dev_speakers, "test": opts.test_speakers}
     splits: dict[str, list[Item]] = {}
     unlabelled: list[str] = []
     for split, folder in SPLIT_DIRS.items():
-        audio = sorted(require(root / folder, NAME, f"the {split} audio").rglob(f"*{opts.audio_ext}"))
+        audio = sorted(require_dir(root / folder, NAME, f"the {split} audio").rglob(f"*{opts.audio_ext}"))
         wanted = set(speakers[split])
         splits[split] = []
         for path in audio:

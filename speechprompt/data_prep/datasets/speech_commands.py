@@ -28,7 +28,13 @@ import numpy as np
 import soundfile as sf
 
 from speechprompt.config import ConfigError, option
-from speechprompt.data_prep.datasets.base import DatasetError, Item, Listing, register_dataset, require
+from speechprompt.data_prep.datasets.base import (
+    DatasetError,
+    Item,
+    Listing,
+    register_dataset,
+    require_dir,
+)
 from speechprompt.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -116,7 +122,7 @@ def _find_test_set(root: Path, train_root: Path, choice: str) -> Path | None:
     if choice == "official":
         return None
     if choice != "auto":
-        return require(Path(choice), NAME, "SUPERB's test set, given as test_set")
+        return require_dir(Path(choice), NAME, "SUPERB's test set, given as test_set")
     for candidate in (root / TEST_SET_NAME, train_root / TEST_SET_NAME, train_root.parent / TEST_SET_NAME):
         if candidate.is_dir():
             return candidate
@@ -157,12 +163,12 @@ def _cut_silence(noise_dir: Path, out: Path, opts: SpeechCommandsOptions, with_t
 def build(root: Path, out: Path, opts: SpeechCommandsOptions) -> Listing:
     """Google Speech Commands v1, 12 classes (10 words, _unknown_, _silence_), as in SUPERB KS and SpeechPrompt."""
     train_root = _find_train_root(root)
-    noise_dir = require(train_root / NOISE_DIR, NAME, "background noise for the _silence_ class")
+    noise_dir = require_dir(train_root / NOISE_DIR, NAME, "background noise for the _silence_ class")
     word_dirs = sorted(d for d in train_root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
     word_dirs = [d for d in word_dirs if d.name != TEST_SET_NAME]
     missing = [w for w in opts.words if not (train_root / w).is_dir()]
     if missing:
-        require(train_root / missing[0], NAME, f"the word folder of {missing[0]!r}")
+        require_dir(train_root / missing[0], NAME, f"the word folder of {missing[0]!r}")
     lists = {"dev": train_root / "validation_list.txt", "test": train_root / "testing_list.txt"}
     if all(p.is_file() for p in lists.values()):
         listed = {split: _read_list(p) for split, p in lists.items()}
