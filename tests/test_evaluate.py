@@ -1,0 +1,101 @@
+"""``speechprompt evaluate``: per-split metrics JSON, predictions, confusion PNG; refusing a different base model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from speechprompt import config as C
+from speechprompt import train as T
+from speechprompt.cli import main
+from speechprompt.fairseq_compat import Dictionary
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
+
+K = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_split(path, n, seed, empty_row=None):
+    rng = random.Random(seed)
+    units, labels = [], []
+    for i in range(n):
+        label = rng.choice(["a", "b", "c"])
+        units.append("" if i == empty_row else " ".join(str(rng.randrange(K)) for _ in range(rng.randint(2, 8))))
+        labels.append(label)
+    path.with_suffix(".units").write_text("\n".join(units) + "\n")
+    path.with_suffix(".labels").write_text("\n".join(labels) + "\n")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval(),
+                 Dictionary.for_units(K), root / "lm.pt")
+    write_split(root / "train", 24, 0)
+    write_split(root / "dev", 12, 1)
+    write_split(root / "test", 9, 2, empty_row=4)  # a row that `prepare` could not convert
+    cfg = C.load_config(T.TrainConfig, None, [
+        f"data.train_units={root}/train.units", f"data.train_labels={root}/train.labels",
+        f"data.dev_units={root}/dev.units", f"data.dev_labels={root}/dev.labels", f"base={root}/lm.pt",
+        f"run_dir={root}/run", "batch_size=8", "max_steps=4", "eval_every=2",
+    ])
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    summary = T.train(cfg)
+    torch.set_num_threads(n)
+    return root, summary
+
+
+def test_evaluate_writes_metrics_predictions_and_confusion_per_split(run, capsys):
+    root, summary = run
+    out = root / "eval"
+    code = main(["evaluate", "--checkpoint", str(root / "run" / "best.safetensors"),
+                 "--units", str(root / "dev.units"), str(root / "test.units"),
+                 "--labels", str(root / "dev.labels"), str(root / "test.labels"), "--out", str(out),
+                 "--batch-size", "5", "--device", "cpu"])
+    assert code == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["split"] for p in printed] == ["dev", "test"]
+    dev = json.loads((out / "dev.metrics.json").read_text())
+    # The best checkpoint, reloaded, scores dev exactly as training measured it.
+    for key, value in summary["dev"].items():
+        assert dev[key] == pytest.approx(value, rel=1e-6), key
+    assert dev["confusion"]["labels"] == ["a", "b", "c", "<unk>"]
+    assert sum(map(sum, dev["confusion"]["matrix"])) == 12
+    test = json.loads((out / "test.metrics.json").read_text())
+    assert test["n"] == 8  # the empty row is skipped...
+    rows = [json.loads(line) for line in (out / "test.predictions.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2, 3, 5, 6, 7, 8]  # ...and the others keep their line numbers
+    assert set(rows[0]) == {"row", "label", "greedy", "constrained"}
+    assert (out / "dev.confusion.png").stat().st_size > 0 and (out / "test.confusion.png").is_file()
+
+
+def test_evaluate_refuses_another_base_model(run, tmp_path, capsys):
+    root, _ = run
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval(),
+                 Dictionary.for_units(K), other / "lm.pt")
+    code = main(["evaluate", "--checkpoint", str(root / "run" / "best"), "--units", str(root / "dev.units"),
+                 "--labels", str(root / "dev.labels"), "--base", str(other / "lm.pt")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another base model" in err and str(other / "lm.pt") in err
+
+
+def test_mismatched_units_and_labels_are_a_clear_error(run, capsys):
+    root, _ = run
+    code = main(["evaluate", "--checkpoint", str(root / "run" / "best"), "--units", str(root / "dev.units"),
+                 "--labels", str(root / "test.labels"), "--out", str(root / "x")])
+    assert code == 2 and "line-aligned" in capsys.readouterr().err
