@@ -1,0 +1,111 @@
+"""``speechprompt infer``: audio -> the recorded unit pipeline -> prediction, one JSON line per file; bad files give
+an error line and do not stop the rest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechprompt import config as C
+from speechprompt import train as T
+from speechprompt.cli import main
+from speechprompt.data_prep.features import build_feature_reader
+from speechprompt.data_prep.kmeans import load_quantizer, save_quantizer
+from speechprompt.data_prep.manifest import write_manifest
+from speechprompt.data_prep.speech2unit import prepare
+from speechprompt.fairseq_compat import Dictionary
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
+
+K = 8
+SR = 16000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tone(path, freq, seconds=0.3, seed=0):
+    t = np.arange(int(SR * seconds)) / SR
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.size)
+    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32), SR)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tones -> log-mel -> a k-means of K frames -> deduplicated units (via prepare) -> a 3-step prompt run."""
+    root = tmp_path_factory.mktemp("infer")
+    audio = root / "audio"
+    audio.mkdir()
+    for i in range(6):
+        tone(audio / f"{'low' if i % 2 else 'high'}{i}.wav", 300 if i % 2 else 3000, seed=i)
+    manifest, _ = write_manifest(sorted(audio.glob("*.wav")), root / "train.tsv")
+    (root / "train.labels").write_text("".join(f"{e.relpath.split('.')[0].rstrip('0123456789')}\n"
+                                               for e in manifest.entries))
+    reader = build_feature_reader("logmel")
+    from speechprompt.audio import load_audio
+
+    frames = torch.cat([reader.read(load_audio(audio / f"{n}.wav")) for n in ("high0", "low1")])
+    save_quantizer(root / "km.st", frames[torch.linspace(0, len(frames) - 1, K).long()], features=reader.describe())
+    prepare(root / "train.tsv", reader, load_quantizer(root / "km.st"), root / "units", deduplicate=True)
+    torch.manual_seed(0)
+    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=128)).eval(),
+                 Dictionary.for_units(K), root / "lm.pt")
+    cfg = C.load_config(T.TrainConfig, None, [
+        f"data.train_units={root}/units/train.units", f"data.train_labels={root}/train.labels",
+        f"base={root}/lm.pt", f"run_dir={root}/run", "batch_size=4", "max_steps=3", "method.options.length=2",
+    ])
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    T.train(cfg)
+    torch.set_num_threads(n)
+    return root, manifest
+
+
+def test_infer_predicts_good_files_and_reports_bad_ones(trained, capsys):
+    root, manifest = trained
+    (root / "empty.wav").write_bytes(b"")
+    (root / "junk.wav").write_bytes(b"RIFF not really audio")
+    good = [str(p) for p in manifest.paths()[:2]]
+    files = [good[0], str(root / "empty.wav"), str(root / "missing.wav"), good[1], str(root / "junk.wav")]
+    code = main(["infer", "--checkpoint", str(root / "run" / "best.safetensors"), *files, "--batch-size", "2",
+                 "--device", "cpu"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == files  # one line per file, in input order
+    assert set(lines[0]) == {"path", "prediction"} and set(lines[3]) == {"path", "prediction"}
+    for bad in (1, 2, 4):
+        assert set(lines[bad]) == {"path", "error"} and files[bad] in lines[bad]["error"]
+
+    # The predictions are the ones the task makes on the training units of the same files: same pipeline.
+    from speechprompt.evaluate import load_task
+    from speechprompt.tasks.data import collate, load_split
+
+    task, _, _ = load_task(root / "run" / "best", device="cpu")
+    split = load_split(root / "units" / "train.units", root / "train.labels", K)
+    expected = task.predict(collate(split.tokens[:2], split.labels[:2], None))["greedy"]
+    assert [lines[0]["prediction"], lines[3]["prediction"]] == expected
+
+
+def test_infer_exits_1_when_every_file_fails(trained, capsys):
+    root, _ = trained
+    code = main(["infer", "--checkpoint", str(root / "run" / "best"), str(root / "nope.wav"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1 and "error" in json.loads(captured.out)
+    assert "every one of the 1 files failed" in captured.err
+
+
+def test_infer_refuses_another_quantizer(trained, tmp_path, capsys):
+    root, manifest = trained
+    other = tmp_path / "km.st"
+    save_quantizer(other, torch.randn(K, 80), features=build_feature_reader("logmel").describe())
+    code = main(["infer", "--checkpoint", str(root / "run" / "best"), "--kmeans", str(other),
+                 str(manifest.path(0))])
+    assert code == 2 and "another quantizer" in capsys.readouterr().err
