@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, option
 from speechprompt.models.transformer import ACTIVATIONS
-from speechprompt.tuning.base import TuningError, TuningMethod, as_enum, module_paths, select_layers, transformer_layers
+from speechprompt.tuning.base import (
+    TuningError,
+    TuningMethod,
+    as_enum,
+    backbone_device,
+    module_paths,
+    select_layers,
+    transformer_layers,
+)
 
 
 class AdapterSlot(str, enum.Enum):
@@ -78,7 +86,8 @@ class Bottleneck(nn.Module):
         self.activation, self.scale, self.residual = activation, scale, residual
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.up(ACTIVATIONS[self.activation](self.down(x))) * self.scale  # (..., D)
+        h = self.up(ACTIVATIONS[self.activation](self.down(x.to(self.down.weight.dtype))))  # (..., D)
+        h = (h * self.scale).to(x.dtype)
         return x + h if self.residual else h
 
 
@@ -99,10 +108,10 @@ class Adapters(TuningMethod):
         for i in select_layers(len(layers), config.layers):
             for slot in config.slots:
                 path = f"{paths[id(layers[i])]}.{slot.value}"
-                dtype = layers[i].fc1.weight.dtype
                 module = Bottleneck(dim, width, config.activation, config.scale, slot is not AdapterSlot.PARALLEL_FFN)
-                self._own(path, module.to(dtype))
+                self._own(path, module)
                 self._sites.append((path, slot))
+        self.to(backbone_device(model))
 
     def _inject(self, model: nn.Module) -> None:
         for path, _slot in self._sites:

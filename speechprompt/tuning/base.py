@@ -28,6 +28,7 @@ import enum
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from speechprompt.config import ConfigError
@@ -80,6 +81,11 @@ def transformer_layers(model: nn.Module) -> list[TransformerLayer]:
     return layers
 
 
+def backbone_device(model: nn.Module) -> torch.device:
+    """Where the backbone's parameters live: methods create their tensors there."""
+    return next(model.parameters()).device
+
+
 def select_layers(num_layers: int, indices: list[int] | None) -> list[int]:
     """Resolve a config's ``layers`` (``None`` = all; negative indices count from the top) to sorted indices."""
     if indices is None:
@@ -116,8 +122,10 @@ class TuningMethod(nn.Module):
     """Base of every tuning method: owns its trainable tensors and knows how to wire them into a backbone.
 
     Subclasses build their tensors in ``__init__(config, model)`` (sizes come from the model; the model itself is
-    not modified and not stored), and implement :meth:`_inject`. Methods that act through forward arguments
-    (prompts, prefixes) override :meth:`forward_kwargs` instead and inject nothing.
+    not modified and not stored), and implement :meth:`_inject`. Trainable tensors are float32 on the backbone's
+    device whatever the backbone's dtype (the optimizer needs the precision); injected modules cast activations.
+    Methods that act through forward arguments (prompts, prefixes) override :meth:`forward_kwargs` instead and
+    inject nothing.
     """
 
     def __init__(self, config: Any) -> None:

@@ -27,6 +27,7 @@ from speechprompt.tuning.base import (
     TuningError,
     TuningMethod,
     as_enum,
+    backbone_device,
     module_paths,
     select_layers,
     transformer_layers,
@@ -60,11 +61,10 @@ class LoraConfig:
 class LoraDelta(nn.Module):
     """The low-rank branch of one linear: ``(..., in) -> (..., out)``, ``scaling * dropout(x) A^T B^T``."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's init, as PEFT
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -83,7 +83,7 @@ def _lora_hook(module: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> T
     lora: LoraDelta = module.lora
     if lora.merged:
         return output
-    return output + lora(args[0]).to(output.dtype)
+    return output + lora(args[0].to(lora.A.dtype)).to(output.dtype)
 
 
 class Lora(TuningMethod):
@@ -104,10 +104,10 @@ class Lora(TuningMethod):
                     raise TuningError(f"LoRA target {target.value} of layer {i} is a {type(linear).__name__}, "
                                       "not an nn.Linear (is another method attached?)")
                 path = paths[id(linear)]
-                delta = LoraDelta(linear.in_features, linear.out_features, config.rank, config.alpha,
-                                  config.dropout, linear.weight.dtype)
+                delta = LoraDelta(linear.in_features, linear.out_features, config.rank, config.alpha, config.dropout)
                 self._own(f"{path}.lora", delta)
                 self._targets.append(path)
+        self.to(backbone_device(model))
 
     def _deltas(self) -> list[LoraDelta]:
         return [self.get_submodule(f"{path}.lora") for path in self._targets]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, option
 from speechprompt.models.transformer import LayerKV
-from speechprompt.tuning.base import TuningError, TuningMethod, transformer_layers
+from speechprompt.tuning.base import TuningError, TuningMethod, backbone_device, transformer_layers
 
 
 @dataclass
@@ -60,16 +60,16 @@ class PrefixTuning(TuningMethod):
         attn = layers[0].self_attn
         self.num_layers, self.num_heads, self.head_dim = len(layers), attn.num_heads, attn.head_dim
         D, L = attn.embed_dim, config.length
-        dtype = attn.k_proj.weight.dtype
         if config.reparameterize:
-            self.embedding = nn.Parameter(torch.randn(L, D, dtype=dtype) * config.init_std)
+            self.embedding = nn.Parameter(torch.randn(L, D) * config.init_std)
             self.mlp = nn.Sequential(
-                nn.Linear(D, config.hidden_size, dtype=dtype),
+                nn.Linear(D, config.hidden_size),
                 nn.Tanh(),
-                nn.Linear(config.hidden_size, self.num_layers * 2 * D, dtype=dtype),
+                nn.Linear(config.hidden_size, self.num_layers * 2 * D),
             )
         else:
-            self.prefix = nn.Parameter(torch.randn(self.num_layers, 2, L, D, dtype=dtype) * config.init_std)
+            self.prefix = nn.Parameter(torch.randn(self.num_layers, 2, L, D) * config.init_std)
+        self.to(backbone_device(model))
 
     def _inject(self, model: nn.Module) -> None:
         layers = transformer_layers(model)

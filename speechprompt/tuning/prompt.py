@@ -85,13 +85,14 @@ class PromptTuning(TuningMethod):
         table = model.decoder.embed_tokens.weight.detach()  # (V, D)
         L, D, n_layers = config.length, table.shape[1], len(model.transformer_layers())
         self.length = L
-        self.prompt = nn.Parameter(self._initial_prompt(table, model.decoder.embed_scale).to(table.dtype))
+        self.prompt = nn.Parameter(self._initial_prompt(table, model.decoder.embed_scale))
         if config.deep:
-            self.deep_key = nn.Parameter(torch.randn(n_layers, L, D, dtype=table.dtype) * config.init_std)
-            self.deep_value = nn.Parameter(torch.randn(n_layers, L, D, dtype=table.dtype) * config.init_std)
+            self.deep_key = nn.Parameter(torch.randn(n_layers, L, D) * config.init_std)
+            self.deep_value = nn.Parameter(torch.randn(n_layers, L, D) * config.init_std)
         self.separator_id = Dictionary.bos_index
         if config.train_separator:
-            self.separator = nn.Parameter(table[self.separator_id].clone())
+            self.separator = nn.Parameter(table[self.separator_id].to("cpu", torch.float32, copy=True))
+        self.to(table.device)
 
     def _initial_prompt(self, table: torch.Tensor, embed_scale: float) -> torch.Tensor:
         """``(L, D)`` starting values: the input prompt lives after scaling, so unit rows are scaled too."""
@@ -107,7 +108,7 @@ class PromptTuning(TuningMethod):
             if int(ids.max()) >= V:
                 raise TuningError(f"init_units has unit {int(ids.max()) - first_unit}, but the LM knows only "
                                   f"{V - first_unit} units")
-        return table[ids].float() * embed_scale
+        return table[ids.to(table.device)].float().cpu() * embed_scale
 
     def _inject(self, model: nn.Module) -> None:
         if not isinstance(model, UnitLM):

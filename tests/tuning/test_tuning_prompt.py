@@ -58,10 +58,11 @@ def test_separator_starts_as_the_frozen_bos_row_and_changes_nothing():
     model = _lm()
     method = build_method(PromptConfig(length=2, deep=False), model)
     assert torch.equal(method.separator, model.decoder.embed_tokens.weight[0])
-    assert method.separator is not model.decoder.embed_tokens.weight
     tokens = _tokens()
     with torch.no_grad():
         assert torch.equal(model(tokens, embed_override={0: method.separator}), model(tokens))
+        method.separator.add_(1.0)  # a copy: training it never writes into the frozen table
+        assert not torch.equal(method.separator, model.decoder.embed_tokens.weight[0])
 
 
 def test_init_from_units_uses_scaled_unit_embeddings_cycled_to_length():

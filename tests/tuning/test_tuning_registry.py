@@ -191,3 +191,15 @@ def test_attaching_twice_is_refused(name, backbone):
     method = build_method(name, model)
     with pytest.raises(TuningError, match="already attached"):
         method.attach(model)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_low_precision_backbone_trains_float32_method_tensors(name):
+    model = _unit_lm().to(torch.bfloat16)
+    method = build_method(name, model)
+    params = freeze_except(model, method)
+    out = _run(model, method, _inputs("unit_lm"))
+    assert out.dtype == torch.bfloat16
+    _toy_loss(out.float()).backward()
+    expected = torch.bfloat16 if name == "bitfit" else torch.float32  # BitFit's tensors are the backbone's own
+    assert all(p.dtype == expected and p.grad is not None for p in params)
