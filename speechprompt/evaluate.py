@@ -125,7 +125,9 @@ def load_task(
 
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
-    base_path = Path(base) if base is not None else Path(meta.get("base", {}).get("path") or "")
+    recorded = meta.get("base", {})
+    candidates = [base] if base is not None else [recorded.get("path"), recorded.get("abs_path")]
+    base_path = next((Path(c) for c in candidates if c and Path(c).is_file()), Path(candidates[0] or ""))
     if not base_path.is_file():
         raise CheckpointError(
             f"{ckpt.path}: base unit LM {str(base_path) or '(not recorded)'} not found; pass it with --base "

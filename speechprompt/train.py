@@ -286,7 +286,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "task": {"type": cfg.data.task.value, "kind": kind, "labels": labels, "decode": decode},
         "method": {"name": cfg.method.name, "config": C.to_dict(cfg.method.resolved())},
         "verbalizer": verbalizer.to_dict() if verbalizer is not None else None,
-        "base": {"path": str(Path(cfg.base).resolve()), "fingerprint": fingerprint},
+        # As given (portable when relative to a repository root) and absolute (found from any working directory).
+        "base": {"path": cfg.base, "abs_path": str(Path(cfg.base).resolve()), "fingerprint": fingerprint},
         "units": _units_meta(cfg),
         "config": C.to_dict(cfg),
     }

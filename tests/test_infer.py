@@ -20,6 +20,8 @@ from speechprompt.data_prep.speech2unit import prepare
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
+pytestmark = pytest.mark.slow  # whole training runs, end to end
+
 K = 8
 SR = 16000
 

@@ -15,6 +15,8 @@ from speechprompt import train as T
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
+pytestmark = pytest.mark.slow  # whole training runs, end to end
+
 K = 20  # units
 CLASSES = {"yes": [1, 2, 3], "no": [5, 6, 7], "up": [9, 10, 11], "down": [13, 14, 15]}
 

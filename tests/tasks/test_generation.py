@@ -12,6 +12,8 @@ from speechprompt import train as T
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
+pytestmark = pytest.mark.slow  # whole training runs, end to end
+
 K = 40
 SENTENCES = {
     "go left": [1, 2, 3],
