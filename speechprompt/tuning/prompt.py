@@ -91,7 +91,7 @@ class PromptTuning(TuningMethod):
             self.deep_value = nn.Parameter(torch.randn(n_layers, L, D) * config.init_std)
         self.separator_id = Dictionary.bos_index
         if config.train_separator:
-            self.separator = nn.Parameter(table[self.separator_id].to("cpu", torch.float32, copy=True))
+            self.separator = nn.Parameter(table[self.separator_id].to(torch.float32, copy=True))
         self.to(table.device)
 
     def _initial_prompt(self, table: torch.Tensor, embed_scale: float) -> torch.Tensor:
@@ -108,7 +108,7 @@ class PromptTuning(TuningMethod):
             if int(ids.max()) >= V:
                 raise TuningError(f"init_units has unit {int(ids.max()) - first_unit}, but the LM knows only "
                                   f"{V - first_unit} units")
-        return table[ids.to(table.device)].float().cpu() * embed_scale
+        return table[ids.to(table.device)].float() * embed_scale  # a copy (advanced indexing)
 
     def _inject(self, model: nn.Module) -> None:
         if not isinstance(model, UnitLM):

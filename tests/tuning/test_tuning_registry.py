@@ -203,3 +203,21 @@ def test_low_precision_backbone_trains_float32_method_tensors(name):
     _toy_loss(out.float()).backward()
     expected = torch.bfloat16 if name == "bitfit" else torch.float32  # BitFit's tensors are the backbone's own
     assert all(p.dtype == expected and p.grad is not None for p in params)
+
+
+def test_default_counts_on_gslm_big_built_on_the_meta_device():
+    with torch.device("meta"):  # shapes only: no 600 MB allocation
+        model = UnitLM(UnitLMConfig.named("gslm_big"))
+    d, ffn, layers = 1024, 4096, 12
+    expected = {
+        "prompt": (2 * layers + 1) * d * 5 + d,  # deep, L=5, separator: 129,024
+        "prefix": 2 * layers * 10 * d,  # L=10
+        "adapter": 2 * layers * (d * 32 + 32 + 32 * d + d),  # Houlsby, both slots, r=32
+        "lora": 2 * layers * 2 * 8 * d,  # r=8 on q and v
+        "bitfit": layers * (4 * d + ffn + d + 2 * d),  # attention, FFN and LayerNorm biases
+        "mask": layers * (4 * d * d + 2 * d * ffn),  # one score per weight of every linear
+    }
+    for name, count in expected.items():
+        method = build_method(name, model)
+        assert method.trainable_parameters() == count, name
+        method.detach()
