@@ -74,3 +74,18 @@ def test_real_data_recipes_document_the_published_numbers(name):
     for number in published:
         assert number in readme
     assert "ours" in readme.lower()
+
+
+DATA_PREP_SCRIPTS = sorted((ROOT / "data_prep").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", DATA_PREP_SCRIPTS, ids=[p.stem for p in DATA_PREP_SCRIPTS])
+def test_data_prep_wrappers_call_prepare_dataset(script, tmp_path):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert f"speechprompt prepare-dataset {script.stem} " in script.read_text()
+    help_ = _run(script, "--help")
+    assert help_.returncode == 0 and help_.stdout.startswith("Usage:")
+    assert _run(script).returncode == 2
+    missing = _run(script, str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert missing.returncode == 2
+    assert f"{script.stem}: dataset root {tmp_path / 'nowhere'} is not a folder" in missing.stderr
