@@ -103,14 +103,10 @@ def module_paths(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
-
-
 def set_submodule(root: nn.Module, path: str, module: nn.Module | None) -> None:
     """Replace the child at dotted ``path`` (``None`` empties an adapter slot)."""
     parent, _, name = path.rpartition(".")
-    setattr(get_submodule(root, parent), name, module)
+    setattr(root.get_submodule(parent), name, module)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -187,7 +183,7 @@ class TuningMethod(nn.Module):
         self.load_state_dict(state, strict=True)
 
     def _own(self, path: str, obj: nn.Module | nn.Parameter) -> None:
-        """Register ``obj`` (already placed in the backbone at ``path``) under the same dotted path in the method."""
+        """Register ``obj`` under ``path``, the dotted path it has (or will have once attached) in the backbone."""
         parent, _, name = path.rpartition(".")
         node: nn.Module = self
         for part in parent.split(".") if parent else []:
@@ -202,13 +198,6 @@ class TuningMethod(nn.Module):
             node.register_parameter(name, obj)
         else:
             node.add_module(name, obj)
-
-    def _disown(self, path: str) -> None:
-        """Remove what :meth:`_own` registered at ``path`` (empty mirror containers are kept; they hold nothing)."""
-        parent, _, name = path.rpartition(".")
-        node = get_submodule(self, parent)
-        node._parameters.pop(name, None)
-        node._modules.pop(name, None)
 
 
 def freeze_except(model: nn.Module, method: TuningMethod) -> list[nn.Parameter]:

@@ -36,7 +36,6 @@ from speechprompt.tuning.base import (
     TuningError,
     TuningMethod,
     as_enum,
-    get_submodule,
     module_paths,
     select_layers,
     set_submodule,
@@ -203,7 +202,7 @@ class S3Router(TuningMethod):
     def _inject(self, model: nn.Module) -> None:
         for path, router in self.routers().items():
             try:
-                linear = get_submodule(model, path)
+                linear = model.get_submodule(path)
             except AttributeError:
                 raise TuningError(f"the model has no linear {path!r} to mask") from None
             if type(linear) is not nn.Linear:
