@@ -206,6 +206,19 @@ def test_fluent_commands_missing_audio_and_missing_columns(tmp_path):
         prepare("fluent_commands", root, tmp_path / "ic")
 
 
+def test_symlinked_audio_stays_under_the_dataset_root(tmp_path):
+    root = _fluent(tmp_path)
+    wav = root / "wavs" / "speakers" / "spktrain" / "train0.wav"
+    elsewhere = tmp_path / "storage" / "blob.wav"
+    elsewhere.parent.mkdir()
+    wav.rename(elsewhere)
+    wav.symlink_to(elsewhere)  # datasets on clusters are often trees of links
+    prepare("fluent_commands", root, tmp_path / "ic")
+    manifest = read_manifest(tmp_path / "ic" / "train.tsv")
+    assert manifest.entries[0].relpath == "train0.wav"
+    assert manifest.root == root / "wavs" / "speakers" / "spktrain"
+
+
 # -- LibriSpeech ------------------------------------------------------------------------------------------------
 
 

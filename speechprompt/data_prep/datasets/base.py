@@ -155,9 +155,14 @@ class SplitResult:
         return out
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute without following symlinks (datasets are often trees of links to elsewhere)."""
+    return Path(os.path.abspath(path))
+
+
 def _common_root(paths: Iterable[Path]) -> Path:
     """The deepest folder that holds every one of ``paths`` (absolute)."""
-    return Path(os.path.commonpath(sorted({str(p.resolve().parent) for p in paths})))
+    return Path(os.path.commonpath(sorted({str(_absolute(p).parent) for p in paths})))
 
 
 def write_split(out: Path, split: str, items: Sequence[Item], root: Path | None = None) -> SplitResult:
@@ -197,8 +202,8 @@ def write_split(out: Path, split: str, items: Sequence[Item], root: Path | None 
     if not kept:
         raise DatasetError(f"split {split!r}: none of its {len(items)} files could be used"
                            + (f" (first problem: {skipped[0]})" if skipped else ""))
-    base = (root or _common_root(i.path for i, _ in kept)).resolve()
-    entries = [ManifestEntry(i.path.resolve().relative_to(base).as_posix(), n) for i, n in kept]
+    base = _absolute(root) if root is not None else _common_root(i.path for i, _ in kept)
+    entries = [ManifestEntry(_absolute(i.path).relative_to(base).as_posix(), n) for i, n in kept]
     manifest = Manifest(base, entries)
     labels = [i.label for i, _ in kept]
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,7 @@ def prepare(name: str, root: str | Path, out: str | Path, **options: Any) -> dic
         raise DatasetError(f"{name}: dataset root {root} is not a folder. Expected layout:\n{spec.layout}")
     listing = spec.build(root, out, opts)
     histogram = spec.task != "sequence"  # a histogram of transcripts says nothing
-    summary: dict[str, Any] = {"dataset": name, "root": str(root.resolve()), "task": spec.task,
+    summary: dict[str, Any] = {"dataset": name, "root": str(_absolute(root)), "task": spec.task,
                                "options": to_dict(opts), **listing.notes, "splits": {}, "skipped": {}}
     for split, items in listing.splits.items():
         result = write_split(out, split, items)
