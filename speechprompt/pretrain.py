@@ -42,7 +42,7 @@ from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.lm_data import PackedLMDataset, StepBatches
-from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
+from speechprompt.models.unit_lm import NAMED_CONFIGS, UnitLM, UnitLMConfig, save_unit_lm
 from speechprompt.runlog import RunLogger
 from speechprompt.schedule import SCHEDULES, lr_at
 
@@ -63,7 +63,7 @@ class PretrainConfig:
     train: str | list[str] = option([], help="training unit file(s): one utterance per line, space-separated ints")
     dev: str = option("", help="dev unit file, for perplexity and checkpoint_best.pt")
     n_units: int = option(100, help="number of units K (unit u is token u+4 in dict.txt)")
-    model: str = option("small", help="named unit LM architecture (gslm_big, small, tiny)")
+    model: str = option("small", help=f"named unit LM architecture: {', '.join(NAMED_CONFIGS)}")
     model_overrides: dict[str, Any] = option(
         {}, help="UnitLMConfig fields that override the named architecture, e.g. model_overrides.layers=4"
     )
@@ -537,7 +537,7 @@ def _train(run: _Run, log: RunLogger | None) -> dict[str, Any]:
     session = time.monotonic() - session_start
     return {
         "step": run.step,
-        "train_loss": train_loss,
+        "train_loss": None if math.isnan(train_loss) else train_loss,  # None: resumed a finished run
         "dev_loss": dev["loss"],
         "dev_loss_bits": dev["loss_bits"],
         "dev_ppl": dev["ppl"],
