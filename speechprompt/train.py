@@ -236,6 +236,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, dictionary = load_unit_lm(cfg.base)
     n_units = len(dictionary) - dictionary.nspecial
     fingerprint = base_fingerprint(model)  # before any method attaches
+    base_params = sum(p.numel() for p in model.parameters())
     train_split = load_split(cfg.data.train_units, cfg.data.train_labels, n_units, cfg.data.max_len, "train")
     dev_split = load_split(cfg.data.dev_units, cfg.data.dev_labels, n_units, cfg.data.max_len, "dev") \
         if cfg.data.dev_units else None
@@ -287,7 +288,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "method": {"name": cfg.method.name, "config": C.to_dict(cfg.method.resolved())},
         "verbalizer": verbalizer.to_dict() if verbalizer is not None else None,
         # As given (portable when relative to a repository root) and absolute (found from any working directory).
-        "base": {"path": cfg.base, "abs_path": str(Path(cfg.base).resolve()), "fingerprint": fingerprint},
+        "base": {"path": cfg.base, "abs_path": str(Path(cfg.base).resolve()), "fingerprint": fingerprint,
+                 "parameters": base_params},
         "units": _units_meta(cfg),
         "config": C.to_dict(cfg),
     }

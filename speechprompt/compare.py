@@ -1,0 +1,274 @@
+"""Compare tuning methods on one task over several seeds: train, evaluate every held-out split, tabulate.
+
+    speechprompt compare --task synthetic_commands
+    speechprompt compare --config recipes/synthetic_commands/conf/compare.yaml methods=[deep_prompt,lora] seeds=3
+
+Each method is a training config (``<conf_dir>/<method>.yaml``, the same file ``speechprompt train`` takes). Every
+(method, seed) run goes to ``<out>/<method>/seed<S>``; a finished run is not trained again, and an interrupted one
+resumes, so a killed comparison is simply started again. The best checkpoint of each run (selected on dev) is then
+scored on every evaluation split. ``<out>`` receives:
+
+    results.json    one row per method: the CLI contract's fields (method, accuracy_mean, accuracy_std, seeds,
+                    trainable_params, checkpoint_bytes, checkpoint) plus per-split statistics, memory and speed
+    results.md/.csv the same as a table
+    metric_vs_params.png   the primary split's metric against trainable parameters (log scale)
+
+``accuracy_*`` is the task metric on the primary split (by default the first evaluation split), as the mean and
+the sample standard deviation (ddof=1) over seeds. ``checkpoint`` is the run whose *dev* metric was best, never
+chosen on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from speechprompt import config as C
+from speechprompt.config import ConfigError, option
+from speechprompt.errors import SpeechPromptError
+from speechprompt.fileio import write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SplitFiles:
+    """An evaluation split: a units file and its line-aligned labels."""
+
+    units: str = option(help="units file")
+    labels: str = option(help="labels file")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Which methods to run, on which data, and where the results go."""
+
+    conf_dir: str = option(help="directory holding one training config per method (<method>.yaml)")
+    methods: list[str] = option(help="config names in conf_dir, in the order of the table")
+    seeds: int = option(3, help="seeds 1..N per method")
+    out: str = option("exp/compare", help="output directory (runs go to <out>/<method>/seed<S>)")
+    eval: dict[str, SplitFiles] = option({}, help="evaluation splits by name; the primary one first")
+    primary: str | None = option(None, help="split reported as accuracy_mean/std (null: the first eval split)")
+    metric: str | None = option(None, help="metric key to report, e.g. greedy.accuracy (null: each task's default)")
+    overrides: list[str] = option([], help="key=value overrides applied to every training config")
+    jobs: int = option(1, help="runs trained at once, each on one thread (2 suits a 2-core CPU)")
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.jobs < 1:
+            raise ConfigError("seeds and jobs must be >= 1")
+        if not self.methods:
+            raise ConfigError("methods must name at least one config")
+        for m in self.methods:
+            if not (Path(self.conf_dir) / f"{m}.yaml").is_file():
+                raise ConfigError(f"method {m!r}: no config {Path(self.conf_dir) / (m + '.yaml')}")
+        if self.primary is not None and self.primary not in self.eval:
+            raise ConfigError(f"primary split {self.primary!r} is not among eval: {sorted(self.eval)}")
+
+    @property
+    def primary_split(self) -> str | None:
+        return self.primary or next(iter(self.eval), None)
+
+
+def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int | None) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) one run, then score its best checkpoint on every split."""
+    import torch
+
+    from speechprompt.evaluate import evaluate_split, load_task, resolve_device, write_report
+    from speechprompt.tasks.data import load_split
+    from speechprompt.train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(cfg.out) / method / f"seed{seed}"
+    train_cfg = C.load_config(
+        TrainConfig, Path(cfg.conf_dir) / f"{method}.yaml", [*cfg.overrides, f"seed={seed}", f"run_dir={run_dir}"]
+    )
+    summary = train(train_cfg)
+    task, ckpt, dictionary = load_task(summary["checkpoint"], device=train_cfg.device)
+    device = resolve_device(train_cfg.device)
+    splits = {}
+    for name, files in cfg.eval.items():
+        split = load_split(files.units, files.labels, len(dictionary) - dictionary.nspecial,
+                           train_cfg.data.max_len, name=name)
+        metrics, preds = evaluate_split(task, split, train_cfg.eval_batch_size, device)
+        write_report(task, split, metrics, preds, run_dir, {"checkpoint": str(ckpt.path)})
+        splits[name] = metrics
+    return {"method": method, "seed": seed, "summary": summary, "splits": splits,
+            "default_metric": task.default_metric}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def aggregate(cfg: CompareConfig, runs: list[dict[str, Any]], base_params: int | None) -> list[dict[str, Any]]:
+    """One row per method (see the module docstring)."""
+    rows = []
+    root = Path.cwd()
+    for method in cfg.methods:
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+        metric = cfg.metric or mine[0]["default_metric"]
+        splits = {name: _stats([r["splits"][name].get(metric, math.nan) for r in mine]) for name in cfg.eval}
+        dev_values = [(r["summary"].get("dev") or {}).get(metric, -math.inf) for r in mine]
+        best = mine[max(range(len(mine)), key=lambda i: dev_values[i])]
+        checkpoint = Path(best["summary"]["checkpoint"]).resolve()
+        with contextlib.suppress(ValueError):
+            checkpoint = checkpoint.relative_to(root)
+        first = mine[0]["summary"]
+        primary = splits.get(cfg.primary_split or "", {"mean": math.nan, "std": math.nan})
+        trainable = first["trainable_params"]
+        rows.append({
+            "method": method,
+            "metric": metric,
+            "accuracy_mean": primary["mean"],
+            "accuracy_std": primary["std"],
+            "seeds": [r["seed"] for r in mine],
+            "trainable_params": trainable,
+            "trainable_percent": 100.0 * trainable / base_params if base_params else None,
+            "checkpoint_bytes": first["checkpoint_bytes"],
+            "checkpoint": str(checkpoint),
+            "splits": splits,
+            "dev": _stats([v for v in dev_values if math.isfinite(v)]) if any(map(math.isfinite, dev_values))
+            else None,
+            "peak_rss_bytes": max(r["summary"].get("peak_rss_bytes") or 0 for r in mine) or None,
+            "mean_step_seconds": statistics.fmean(
+                [r["summary"]["mean_step_seconds"] for r in mine if r["summary"].get("mean_step_seconds")] or [math.nan]
+            ),
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], split_names: list[str]) -> str:
+    """A Markdown table: metric mean ± std per split, trainable parameters and %, checkpoint size, memory, speed."""
+    head = ["method", *[f"{s} (mean ± std)" for s in split_names], "trainable", "%", "ckpt", "peak RSS", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]]
+        cells += [f"{r['splits'][s]['mean']:.3f} ± {r['splits'][s]['std']:.3f}" for s in split_names]
+        pct = r["trainable_percent"]
+        cells += [
+            f"{r['trainable_params']:,}",
+            f"{pct:.3g}" if pct is not None else "?",
+            _bytes(r["checkpoint_bytes"]),
+            _bytes(r["peak_rss_bytes"]) if r["peak_rss_bytes"] else "?",
+            f"{r['mean_step_seconds']:.3f}" if math.isfinite(r["mean_step_seconds"]) else "?",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """Run every (method, seed), then write results.json/.md/.csv and the PNG. Returns the rows."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_config(cfg, out / "compare.yaml")
+    jobs = [(m, s) for m in cfg.methods for s in range(1, cfg.seeds + 1)]
+    runs: list[dict[str, Any]] = []
+    if cfg.jobs == 1:
+        for m, s in jobs:
+            logger.info("run %s seed %d", m, s)
+            runs.append(_run_one(cfg, m, s, None))
+    else:
+        # Separate processes, one thread each: on a small CPU this beats one run using every core, and the
+        # results do not depend on the schedule (each run is seeded on its own).
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_one, cfg, m, s, 1): (m, s) for m, s in jobs}
+            for fut in cf.as_completed(futures):
+                m, s = futures[fut]
+                runs.append(fut.result())
+                logger.info("finished %s seed %d", m, s)
+    rows = aggregate(cfg, runs, _base_params(runs))
+    split_names = list(cfg.eval)
+    write_json(out / "results.json", rows)
+    table = format_table(rows, split_names)
+    write_text(out / "results.md", table)
+    csv_lines = ["method,metric,split,mean,std,trainable_params,checkpoint_bytes"]
+    csv_lines += [
+        f"{r['method']},{r['metric']},{s},{r['splits'][s]['mean']:.6f},{r['splits'][s]['std']:.6f},"
+        f"{r['trainable_params']},{r['checkpoint_bytes']}"
+        for r in rows for s in split_names
+    ]
+    write_text(out / "results.csv", "\n".join(csv_lines) + "\n")
+    if cfg.primary_split:
+        from speechprompt.plots import plot_metric_vs_params
+
+        plot_rows = [{**r, "accuracy": r["accuracy_mean"], "accuracy_std": r["accuracy_std"]} for r in rows]
+        try:
+            plot_metric_vs_params(plot_rows, out / "metric_vs_params.png", metric="accuracy")
+        except Exception as e:  # a plot must never lose the results
+            logger.warning("no metric-vs-params plot: %s", e)
+    return rows
+
+
+def _base_params(runs: list[dict[str, Any]]) -> int | None:
+    """Parameter count of the frozen base LM (for the trainable %), from the first run's checkpoint."""
+    from speechprompt.checkpoint import read_sidecar
+
+    for r in runs:
+        meta = read_sidecar(r["summary"]["checkpoint"])
+        n = (meta.get("base") or {}).get("parameters")
+        if n:
+            return int(n)
+        path = (meta.get("base") or {}).get("path")
+        if path and os.path.isfile(path):
+            from speechprompt.models.unit_lm import load_unit_lm
+
+            model, _ = load_unit_lm(path)
+            return sum(p.numel() for p in model.parameters())
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default=None,
+                        help="a recipe name: shorthand for --config recipes/<task>/conf/compare.yaml")
+    parser.add_argument("--config", default=None, help="compare YAML (keys below)")
+    parser.add_argument("--methods", default=None, help="comma-separated config names (overrides the YAML)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (overrides the YAML)")
+    parser.add_argument("--out", default=None, help="output directory (overrides the YAML)")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at once (overrides the YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="compare config overrides")
+    parser.epilog = "config keys:\n" + C.describe(CompareConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task and args.config:
+        raise SpeechPromptError("give --task or --config, not both")
+    path = args.config or (f"recipes/{args.task}/conf/compare.yaml" if args.task else None)
+    if path is None:
+        raise SpeechPromptError("give --task NAME or --config FILE")
+    if not Path(path).is_file():
+        raise SpeechPromptError(f"no compare config {path}" + (" (run from the repository root)" if args.task else ""))
+    overrides = list(args.overrides)
+    if args.methods:
+        overrides.append(f"methods=[{args.methods}]")
+    for key in ("seeds", "out", "jobs"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = C.load_config(CompareConfig, path, overrides)
+    rows = compare(cfg)
+    print(format_table(rows, list(cfg.eval)), end="")
+    print(f"results: {Path(cfg.out) / 'results.json'}")
+    return 0
+
