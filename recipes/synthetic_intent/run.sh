@@ -3,7 +3,7 @@
 # end to end on a CPU: no dataset, no pretrained weights.
 #
 #   stage 1  synth --task sentences   random-word sentences: the unit LM's pretraining speech   (shared base)
-#   stage 2  kmeans                   k-means of log-mel (or MFCC) frames of those sentences      (shared base)
+#   stage 2  kmeans                   k-means of MFCC (or log-mel) frames of those sentences      (shared base)
 #   stage 3  prepare + pretrain-ulm   their units, and a small unit LM pretrained on them         (shared base)
 #   stage 4  synth --task intent      the task corpus: test on unseen voices, test_synth on an unseen engine
 #   stage 5  prepare                  the task corpus as units, with the base k-means
@@ -19,8 +19,9 @@ recipe=$(dirname "${BASH_SOURCE[0]}")
 task=intent
 stage=1
 stop_stage=7
-features=logmel
+features=mfcc
 k=100
+ulm_steps=1000
 base_dir=exp/synthetic_base
 ulm_config=recipes/pretrain_ulm/conf/small.yaml
 config=${recipe}/conf/prompt.yaml
@@ -40,8 +41,9 @@ from synthesized speech to test accuracy on unseen voices (test) and an unseen s
 Options [default]:
   --stage N          first stage to run [${stage}]
   --stop-stage N     last stage to run [${stop_stage}]
-  --features NAME    frame features of the k-means: logmel or mfcc [${features}]
+  --features NAME    frame features of the k-means: mfcc or logmel [${features}]
   --k N              number of units [${k}]
+  --ulm-steps N      unit LM pretraining updates [${ulm_steps}]
   --base-dir DIR     sentences corpus, k-means and unit LM, shared with synthetic_digits [${base_dir}]
   --ulm-config FILE  unit LM pretraining config [${ulm_config}]
   --config FILE      training config (conf/prompt.yaml: SpeechPrompt v1, one token per slot;
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
         --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
         --features) features=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
+        --ulm-steps) ulm_steps=$2; shift 2 ;;
         --base-dir) base_dir=$2; shift 2 ;;
         --ulm-config) ulm_config=$2; shift 2 ;;
         --config) config=$2; shift 2 ;;
@@ -78,6 +81,7 @@ log() { echo "$(date +%H:%M:%S) $(basename "$(dirname "$0")"): $*" >&2; }
 die() { echo "$0: error: $*" >&2; exit 1; }
 need_file() { [ -f "$1" ] || die "missing $2: $1"; }
 stage_on() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+command -v speechprompt >/dev/null || die "speechprompt is not on PATH (pip install -e . in the active environment)"
 
 sentences=${base_dir}/sentences
 kmeans=${base_dir}/km${k}_${features}.safetensors
@@ -99,7 +103,8 @@ fi
 if stage_on 2; then
     log "stage 2: ${k}-means of ${features} frames of the sentences -> ${kmeans}"
     need_file "${sentences}/train.tsv" "the sentences corpus (run stage 1)"
-    speechprompt kmeans --manifest "${sentences}/train.tsv" --features "${features}" --k "${k}" --out "${kmeans}"
+    speechprompt kmeans --manifest "${sentences}/train.tsv" --features "${features}" --k "${k}" --percent 1.0 \
+        --n-init 3 --seed "${synth_seed}" --out "${kmeans}"
 fi
 
 if stage_on 3; then
@@ -111,7 +116,7 @@ if stage_on 3; then
             --out "${base_units}" --dedup --device "${device}"
     done
     speechprompt pretrain-ulm --config "${ulm_config}" train="${base_units}/train.units" \
-        dev="${base_units}/dev.units" n_units="${k}" run_dir="${ulm_dir}" device="${device}"
+        dev="${base_units}/dev.units" n_units="${k}" max_steps="${ulm_steps}" run_dir="${ulm_dir}" device="${device}"
 fi
 
 if stage_on 4; then
