@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "speechprompt.train",
     "evaluate": "speechprompt.evaluate",
     "infer": "speechprompt.infer",
+    "compare": "speechprompt.compare",
 }
 
 

@@ -60,11 +60,12 @@ class CompareConfig:
     primary: str | None = option(None, help="split reported as accuracy_mean/std (null: the first eval split)")
     metric: str | None = option(None, help="metric key to report, e.g. greedy.accuracy (null: each task's default)")
     overrides: list[str] = option([], help="key=value overrides applied to every training config")
-    jobs: int = option(1, help="runs trained at once, each on one thread (2 suits a 2-core CPU)")
+    jobs: int = option(1, help="runs trained at once, in separate processes (2 suits a 2-core CPU)")
+    threads: int = option(0, help="torch CPU threads per run (0: torch's default; 1 is often fastest on a small CPU)")
 
     def __post_init__(self) -> None:
-        if self.seeds < 1 or self.jobs < 1:
-            raise ConfigError("seeds and jobs must be >= 1")
+        if self.seeds < 1 or self.jobs < 1 or self.threads < 0:
+            raise ConfigError("seeds and jobs must be >= 1, threads >= 0")
         if not self.methods:
             raise ConfigError("methods must name at least one config")
         for m in self.methods:
@@ -78,30 +79,27 @@ class CompareConfig:
         return self.primary or next(iter(self.eval), None)
 
 
-def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int | None) -> dict[str, Any]:
+def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run, then score its best checkpoint on every split."""
-    import torch
-
-    from speechprompt.evaluate import evaluate_split, load_task, resolve_device, write_report
+    from speechprompt.devices import resolve_device, torch_threads
+    from speechprompt.evaluate import evaluate_split, load_task, write_report
     from speechprompt.tasks.data import load_split
     from speechprompt.train import TrainConfig, train
 
-    if threads:
-        torch.set_num_threads(threads)
     run_dir = Path(cfg.out) / method / f"seed{seed}"
-    train_cfg = C.load_config(
-        TrainConfig, Path(cfg.conf_dir) / f"{method}.yaml", [*cfg.overrides, f"seed={seed}", f"run_dir={run_dir}"]
-    )
-    summary = train(train_cfg)
-    task, ckpt, dictionary = load_task(summary["checkpoint"], device=train_cfg.device)
-    device = resolve_device(train_cfg.device)
-    splits = {}
-    for name, files in cfg.eval.items():
-        split = load_split(files.units, files.labels, len(dictionary) - dictionary.nspecial,
-                           train_cfg.data.max_len, name=name)
-        metrics, preds = evaluate_split(task, split, train_cfg.eval_batch_size, device)
-        write_report(task, split, metrics, preds, run_dir, {"checkpoint": str(ckpt.path)})
-        splits[name] = metrics
+    overrides = [*cfg.overrides, f"seed={seed}", f"run_dir={run_dir}"]
+    train_cfg = C.load_config(TrainConfig, Path(cfg.conf_dir) / f"{method}.yaml", overrides)
+    with torch_threads(threads):
+        summary = train(train_cfg)
+        task, ckpt, dictionary = load_task(summary["checkpoint"], device=train_cfg.device)
+        device = resolve_device(train_cfg.device)
+        splits = {}
+        for name, files in cfg.eval.items():
+            split = load_split(files.units, files.labels, len(dictionary) - dictionary.nspecial,
+                               train_cfg.data.max_len, name=name)
+            metrics, preds = evaluate_split(task, split, train_cfg.eval_batch_size, device)
+            write_report(task, split, metrics, preds, run_dir, {"checkpoint": str(ckpt.path)})
+            splits[name] = metrics
     return {"method": method, "seed": seed, "summary": summary, "splits": splits,
             "default_metric": task.default_metric}
 
@@ -188,13 +186,13 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     if cfg.jobs == 1:
         for m, s in jobs:
             logger.info("run %s seed %d", m, s)
-            runs.append(_run_one(cfg, m, s, None))
+            runs.append(_run_one(cfg, m, s, cfg.threads))
     else:
-        # Separate processes, one thread each: on a small CPU this beats one run using every core, and the
-        # results do not depend on the schedule (each run is seeded on its own).
+        # Separate processes: on a small CPU, two one-thread runs beat one run on every core, and the results do
+        # not depend on the schedule (each run is seeded on its own).
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, cfg, m, s, 1): (m, s) for m, s in jobs}
+            futures = {pool.submit(_run_one, cfg, m, s, cfg.threads): (m, s) for m, s in jobs}
             for fut in cf.as_completed(futures):
                 m, s = futures[fut]
                 runs.append(fut.result())

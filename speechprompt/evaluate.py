@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import speechprompt.baselines  # noqa: F401  (registers full_finetune and linear_probe as methods)
 from speechprompt.checkpoint import TaskCheckpoint, base_fingerprint, load_checkpoint, load_into
+from speechprompt.devices import resolve_device
 from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.fileio import atomic_open, write_json
 from speechprompt.tasks.data import Batch, Split, batches, load_split
@@ -99,13 +100,6 @@ def build_task(
 ) -> Task:
     """Instantiate the task head ``kind`` (a key of :data:`TASK_KINDS`)."""
     return TASK_KINDS[kind](model, method, verbalizer, labels, dict(decode or {}))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_task(

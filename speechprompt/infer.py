@@ -26,8 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from speechprompt.devices import resolve_device
 from speechprompt.errors import CheckpointError, SpeechPromptError
-from speechprompt.evaluate import load_task, resolve_device
+from speechprompt.evaluate import load_task
 from speechprompt.tasks.data import collate
 
 logger = logging.getLogger(__name__)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, describe, load_config, option, save_config, to_dict
+from speechprompt.devices import torch_threads
 from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.fileio import torch_save, write_json
@@ -432,7 +433,7 @@ class _Run:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining as ``cfg`` says. Returns the final metrics (also in ``run_dir/metrics.json``)."""
-    with distributed(cfg.device) as (d, device), _torch_threads(cfg.threads):
+    with distributed(cfg.device) as (d, device), torch_threads(cfg.threads):
         state = _check_run_dir(cfg)
         d.barrier()  # every process has looked at run_dir before the main one writes to it
         run = _Run(cfg, d, device)
@@ -452,18 +453,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             write_json(run.run_dir / "metrics.json", metrics)
         d.barrier()
         return metrics
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Use ``n`` intra-op threads (0: leave torch's setting) and restore the previous count on exit."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_run_dir(cfg: PretrainConfig) -> dict[str, Any] | None:

@@ -37,7 +37,8 @@ import torch
 from speechprompt import config as C
 from speechprompt.checkpoint import base_fingerprint, save_checkpoint
 from speechprompt.config import ConfigError, option
-from speechprompt.evaluate import build_task, evaluate_split, resolve_device, task_kind, write_report
+from speechprompt.devices import resolve_device, torch_threads
+from speechprompt.evaluate import build_task, evaluate_split, task_kind, write_report
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.tasks.data import batches, load_split, units_summary
 from speechprompt.tasks.metrics import METRICS
@@ -159,6 +160,8 @@ class TrainConfig:
     device: str = option("auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     resume: bool = option(True, help="continue from run_dir/train_state.pt if it is there")
     log_every: int = option(10, help="log the train loss every N updates")
+    threads: int = option(0, help="CPU threads of torch ops (0: torch's default); 1 is often fastest on a small or "
+                          "shared CPU")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "eval_batch_size", "log_every"):
@@ -180,7 +183,9 @@ class TrainConfig:
 
 
 # Keys that may differ between a killed run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "max_epochs", "max_steps", "patience", "device", "log_every", "eval_batch_size"}
+_RESUMABLE_CHANGES = {
+    "threads", "resume", "max_epochs", "max_steps", "patience", "device", "log_every", "eval_batch_size",
+}
 
 
 def _selection(task: Any, metric: str | None) -> tuple[str, bool]:
@@ -214,6 +219,11 @@ def _wide_log(run_dir: Path) -> list[dict[str, Any]]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns what is written to ``metrics.json``."""
+    with torch_threads(cfg.threads):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from speechprompt.models.unit_lm import load_unit_lm
     from speechprompt.plots import plot_learning_curves
     from speechprompt.runlog import RunLogger

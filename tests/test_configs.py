@@ -16,10 +16,11 @@ CONFIGS = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 def config_class(command: str) -> type:
     """The config dataclass of a ``speechprompt`` subcommand that takes ``--config``."""
+    from speechprompt.compare import CompareConfig
     from speechprompt.pretrain import PretrainConfig
     from speechprompt.train import TrainConfig
 
-    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig}
+    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig, "compare": CompareConfig}
     assert command in classes, f"no config class known for `speechprompt {command}`: add it to this test"
     return classes[command]
 
@@ -44,7 +45,7 @@ def test_config_loads_and_first_line_runs_it(path):
 def test_unknown_keys_in_a_recipe_config_are_errors(tmp_path):
     from speechprompt.train import TrainConfig
 
-    source = ROOT / "recipes" / "synthetic_commands" / "conf" / "prompt.yaml"
+    source = ROOT / "recipes" / "synthetic_commands" / "conf" / "deep_prompt.yaml"
     bad = tmp_path / "bad.yaml"
     bad.write_text(source.read_text().replace("max_epochs:", "max_epoch:"))
     with pytest.raises(C.ConfigError, match="max_epoch"):

@@ -203,6 +203,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
                      dropout=0.1, attention_dropout=0.1),
     "small": dict(vocab_size=104, embed_dim=256, ffn_dim=1024, layers=6, heads=4, max_positions=1024,
                   dropout=0.1, attention_dropout=0.1),
+    # The embedded default's LM: pretrains on ~50k units in a few minutes on 2 CPU cores.
+    "demo": dict(vocab_size=104, embed_dim=128, ffn_dim=512, layers=4, heads=4, max_positions=1024,
+                 dropout=0.1, attention_dropout=0.1),
     "tiny": dict(vocab_size=104, embed_dim=64, ffn_dim=128, layers=2, heads=4, max_positions=256,
                  dropout=0.0, attention_dropout=0.0),
 }

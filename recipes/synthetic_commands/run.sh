@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The embedded default (`make demo`): SpeechPrompt end to end on a speech corpus synthesized here.
+#
+#   stage 1  synth        12-class Speech Commands-style words, and unlabeled sentences, from espeak-ng, flite and
+#                         festival (festival is held out: it is heard only in the test_synth split)
+#   stage 2  kmeans       100 units learned on MFCC frames of the unlabeled sentences (no HuBERT weights here)
+#   stage 3  prepare      every split to deduplicated unit sequences
+#   stage 4  pretrain     a small GSLM-style unit LM on the sentences' units
+#   stage 5  compare      prompt tuning and the baselines on the frozen LM, several seeds, evaluated on unseen
+#                         voices (test) and on the unseen synthesizer (test_synth); prints the results table
+#
+# Run from the repository root:  recipes/synthetic_commands/run.sh   (or `make demo`)
+# Everything goes to exp/synthetic_commands/. Stages are resumable: a finished step is not redone.
+set -euo pipefail
+
+recipe=$(dirname "${BASH_SOURCE[0]}")
+exp=exp/synthetic_commands
+stage=1
+stop_stage=5
+seed=0
+per_class=100
+sentences=400
+features=mfcc
+k=100
+ulm_steps=400
+methods=input_prompt,deep_prompt,deep_prompt_learnable,full_finetune,linear_probe
+seeds=3
+jobs=2
+train_options=""
+
+usage() {
+    cat <<USAGE
+Usage: $0 [options]
+
+The embedded default: synthesize -> units -> pretrain a unit LM -> prompt-tune it -> evaluate on held-out voices
+and a held-out synthesizer. Writes ${exp}/results.json and prints the results table.
+
+Options [default]:
+  --stage N            first stage to run [${stage}]
+  --stop-stage N       last stage to run [${stop_stage}]
+  --seed S             seed of the synthesized corpus and of k-means [${seed}]
+  --per-class N        training utterances per command class [${per_class}]
+  --sentences N        unlabeled training sentences for k-means and the unit LM [${sentences}]
+  --features NAME      mfcc or logmel [${features}]
+  --k K                number of units [${k}]
+  --ulm-steps N        unit LM pretraining updates [${ulm_steps}]
+  --methods A,B,...    training configs in ${recipe}/conf to compare [${methods}]
+  --seeds N            seeds per method [${seeds}]
+  --jobs N             training runs at once, one CPU thread each [${jobs}]
+  --train-options "KEY=VALUE ..."
+                       overrides for every training config, e.g. "max_epochs=5" [${train_options:-none}]
+  -h, --help           this message
+USAGE
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --stage) stage=$2; shift 2 ;;
+        --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
+        --seed) seed=$2; shift 2 ;;
+        --per-class) per_class=$2; shift 2 ;;
+        --sentences) sentences=$2; shift 2 ;;
+        --features) features=$2; shift 2 ;;
+        --k) k=$2; shift 2 ;;
+        --ulm-steps) ulm_steps=$2; shift 2 ;;
+        --methods) methods=$2; shift 2 ;;
+        --seeds) seeds=$2; shift 2 ;;
+        --jobs) jobs=$2; shift 2 ;;
+        --train-options) train_options=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "$0: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "$(date +%H:%M:%S) synthetic_commands: $*" >&2; }
+command -v speechprompt >/dev/null || { echo "$0: error: speechprompt is not on PATH (run 'make demo')" >&2; exit 1; }
+
+data=${exp}/data
+units=${exp}/units
+
+if [ "${stage}" -le 1 ] && [ "${stop_stage}" -ge 1 ]; then
+    log "stage 1: synthesize the commands corpus and the unlabeled sentences"
+    speechprompt synth --task commands --out "${data}/commands" --seed "${seed}" --per-class "${per_class}"
+    speechprompt synth --task sentences --out "${data}/sentences" --seed "${seed}" --per-class "${sentences}"
+fi
+
+if [ "${stage}" -le 2 ] && [ "${stop_stage}" -ge 2 ]; then
+    log "stage 2: learn ${k} units on ${features} features of the sentences"
+    if [ ! -f "${exp}/kmeans.safetensors" ]; then
+        speechprompt kmeans --manifest "${data}/sentences/train.tsv" --features "${features}" --k "${k}" \
+            --percent 1.0 --n-init 3 --seed "${seed}" --out "${exp}/kmeans.safetensors"
+    fi
+fi
+
+if [ "${stage}" -le 3 ] && [ "${stop_stage}" -ge 3 ]; then
+    log "stage 3: audio -> deduplicated units"
+    for split in train dev test test_synth; do
+        [ -f "${units}/${split}.units" ] && continue
+        speechprompt prepare --manifest "${data}/commands/${split}.tsv" --features "${features}" \
+            --kmeans "${exp}/kmeans.safetensors" --dedup --out "${units}"
+    done
+    for split in train dev; do
+        [ -f "${units}/sentences/${split}.units" ] && continue
+        speechprompt prepare --manifest "${data}/sentences/${split}.tsv" --features "${features}" \
+            --kmeans "${exp}/kmeans.safetensors" --dedup --out "${units}/sentences"
+    done
+fi
+
+if [ "${stage}" -le 4 ] && [ "${stop_stage}" -ge 4 ]; then
+    log "stage 4: pretrain the unit LM on the sentences"
+    speechprompt pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
+fi
+
+if [ "${stage}" -le 5 ] && [ "${stop_stage}" -ge 5 ]; then
+    log "stage 5: prompt tuning and baselines on the frozen unit LM (${seeds} seeds each)"
+    overrides=$(echo ${train_options} | tr ' ' ',')
+    speechprompt compare --config "${recipe}/conf/compare.yaml" --methods "${methods}" --seeds "${seeds}" \
+        --jobs "${jobs}" "overrides=[${overrides}]"
+    log "results: ${exp}/results.json (table: ${exp}/results.md, plots under ${exp}/<method>/seed<S>/)"
+fi
