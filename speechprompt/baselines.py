@@ -56,8 +56,8 @@ class FrozenBackbone(TuningMethod):
 
 
 # Registered with the tuning methods, so that configs, build_method and checkpoint sidecars treat them alike.
-register_method("full_finetune", FullFinetuneConfig, FullFinetune)
-register_method("linear_probe", LinearProbeConfig, FrozenBackbone)
+register_method("full_finetune", FullFinetuneConfig, FullFinetune, baseline=True)
+register_method("linear_probe", LinearProbeConfig, FrozenBackbone, baseline=True)
 
 
 class LinearProbe:

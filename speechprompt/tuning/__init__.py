@@ -40,23 +40,28 @@ from speechprompt.tuning.prompt import PromptConfig, PromptTuning
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, config dataclass and module class."""
+    """A registered method: its name, config dataclass and module class.
+
+    ``baseline`` marks the reference points registered by :mod:`speechprompt.baselines` (full fine-tuning, the
+    linear probe), which train through the same machinery but are not parameter-efficient methods.
+    """
 
     name: str
     config_cls: type
     method_cls: type[TuningMethod]
+    baseline: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, method_cls: type[TuningMethod]) -> None:
+def register_method(name: str, config_cls: type, method_cls: type[TuningMethod], baseline: bool = False) -> None:
     """Make a method available by ``name`` to :func:`build_method` and to configs."""
     if name in METHODS:
         raise ValueError(f"tuning method {name!r} is already registered")
     if any(spec.config_cls is config_cls for spec in METHODS.values()):
         raise ValueError(f"{config_cls.__name__} already belongs to another method")
-    METHODS[name] = MethodSpec(name, config_cls, method_cls)
+    METHODS[name] = MethodSpec(name, config_cls, method_cls, baseline)
 
 
 def _spec(name: str) -> MethodSpec:

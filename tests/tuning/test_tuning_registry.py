@@ -61,8 +61,13 @@ def _toy_loss(out: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
+# The parameter-efficient methods. The baselines (full fine-tuning, linear probe) register into the same registry
+# once speechprompt.baselines is imported, but they are tested with the trainer, not here.
+PEFT_METHODS = [name for name, spec in METHODS.items() if not spec.baseline]
+
+
 def _combos():
-    for name in METHODS:
+    for name in PEFT_METHODS:
         for backbone in BACKBONES:
             if backbone != "unit_lm" and name in UNIT_LM_ONLY:
                 continue
@@ -73,7 +78,7 @@ COMBOS = list(_combos())
 
 
 def test_all_methods_are_registered():
-    assert set(METHODS) == {"prompt", "prefix", "adapter", "lora", "bitfit", "mask"}
+    assert set(PEFT_METHODS) == {"prompt", "prefix", "adapter", "lora", "bitfit", "mask"}
 
 
 def test_unknown_method_and_bad_options_are_clear_errors():
@@ -95,7 +100,7 @@ def test_registering_twice_is_refused():
         register_method("lora2", spec.config_cls, spec.method_cls)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", PEFT_METHODS)
 def test_config_round_trips_through_a_plain_mapping(name):
     config = METHODS[name].config_cls()
     again = method_config(name, to_dict(config))
@@ -193,7 +198,7 @@ def test_attaching_twice_is_refused(name, backbone):
         method.attach(model)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", PEFT_METHODS)
 def test_low_precision_backbone_trains_float32_method_tensors(name):
     model = _unit_lm().to(torch.bfloat16)
     method = build_method(name, model)
