@@ -1,0 +1,289 @@
+"""SUPERB protocol on a tiny random HuBERT: weighted layer sum, heads, methods inside the encoder, checkpoints.
+
+The corpus is tones: a low (200 Hz) and a high (4 kHz) class with random phase, amplitude, length and noise, which
+even a random 2-layer HuBERT separates after mean pooling.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechprompt import config as C
+from speechprompt.checkpoint import load_checkpoint
+from speechprompt.config import ConfigError, to_dict
+from speechprompt.errors import CheckpointError
+from speechprompt.fairseq_compat import save_fairseq_checkpoint
+from speechprompt.models.hubert import HubertConfig, HubertModel, load_hubert
+from speechprompt.superb import (
+    ClassificationHead,
+    CTCHead,
+    SuperbConfig,
+    WeightedLayerSum,
+    audio_batches,
+    build_superb,
+    evaluate_superb,
+    fit_superb,
+    load_audio_split,
+    load_superb,
+    train_superb,
+)
+from speechprompt.tasks.ctc import CharVocabulary
+from speechprompt.tuning import method_config
+
+SR = 16000
+TONES = {"low": 200.0, "high": 4000.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _save_hubert(path, seed: int):
+    torch.manual_seed(seed)
+    model = HubertModel(HubertConfig.tiny())
+    cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": SR}}
+    save_fairseq_checkpoint(path, model.state_dict(), cfg)
+    return path
+
+
+def _write_split(root, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]):
+    rows, labels = [], []
+    for i in range(per_class):
+        for label, freq in TONES.items():
+            n = int(rng.integers(2400, 4800))
+            t = np.arange(n) / SR
+            wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+            wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
+            rel = f"{name}/{label}_{i}.wav"
+            (root / name).mkdir(exist_ok=True)
+            sf.write(root / rel, wav, SR)
+            rows.append(f"{rel}\t{n}")
+            labels.append(text[label])
+    (root / f"{name}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
+    (root / f"{name}.labels").write_text("".join(label + "\n" for label in labels))
+    return root / f"{name}.tsv"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("superb")
+    rng = np.random.default_rng(0)
+    names = {"low": "low", "high": "high"}
+    chars = {"low": "lo", "high": "hi"}
+    return {
+        "upstream": _save_hubert(root / "hubert.pt", seed=0),
+        "other_upstream": _save_hubert(root / "other.pt", seed=1),
+        "train": _write_split(root, "train", 8, rng, names),
+        "dev": _write_split(root, "dev", 4, rng, names),
+        "ctc_train": _write_split(root, "ctc_train", 6, rng, chars),
+        "ctc_dev": _write_split(root, "ctc_dev", 2, rng, chars),
+    }
+
+
+def _config(corpus, run_dir, method="linear_probe", options=None, **kw) -> SuperbConfig:
+    data = {"train_manifest": str(corpus["train"]), "dev_manifest": str(corpus["dev"])}
+    fields = {
+        "data": data, "upstream": str(corpus["upstream"]), "run_dir": str(run_dir), "device": "cpu",
+        "method": {"name": method, "options": options or {}}, "batch_size": 4, "max_steps": 4, "eval_every": 4,
+        "optim": {"lr": 1e-2}, "log_every": 1,
+    }
+    for key, value in kw.items():
+        if isinstance(value, dict) and isinstance(fields.get(key), dict):
+            fields[key] = {**fields[key], **value}
+        else:
+            fields[key] = value
+    return C.from_dict(SuperbConfig, fields)
+
+
+def _upstream_reference(path) -> dict[str, torch.Tensor]:
+    model, _ = load_hubert(path)
+    model.remove_pretraining_modules()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# -- building blocks ---------------------------------------------------------------------------------------------
+
+
+def test_weighted_layer_sum_starts_as_the_mean_and_normalises():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 5, 8) * (i + 1) + i for i in range(3)]
+    wsum = WeightedLayerSum(3)
+    torch.testing.assert_close(wsum(hidden), torch.stack(hidden).mean(0))
+    with torch.no_grad():
+        wsum.weights.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    torch.testing.assert_close(wsum(hidden), hidden[2])  # softmax puts all the weight on the last state
+    assert wsum.normalized_weights().sum().item() == pytest.approx(1.0)
+
+    normed = WeightedLayerSum(3, layer_norm=True)(hidden)
+    expected = torch.stack([torch.nn.functional.layer_norm(h, (8,)) for h in hidden]).mean(0)
+    torch.testing.assert_close(normed, expected)
+    with pytest.raises(ValueError, match="expected 3"):
+        wsum(hidden[:2])
+
+
+def test_classification_head_pools_only_valid_frames():
+    torch.manual_seed(0)
+    head = ClassificationHead(4, ["a", "b", "c"])
+    feats = torch.randn(1, 6, 4)
+    mask = torch.tensor([[False] * 4 + [True] * 2])
+    garbage = feats.clone()
+    garbage[:, 4:] = 1e3
+    torch.testing.assert_close(head(feats, mask), head(garbage, mask))
+    torch.testing.assert_close(head(feats, mask), head.proj(feats[:, :4].mean(1)))
+    assert head.decode(head(feats, mask), mask)[0] in head.labels
+    assert head.metrics(["a", "b"], ["a", "c"]) == {"accuracy": 0.5}
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        ClassificationHead.from_train_labels(4, ["a", "a"])
+
+
+def test_ctc_head_decodes_and_scores():
+    vocab = CharVocabulary.from_texts(["ab"])
+    head = CTCHead(3, vocab)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(3) * 20)
+        head.proj.bias.zero_()
+    feats = torch.nn.functional.one_hot(torch.tensor([[1, 1, 0, 2, 2]]), 3).float()  # a a _ b b
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    out = head(feats, mask)
+    assert head.decode(out, mask) == ["ab"]
+    assert head.loss(out, mask, ["ab"]).item() < 1e-3
+    assert head.metrics(["a b", "ab"], ["a b", "ab"]) == {"wer": 0.0, "cer": 0.0}
+
+
+def test_data_split_and_batches(corpus, tmp_path):
+    split = load_audio_split(corpus["train"])
+    assert len(split) == 16 and set(split.labels) == {"low", "high"}
+    order = [labels for _, labels in audio_batches(split, 5, shuffle=True, seed=3)]
+    assert order == [labels for _, labels in audio_batches(split, 5, shuffle=True, seed=3)]
+    assert sorted(sum(order, [])) == sorted(split.labels) and [len(b) for b in order] == [5, 5, 5, 1]
+    bad = tmp_path / "bad.labels"
+    bad.write_text("low\n")
+    with pytest.raises(Exception, match="has 1 lines"):
+        load_audio_split(corpus["train"], bad)
+
+
+def test_prompt_method_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="prefix"):
+        _config(corpus, tmp_path, method="prompt")
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+
+def test_frozen_upstream_learns_tones_and_stays_bitwise_unchanged(corpus, tmp_path):
+    cfg = _config(corpus, tmp_path / "frozen", max_steps=32, eval_every=8, optim={"lr": 1e-1})
+    trained, summary = fit_superb(cfg)
+    # Chance is 0.5 on the balanced dev set.
+    assert summary["dev"]["accuracy"] >= 0.875, summary
+    assert summary["method_parameters"] == 0
+    assert summary["trainable_parameters"] == 3 + (32 * 2 + 2)  # 3 layer weights + Linear(32, 2)
+
+    ckpt = load_checkpoint(tmp_path / "frozen" / "best")
+    assert set(ckpt.tensors) == {"head.featurizer.weights", "head.head.proj.weight", "head.head.proj.bias"}
+    model = load_superb(tmp_path / "frozen" / "best.safetensors")
+    reference = _upstream_reference(corpus["upstream"])
+    state = trained.upstream.state_dict()
+    assert set(state) == set(reference)
+    assert not any(p.requires_grad for p in trained.upstream.parameters())
+    for k, v in reference.items():
+        assert torch.equal(state[k], v), k
+
+    metrics, _ = evaluate_superb(model, load_audio_split(corpus["dev"]))
+    assert metrics["accuracy"] == summary["dev"]["accuracy"]
+    logged = (tmp_path / "frozen" / "log.csv").read_text()
+    assert "dev_accuracy" in logged and "train_loss" in logged
+    assert json.loads((tmp_path / "frozen" / "metrics.json").read_text())["best_step"] > 0
+
+
+METHODS = [
+    ("adapter", {"bottleneck": 4}),
+    ("lora", {"rank": 2}),
+    ("prefix", {"length": 2}),
+    ("bitfit", {}),
+    ("mask", {"keep_ratio": 0.9}),
+    ("full_finetune", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
+def test_methods_inside_the_encoder_save_only_what_trained_and_reload_exactly(corpus, tmp_path, method, options):
+    run_dir = tmp_path / method
+    # Without dev data the checkpoint is taken after the last update: the in-memory model is what it must hold.
+    cfg = _config(corpus, run_dir, method=method, options=options, max_steps=3, data={"dev_manifest": None})
+    trained, summary = fit_superb(cfg)
+    assert summary["method_parameters"] > 0 and summary["dev"] is None
+
+    ckpt = load_checkpoint(run_dir / "best")
+    assert set(ckpt.head_state) == {"featurizer.weights", "head.proj.weight", "head.proj.bias"}
+    assert ckpt.meta["base"]["fingerprint"].startswith("sha256:")
+    assert set(ckpt.method_state) == set(trained.method.export_state_dict())
+    if method not in ("mask", "prefix"):  # those store an inference form (bitmask, folded prefix)
+        # The saved method tensors are exactly the upstream's trainable parameters, by their upstream names.
+        trainable = {n for n, p in trained.upstream.named_parameters() if p.requires_grad}
+        assert set(ckpt.method_state) == trainable
+
+    # Reloading reproduces the trained model's outputs exactly, and they differ from the untrained model's.
+    reloaded = load_superb(run_dir / "best")
+    fresh, _ = build_superb(corpus["upstream"], method_config(method, options), "classification", ["high", "low"])
+    wavs, _ = next(audio_batches(load_audio_split(corpus["dev"]), 8))
+    with torch.no_grad():
+        out_trained, _ = trained(*trained.prepare(wavs))
+        out_reloaded, _ = reloaded(*reloaded.prepare(wavs))
+        out_fresh, _ = fresh(*fresh.prepare(wavs))
+    torch.testing.assert_close(out_reloaded, out_trained, rtol=0, atol=0)
+    assert not torch.equal(out_fresh, out_trained)
+
+    # The trained model's frozen upstream weights are bitwise those of the file, except what the method trains
+    # in place (BitFit's biases, every weight under full fine-tuning).
+    reference = _upstream_reference(corpus["upstream"])
+    state = trained.upstream.state_dict()
+    in_place = set(ckpt.method_state) if method in ("bitfit", "full_finetune") else set()
+    assert set(reference) <= set(state)
+    for k, v in reference.items():
+        if k not in in_place:
+            assert torch.equal(state[k], v), k
+    if in_place:
+        assert any(not torch.equal(state[k], reference[k]) for k in in_place)
+
+
+def test_a_different_upstream_is_refused(corpus, tmp_path):
+    train_superb(_config(corpus, tmp_path / "a", method="adapter", options={"bottleneck": 2}, max_steps=1,
+                         eval_every=1))
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_superb(tmp_path / "a" / "best", upstream=corpus["other_upstream"])
+
+
+def test_ctc_head_trains_and_reports_wer_cer(corpus, tmp_path):
+    cfg = _config(corpus, tmp_path / "ctc", head="ctc", max_steps=6, eval_every=3, optim={"lr": 5e-2},
+                  data={"train_manifest": str(corpus["ctc_train"]), "dev_manifest": str(corpus["ctc_dev"])})
+    summary = train_superb(cfg)
+    assert set(summary["dev"]) == {"wer", "cer", "loss"}
+    log = (tmp_path / "ctc" / "log.csv").read_text().splitlines()
+    losses = [float(r.split(",")[2]) for r in log if ",train_loss," in r]
+    assert losses[-1] < losses[0]  # the CTC loss goes down
+    model = load_superb(tmp_path / "ctc" / "best")
+    assert model.head.vocab.symbols == ["h", "i", "l", "o"]
+    metrics, hyps = evaluate_superb(model, load_audio_split(corpus["ctc_dev"]))
+    assert metrics["wer"] == summary["dev"]["wer"] and len(hyps) == 4
+
+
+def test_cli_runs_a_config_file(corpus, tmp_path, capsys):
+    from speechprompt.cli import main
+
+    cfg = _config(corpus, tmp_path / "cli", max_steps=2, eval_every=2)
+    path = tmp_path / "c.yaml"
+    C.save_config(cfg, path)
+    assert main(["superb", "--config", str(path), "seed=3", f"run_dir={tmp_path / 'cli2'}"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 2 and (tmp_path / "cli2" / "best.safetensors").is_file()
+    assert main(["superb", "--config", str(path), "method.name=prompt"]) == 2
+    assert "prefix" in capsys.readouterr().err
