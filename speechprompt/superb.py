@@ -1,6 +1,6 @@
 """SUPERB-style training on the HuBERT encoder: a learned weighted sum of layers and a small task head.
 
-    speechprompt superb --config recipes/superb_hubert/conf/frozen.yaml run_dir=exp/superb/frozen seed=1
+    speechprompt superb --config recipes/superb_hubert/conf/ks_frozen.yaml seed=1 run_dir=exp/superb/ks_frozen
 
 The model is the SUPERB protocol (Yang et al., 2021) with the efficient-tuning methods of the speech SSL study
 placed *inside* the encoder::

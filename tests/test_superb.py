@@ -7,6 +7,8 @@ even a random 2-layer HuBERT separates after mean pooling.
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +289,22 @@ def test_cli_runs_a_config_file(corpus, tmp_path, capsys):
     assert out["steps"] == 2 and (tmp_path / "cli2" / "best.safetensors").is_file()
     assert main(["superb", "--config", str(path), "method.name=prompt"]) == 2
     assert "prefix" in capsys.readouterr().err
+
+
+RECIPE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "superb_hubert" / "conf").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=[p.name for p in RECIPE_CONFIGS])
+def test_recipe_configs_load_and_their_first_line_runs_them(path):
+    words = shlex.split(path.read_text(encoding="utf-8").splitlines()[0][2:])
+    assert words[:3] == ["speechprompt", "superb", "--config"]
+    assert path.as_posix().endswith(words[3])
+    cfg = C.load_config(SuperbConfig, path, [w for w in words[4:] if "=" in w])
+    assert C.from_dict(SuperbConfig, C.to_dict(cfg)) == cfg
+
+
+def test_recipe_configs_cover_every_method_and_both_heads():
+    loaded = [C.load_config(SuperbConfig, p) for p in RECIPE_CONFIGS]
+    assert {c.method.name for c in loaded} == {"linear_probe", "full_finetune", "adapter", "lora", "prefix", "bitfit",
+                                               "mask"}
+    assert {c.head.value for c in loaded} == {"classification", "ctc"}
