@@ -343,7 +343,7 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
 
     Args:
         path: ``NAME.safetensors``, ``NAME.json`` or ``NAME``.
-        upstream: the HuBERT checkpoint (default: the path recorded at training time).
+        upstream: the HuBERT checkpoint (default: the path recorded at training time, as given, else absolute).
         device: where the model goes.
 
     Raises:
@@ -355,6 +355,8 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
         kind = meta.get("task", {}).get("type")
         raise CheckpointError(f"{ckpt.path} is not a SUPERB checkpoint (its task type is {kind!r})")
     upstream_path = upstream or meta["base"]["path"]
+    if upstream is None and not Path(upstream_path).is_file():  # recorded relative to another working directory
+        upstream_path = meta["base"].get("path_absolute", upstream_path)
     model, task_cfg, fingerprint = _load_upstream(upstream_path)
     ckpt.check_base(fingerprint, upstream_path)
     model.to(device)
