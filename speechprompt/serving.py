@@ -18,9 +18,10 @@ How each method is expressed per row (the hooks are :meth:`UnitLM.forward`'s):
   for the token positions, the same as a prefix of ``k_proj(K_in)``, ``v_proj(V_in)`` (see
   :meth:`UnitLM.features`), whose outputs do not depend on the input prompt. So a deep prompt is served as that
   prefix, projected once when the task is added.
-* **input prompt** (no deep part): the prompt slots are as many as the longest input prompt among the rows; a
-  row's prompt is right-aligned in them, the slots it does not use are masked (``prompt_padding``). Prompts have
-  no positional embedding, so where a row's prompt sits among masked slots changes nothing.
+* **input prompt** (no deep part): the prompt sits before the tokens, has no positional embedding and, under the
+  causal mask, sees only itself. So its keys and values in every layer are the same for every input: they are
+  computed once when the task is added, and the prompt is served as that prefix too. No prompt position then runs
+  through the network per request, and every prompt-like method reduces to one per-row prefix.
 * **separator**: ``embed_override`` with one ``<s>`` vector per row; tasks without a trained separator get the
   frozen table's row, which is the row the table would give anyway.
 * **adapters**: each adapter slot of the backbone holds a :class:`TaskRouter` that runs every task's own
@@ -47,7 +48,7 @@ from speechprompt.checkpoint import base_fingerprint, load_checkpoint, load_into
 from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.generation import greedy
-from speechprompt.models.transformer import LayerKV
+from speechprompt.models.transformer import KVCache, LayerKV
 from speechprompt.models.unit_lm import UnitLM
 from speechprompt.tasks.data import collate
 from speechprompt.tuning import Adapters, PrefixTuning, PromptTuning, build_method, method_config
@@ -101,8 +102,8 @@ class ServedTask:
     Attributes:
         name: The name requests use.
         method: The registered method name (``prompt``, ``prefix`` or ``adapter``).
-        prefix: ``(layers, 2, H, P, hd)`` projected keys (index 0) and values (index 1), or ``None``.
-        prompt: ``(L, D)`` input prompt (prompts without a deep part), or ``None``.
+        prefix: ``(layers, 2, H, P, hd)`` keys (index 0) and values (index 1) that the task's tokens attend to
+            before themselves in every layer (its prefix, deep prompt or input prompt), or ``None``.
         separator: ``(D,)`` the ``<s>`` vector, or ``None`` (the frozen row).
         kind: The task head (``verbalized``, ``learnable``, ...), ``None`` for a bare method.
         verbalizer: The task's verbalizer (maps labels to unit tokens), if any.
@@ -113,7 +114,6 @@ class ServedTask:
     name: str
     method: str
     prefix: Tensor | None = None
-    prompt: Tensor | None = None
     separator: Tensor | None = None
     kind: str | None = None
     verbalizer: Any = None
@@ -237,7 +237,16 @@ class TaskBank:
                 prefix.append(torch.stack([k, v]).view(2, L, attn.num_heads, attn.head_dim).transpose(1, 2))
             task.prefix = torch.stack(prefix)  # (layers, 2, H, L, hd)
         else:
-            task.prompt = method.prompt.detach().float().clone()  # (L, D)
+            # Run the prompt once before a throw-away token: the cache then holds the prompt's keys and values.
+            cache = KVCache()
+            prompt = method.prompt.detach()[None].to(self.model.decoder.embed_tokens.weight.dtype)  # (1, L, D)
+            token = torch.full((1, 1), EOS, device=self.device)
+            with self.routing(torch.full((1,), -1, device=self.device)):  # no task's adapter applies
+                self.model(token, input_prompt=prompt, cache=cache)
+            L = prompt.shape[1]
+            task.prefix = torch.stack([
+                torch.stack([kv.key[0, :, :L], kv.value[0, :, :L]]) for kv in cache.layers
+            ]).float()  # (layers, 2, H, L, hd)
         if method.config.train_separator:
             task.separator = method.separator.detach().float().clone()  # (D,)
 
@@ -275,9 +284,9 @@ class TaskBank:
         return torch.tensor([order[t] for t in tasks], dtype=torch.long, device=self.device)
 
     def _stacked(self) -> dict[str, Tensor]:
-        """Every task's tensors padded to common lengths and stacked on a leading task dim (built once).
+        """Every task's tensors padded to a common prefix length and stacked on a leading task dim (built once).
 
-        Prefixes and prompts are right-aligned, so that a batch needing only the last ``n`` slots slices them.
+        Prefixes are right-aligned, so that a batch needing only the last ``n`` slots slices them.
         """
         if self._banks is not None:
             return self._banks
@@ -286,11 +295,8 @@ class TaskBank:
         n, D = len(tasks), cfg.embed_dim
         H = self.model.transformer_layers()[0].self_attn.num_heads
         P = max((t.prefix.shape[3] for t in tasks if t.prefix is not None), default=0)
-        L = max((t.prompt.shape[0] for t in tasks if t.prompt is not None), default=0)
         prefix = torch.zeros(n, cfg.layers, 2, H, P, D // H)
         prefix_pad = torch.ones(n, P, dtype=torch.bool)
-        prompt = torch.zeros(n, L, D)
-        prompt_pad = torch.ones(n, L, dtype=torch.bool)
         frozen_bos = self.model.decoder.embed_tokens.weight[BOS].detach().float().cpu()
         separator = frozen_bos.expand(n, D).clone()
         for i, t in enumerate(tasks):
@@ -298,20 +304,13 @@ class TaskBank:
                 p = t.prefix.shape[3]
                 prefix[i, ..., P - p:, :] = t.prefix.cpu()
                 prefix_pad[i, P - p:] = False
-            if t.prompt is not None:
-                p = t.prompt.shape[0]
-                prompt[i, L - p:] = t.prompt.cpu()
-                prompt_pad[i, L - p:] = False
             if t.separator is not None:
                 separator[i] = t.separator.cpu()
-        self._banks = {
-            "prefix": prefix.to(dev), "prefix_pad": prefix_pad.to(dev), "prompt": prompt.to(dev),
-            "prompt_pad": prompt_pad.to(dev), "separator": separator.to(dev),
-        }
+        self._banks = {"prefix": prefix.to(dev), "prefix_pad": prefix_pad.to(dev), "separator": separator.to(dev)}
         return self._banks
 
     def forward_kwargs(self, rows: Tensor) -> dict[str, Any]:
-        """Keyword arguments of :meth:`UnitLM.forward` giving each row its task's prefix, prompt and separator.
+        """Keyword arguments of :meth:`UnitLM.forward` giving each row its task's prefix and separator.
 
         Args:
             rows: ``(B,)`` task indices (:meth:`task_indices`).
@@ -324,11 +323,6 @@ class TaskBank:
             prefix = banks["prefix"][rows][..., used:, :]  # (B, layers, 2, H, P', hd): only slots someone uses
             kwargs["prefix"] = [LayerKV(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])]
             kwargs["prefix_padding"] = prefix_pad[:, used:]
-        prompt_pad = banks["prompt_pad"][rows]  # (B, L)
-        used = prompt_pad.shape[1] - int((~prompt_pad).sum(1).max()) if prompt_pad.numel() else 0
-        if prompt_pad.shape[1] > used:
-            kwargs["input_prompt"] = banks["prompt"][rows][:, used:]  # (B, L', D)
-            kwargs["prompt_padding"] = prompt_pad[:, used:]
         return kwargs
 
     @contextlib.contextmanager

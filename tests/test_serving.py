@@ -130,10 +130,11 @@ def test_rows_differ_by_task():
             assert not torch.allclose(out[i], out[j], atol=1e-3)
 
 
-def test_single_task_batch_is_bitwise_the_method_alone():
-    """A batch of one task whose method needs no per-row routing is the method's own forward, bit for bit."""
+def test_prefix_task_batch_is_bitwise_the_method_alone():
+    """A batch of one prefix task runs the same operations as the method alone: equal bit for bit. (Prompts are
+    served as precomputed keys/values, equal to within rounding: see the mixed-batch test.)"""
     model = _model()
-    methods = _methods(model, ["prefix4", "input5"])
+    methods = _methods(model, ["prefix4"])
     bank = _bank(model, methods)
     tokens = _pad(_rows(3, seed=4), left=False)
     for name, method in methods.items():

@@ -22,7 +22,7 @@ from speechprompt.models.transformer import KVCache
 from speechprompt.models.unit_lm import UnitLM
 
 # Keyword arguments of UnitLM.forward that are consumed by the first call with a cache.
-_PREFILL_ONLY = ("input_prompt", "kv_replace", "prefix", "prompt_padding", "prefix_padding")
+_PREFILL_ONLY = ("input_prompt", "kv_replace", "prefix", "prefix_padding")
 
 
 def _step_kwargs(model_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:

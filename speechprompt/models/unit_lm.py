@@ -402,7 +402,6 @@ class UnitLM(nn.Module):
         prefix: list[LayerKV] | None = None,
         cache: KVCache | None = None,
         embed_override: Mapping[int, Tensor] | None = None,
-        prompt_padding: Tensor | None = None,
         prefix_padding: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states ``(B, T, D)`` of the token positions (after the final LayerNorm).
@@ -423,19 +422,16 @@ class UnitLM(nn.Module):
             cache: incremental decoding. On the first call the prefix, prompt and tokens are cached; later calls
                 pass only the new tokens (and no prompt/prefix), whose positions continue from ``cache.positions``.
             embed_override: see :meth:`embed`.
-            prompt_padding: ``(1 or B, L)`` True at input-prompt positions that a row does not use. They are
-                masked as keys like padded tokens, so one batch can carry input prompts of different lengths (each
-                row's tokens see exactly their own prompt). ``None``: every row uses all ``L``.
-            prefix_padding: ``(1 or B, P)`` the same for prefix entries.
+            prefix_padding: ``(1 or B, P)`` True at prefix entries that a row does not use. They are masked as
+                keys like padded tokens, so one batch can carry prefixes of different lengths (each row's tokens see
+                exactly their own prefix; see :mod:`speechprompt.serving`). ``None``: every row uses all ``P``.
         """
         dec = self.decoder
         B, T = tokens.shape
         past = len(cache) if cache is not None else 0
-        first_call_only = (input_prompt, kv_replace, prefix, prompt_padding, prefix_padding)
+        first_call_only = (input_prompt, kv_replace, prefix, prefix_padding)
         if cache is not None and past and any(arg is not None for arg in first_call_only):
             raise ValueError("prompts and prefixes go into the first call with a cache only; they are cached since")
-        if prompt_padding is not None and (input_prompt is None or prompt_padding.shape[-1] != input_prompt.shape[1]):
-            raise ValueError("prompt_padding needs an input prompt of the same length")
         if prefix_padding is not None and (prefix is None or prefix_padding.shape[-1] != len(prefix[0])):
             raise ValueError("prefix_padding needs a prefix of the same length")
         L = 0 if input_prompt is None else input_prompt.shape[1]
@@ -465,8 +461,7 @@ class UnitLM(nn.Module):
             prefix = None
         if prefix is not None:
             past = len(prefix[0])
-        prompt_pad = pad.new_zeros(B, L) if prompt_padding is None else prompt_padding.expand(B, L)
-        key_padding = torch.cat([prompt_pad, pad], dim=1)  # (B, L + T)
+        key_padding = torch.cat([pad.new_zeros(B, L), pad], dim=1)  # (B, L + T)
         if past:
             if cache is not None and cache.key_padding is not None:
                 old = cache.key_padding
@@ -508,7 +503,6 @@ class UnitLM(nn.Module):
         prefix: list[LayerKV] | None = None,
         cache: KVCache | None = None,
         embed_override: Mapping[int, Tensor] | None = None,
-        prompt_padding: Tensor | None = None,
         prefix_padding: Tensor | None = None,
         return_hidden: bool = False,
     ) -> Tensor | UnitLMOutput:
@@ -516,8 +510,7 @@ class UnitLM(nn.Module):
         logits and the hidden states. Arguments as in :meth:`features`. With no prompt, prefix or adapter attached
         this is exactly fairseq's forward."""
         hidden = self.features(tokens, input_prompt=input_prompt, kv_replace=kv_replace, prefix=prefix, cache=cache,
-                               embed_override=embed_override, prompt_padding=prompt_padding,
-                               prefix_padding=prefix_padding)
+                               embed_override=embed_override, prefix_padding=prefix_padding)
         logits = self.output_layer(hidden)
         return UnitLMOutput(logits, hidden) if return_hidden else logits
 
