@@ -3,6 +3,11 @@ what each task returns alone."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -244,3 +249,39 @@ def test_adapter_slots_refuse_direct_calls():
     with pytest.raises(ServingError, match="through TaskBank"):
         model(torch.tensor([[5, 6]]))
     assert bank.logits(torch.tensor([[5, 6]]), ["houlsby"]).shape == (1, 2, 104)
+
+
+# -- the benchmarks of this module ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_multitask_benchmark_quick_outputs_agree():
+    done = _bench("multitask.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["outputs_match"] and set(out["results"]) == {"mixed", "loop_per_batch", "loop_grouped"}
+    assert all(r["utterances_per_s"] > 0 for r in out["results"].values())
+
+
+def test_prompt_benchmark_ratios_and_missing_demo(tmp_path):
+    done = _bench("prompt.py", cwd=tmp_path)  # no exp/ here: a JSON error, exit 2
+    assert done.returncode == 2 and "make demo" in json.loads(done.stdout)["error"]
+    row = {"metric": "greedy.accuracy", "seeds": [1, 2], "checkpoint_bytes": 10, "checkpoint": "x"}
+    rows = [
+        {**row, "method": "deep_prompt", "trainable_params": 100, "mean_step_seconds": 0.5, "peak_rss_bytes": 300,
+         "splits": {"test": {"mean": 0.8, "std": 0.1, "values": [0.7, 0.9]}}},
+        {**row, "method": "full_finetune", "trainable_params": 10000, "mean_step_seconds": 2.0,
+         "peak_rss_bytes": 400, "splits": {"test": {"mean": 0.9, "std": 0.0, "values": [0.9, 0.9]}}},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    done = _bench("prompt.py", "--results", str(tmp_path / "results.json"))
+    assert done.returncode == 0, done.stderr
+    deep = json.loads(done.stdout)["methods"]["deep_prompt"]
+    assert deep["splits"]["test"] == {"mean": 0.8, "std": 0.1, "n": 2}
+    assert (deep["step_time_vs_full_ft"], deep["peak_rss_vs_full_ft"], deep["params_vs_full_ft"]) == (0.25, 0.75, 0.01)
