@@ -18,9 +18,10 @@ def config_class(command: str) -> type:
     """The config dataclass of a ``speechprompt`` subcommand that takes ``--config``."""
     from speechprompt.compare import CompareConfig
     from speechprompt.pretrain import PretrainConfig
+    from speechprompt.superb import SuperbConfig
     from speechprompt.train import TrainConfig
 
-    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig, "compare": CompareConfig}
+    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig, "compare": CompareConfig, "superb": SuperbConfig}
     assert command in classes, f"no config class known for `speechprompt {command}`: add it to this test"
     return classes[command]
 
@@ -50,6 +51,6 @@ def test_unknown_keys_in_a_recipe_config_are_errors(tmp_path):
     bad.write_text(source.read_text().replace("max_epochs:", "max_epoch:"))
     with pytest.raises(C.ConfigError, match="max_epoch"):
         C.load_config(TrainConfig, bad)
-    bad.write_text(source.read_text().replace("length: 5", "length: five"))
+    bad.write_text(source.read_text().replace("length: 20", "length: twenty"))
     with pytest.raises(C.ConfigError, match="length"):
         C.load_config(TrainConfig, bad)

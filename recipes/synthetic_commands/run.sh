@@ -19,6 +19,7 @@ stage=1
 stop_stage=5
 seed=0
 per_class=60
+eval_per_class=20
 sentences=400
 features=mfcc
 k=100
@@ -40,6 +41,7 @@ Options [default]:
   --stop-stage N       last stage to run [${stop_stage}]
   --seed S             seed of the synthesized corpus and of k-means [${seed}]
   --per-class N        training utterances per command class [${per_class}]
+  --eval-per-class N   dev/test/test_synth utterances per command class [${eval_per_class}]
   --sentences N        unlabeled training sentences for k-means and the unit LM [${sentences}]
   --features NAME      mfcc or logmel [${features}]
   --k K                number of units [${k}]
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
         --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
         --seed) seed=$2; shift 2 ;;
         --per-class) per_class=$2; shift 2 ;;
+        --eval-per-class) eval_per_class=$2; shift 2 ;;
         --sentences) sentences=$2; shift 2 ;;
         --features) features=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
@@ -80,7 +83,8 @@ units=${exp}/units
 
 if [ "${stage}" -le 1 ] && [ "${stop_stage}" -ge 1 ]; then
     log "stage 1: synthesize the commands corpus and the unlabeled sentences"
-    speechprompt synth --task commands --out "${data}/commands" --seed "${seed}" --per-class "${per_class}"
+    speechprompt synth --task commands --out "${data}/commands" --seed "${seed}" --per-class "${per_class}" \
+        --eval-per-class "${eval_per_class}"
     speechprompt synth --task sentences --out "${data}/sentences" --seed "${seed}" --per-class "${sentences}"
 fi
 
