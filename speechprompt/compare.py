@@ -60,7 +60,7 @@ class CompareConfig:
     primary: str | None = option(None, help="split reported as accuracy_mean/std (null: the first eval split)")
     metric: str | None = option(None, help="metric key to report, e.g. greedy.accuracy (null: each task's default)")
     overrides: list[str] = option([], help="key=value overrides applied to every training config")
-    jobs: int = option(1, help="runs trained at once, in separate processes (2 suits a 2-core CPU)")
+    jobs: int = option(1, help="runs trained at once (each run is its own process; 2 suits a 2-core CPU)")
     threads: int = option(0, help="torch CPU threads per run (0: torch's default; 1 is often fastest on a small CPU)")
 
     def __post_init__(self) -> None:
@@ -87,6 +87,7 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int) -> dict[s
     from speechprompt.train import TrainConfig, train
 
     run_dir = Path(cfg.out) / method / f"seed{seed}"
+    logger.info("%s seed %d -> %s", method, seed, run_dir)
     overrides = [*cfg.overrides, f"seed={seed}", f"run_dir={run_dir}"]
     train_cfg = C.load_config(TrainConfig, Path(cfg.conf_dir) / f"{method}.yaml", overrides)
     with torch_threads(threads):
@@ -102,6 +103,11 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int) -> dict[s
             splits[name] = metrics
     return {"method": method, "seed": seed, "summary": summary, "splits": splits,
             "default_metric": task.default_metric}
+
+
+def _init_worker(level: int) -> None:
+    """Spawned workers start with no logging set up; show their progress lines like the parent's."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -183,20 +189,19 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     C.save_config(cfg, out / "compare.yaml")
     jobs = [(m, s) for m in cfg.methods for s in range(1, cfg.seeds + 1)]
     runs: list[dict[str, Any]] = []
-    if cfg.jobs == 1:
-        for m, s in jobs:
-            logger.info("run %s seed %d", m, s)
-            runs.append(_run_one(cfg, m, s, cfg.threads))
-    else:
-        # Separate processes: on a small CPU, two one-thread runs beat one run on every core, and the results do
-        # not depend on the schedule (each run is seeded on its own).
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, cfg, m, s, cfg.threads): (m, s) for m, s in jobs}
-            for fut in cf.as_completed(futures):
-                m, s = futures[fut]
-                runs.append(fut.result())
-                logger.info("finished %s seed %d", m, s)
+    # Every run gets a fresh process: its peak RSS is then its own (a reused worker would report the largest run
+    # so far), and on a small CPU two one-thread runs beat one run on every core. Results do not depend on the
+    # schedule: each run is seeded on its own.
+    ctx = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with cf.ProcessPoolExecutor(
+        cfg.jobs, mp_context=ctx, max_tasks_per_child=1, initializer=_init_worker, initargs=(level,)
+    ) as pool:
+        futures = {pool.submit(_run_one, cfg, m, s, cfg.threads): (m, s) for m, s in jobs}
+        for fut in cf.as_completed(futures):
+            m, s = futures[fut]
+            runs.append(fut.result())
+            logger.info("finished %s seed %d", m, s)
     rows = aggregate(cfg, runs, _base_params(runs))
     split_names = list(cfg.eval)
     write_json(out / "results.json", rows)

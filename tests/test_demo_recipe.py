@@ -1,0 +1,59 @@
+"""`make demo`'s recipe end to end at a tiny size: synthesize, learn units, pretrain, compare, then `infer` with
+the checkpoint that results.json names. Slow (about two minutes), and run in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"method", "accuracy_mean", "accuracy_std", "seeds", "trainable_params", "checkpoint_bytes", "checkpoint"}
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
+    # The recipe and its configs use paths relative to the repository root; run it from a scratch root instead.
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        "bash", str(ROOT / "recipes/synthetic_commands/run.sh"),
+        "--per-class", "4", "--eval-per-class", "2", "--sentences", "24", "--k", "20", "--ulm-steps", "20",
+        "--methods", "deep_prompt,linear_probe", "--seeds", "2", "--jobs", "2",
+        "--train-options", "max_epochs=2 eval_batch_size=16",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    exp = tmp_path / "exp/synthetic_commands"
+    rows = json.loads((exp / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["deep_prompt", "linear_probe"]
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert row["seeds"] == [1, 2]
+        assert 0.0 <= row["accuracy_mean"] <= 1.0
+        assert set(row["splits"]) == {"test", "test_synth"}
+        assert (tmp_path / row["checkpoint"]).is_file() and row["checkpoint"].startswith("exp/synthetic_commands/")
+        assert row["checkpoint_bytes"] == (tmp_path / row["checkpoint"]).stat().st_size
+    # deep prompt, L = 20 on the 4-layer demo LM: (2 * 4 + 1) * 20 * 128 + the <s> separator
+    assert rows[0]["trainable_params"] == 9 * 20 * 128 + 128
+    assert (exp / "results.md").read_text().count("\n") == 4
+    assert (exp / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "deep_prompt" in proc.stdout  # the table is printed
+
+    # The checkpoint named in results.json is ready for `infer`, with nothing but itself (and the files it records).
+    wav = sorted((exp / "data/commands/wav/test").glob("*.wav"))[0]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....not audio")
+    out = subprocess.run(
+        [sys.executable, "-m", "speechprompt.cli", "infer", "--checkpoint", rows[0]["checkpoint"], str(wav), str(bad)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[0]["path"] == str(wav) and isinstance(lines[0]["prediction"], str)
+    assert lines[1]["path"] == str(bad) and "error" in lines[1]
