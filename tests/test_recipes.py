@@ -1,5 +1,6 @@
 """Every recipe launcher parses (``bash -n``), prints its usage with ``--help``, refuses unknown options, and stops
-with one clear line when a file it needs is missing."""
+with one clear line when a file it needs is missing. The launchers are short: the stages live in the shared
+templates of ``recipes/TEMPLATE/``, whose command lines are checked here with a stand-in ``speechprompt``."""
 
 from __future__ import annotations
 
@@ -15,17 +16,65 @@ RUN_SCRIPTS = sorted((ROOT / "recipes").glob("*/run.sh"))
 IDS = [p.parent.name for p in RUN_SCRIPTS]
 # Recipes on public datasets: they start from prepare-dataset and the official GSLM files.
 REAL_DATA = ["speech_commands", "fluent_commands", "librispeech_asr", "snips_sf"]
+SYNTHETIC = ["synthetic_intent", "synthetic_digits"]
+TEMPLATES = sorted((ROOT / "recipes" / "TEMPLATE").glob("*.sh"))
+# The published numbers each public-dataset recipe quotes, in its README and in its --help.
+PUBLISHED = {"speech_commands": ["95.16", "0.08M", ".946"], "fluent_commands": ["98.40", "0.15M", ".973"],
+             "librispeech_asr": ["34.17", "4.5M"], "snips_sf": ["66.90", "4.5M"]}
 
 
-def _run(script: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(["bash", str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=60)
+def _run(script: Path, *args: str, cwd: Path = ROOT, bin_dir: Path | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([*([str(bin_dir)] if bin_dir else []), str(Path(sys.executable).parent),
+                            os.environ.get("PATH", "")])
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, env={**os.environ, **(env or {}), "PATH": path},
+                          capture_output=True, text=True, timeout=60)
+
+
+def _fake_speechprompt(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``speechprompt`` that only records its command line, one per line: the recipes' stages run in
+    milliseconds and their exact calls can be compared."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "speechprompt"
+    fake.write_text(f'#!/usr/bin/env bash\necho "speechprompt $*" >> "{log}"\n')
+    fake.chmod(0o755)
+    return bin_dir, log
+
+
+def _touch(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
 
 
 def test_recipes_ship_launchers():
     assert set(REAL_DATA) <= set(IDS)
-    assert {"synthetic_intent", "synthetic_digits"} <= set(IDS)
+    assert set(SYNTHETIC) <= set(IDS)
+    assert {p.name for p in TEMPLATES} == {"common.sh", "prompt_task.sh", "synthetic_task.sh"}
+
+
+@pytest.mark.parametrize(("name", "template"), [(n, "prompt_task.sh") for n in REAL_DATA]
+                         + [(n, "synthetic_task.sh") for n in SYNTHETIC])
+def test_launchers_only_set_what_differs_and_source_the_template(name, template):
+    lines = (ROOT / "recipes" / name / "run.sh").read_text().splitlines()
+    assert lines[-1] == f'source "${{recipe}}/../TEMPLATE/{template}" "$@"'
+    assert len(lines) <= 30
+    assert not any(line.startswith(("if ", "for ", "while ", "speechprompt")) for line in lines)
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=[p.name for p in TEMPLATES])
+def test_templates_are_valid_bash_and_refuse_to_run_alone(template):
+    subprocess.run(["bash", "-n", str(template)], check=True)
+    text = template.read_text()
+    assert text.startswith("# shellcheck shell=bash\n")
+    assert not os.access(template, os.X_OK), "templates are sourced by a run.sh, not run"
+    assert "python" not in text.replace("speechprompt", ""), "recipes call the speechprompt CLI, not Python"
+    if template.name != "common.sh":
+        assert "set -euo pipefail" in text
+        result = _run(template, "--help")
+        assert result.returncode == 1 and result.stdout == ""
+        assert "error: 'recipe' must be set by the recipe's run.sh" in result.stderr
 
 
 @pytest.mark.parametrize("script", RUN_SCRIPTS, ids=IDS)
@@ -69,11 +118,74 @@ def test_real_data_recipes_name_the_missing_file(name, tmp_path):
 @pytest.mark.parametrize("name", REAL_DATA)
 def test_real_data_recipes_document_the_published_numbers(name):
     readme = (ROOT / "recipes" / name / "README.md").read_text()
-    published = {"speech_commands": ["95.16", "0.08M", ".946"], "fluent_commands": ["98.40", "0.15M", ".973"],
-                 "librispeech_asr": ["34.17", "4.5M"], "snips_sf": ["66.90", "4.5M"]}[name]
-    for number in published:
+    for number in PUBLISHED[name]:
         assert number in readme
     assert "ours" in readme.lower()
+    help_ = _run(ROOT / "recipes" / name / "run.sh", "--help").stdout
+    assert help_.startswith(f"Usage: {ROOT}/recipes/{name}/run.sh --root DIR [options]\n")
+    for number in PUBLISHED[name]:
+        assert number in help_
+    assert f"exp/{name}]" in help_  # the recipe's own default --exp
+
+
+def test_prompt_task_stages_call_the_cli(tmp_path):
+    # All four stages of the shared template through snips_sf, whose default prepare-dataset options are not empty,
+    # with two extraction shards: the split, the merge, one training run and one evaluation per seed.
+    bin_dir, log = _fake_speechprompt(tmp_path)
+    exp, hubert, kmeans, ulm = tmp_path / "exp", tmp_path / "h.pt", tmp_path / "km.bin", tmp_path / "ulm.pt"
+    _touch(hubert, kmeans, ulm, *(exp / "data" / f"{s}.tsv" for s in ("train", "dev", "test")),
+           *(exp / "units" / f"{s}.units" for s in ("train", "dev", "test")),
+           *(exp / "prompt" / f"seed{s}" / "best.safetensors" for s in (4, 5)))
+    result = _run(ROOT / "recipes" / "snips_sf" / "run.sh", "--root", "/corpus", "--exp", str(exp), "--hubert",
+                  str(hubert), "--kmeans", str(kmeans), "--ulm", str(ulm), "--seeds", "4 5", "--nj", "2",
+                  "--device", "cpu", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    data, units, runs = exp / "data", exp / "units", exp / "prompt"
+    assert calls[0] == f"speechprompt prepare-dataset snips --root /corpus --out {data} lowercase=true"
+    extract = (f"--features hubert --checkpoint {hubert} --layer 6 --kmeans {kmeans} --out {units} --dedup "
+               f"--device cpu --nshard 2")
+    for i, split in enumerate(("train", "dev", "test")):
+        shards = calls[1 + 3 * i: 4 + 3 * i]
+        prefix = f"speechprompt prepare --manifest {data}/{split}.tsv {extract}"
+        assert sorted(shards[:2]) == [f"{prefix} --rank 0", f"{prefix} --rank 1"]  # in parallel: any order
+        assert shards[2] == f"{prefix} --merge"
+    config = ROOT / "recipes" / "snips_sf" / "conf" / "prompt.yaml"
+    assert calls[10:] == [
+        *(f"speechprompt train --config {config} base={ulm} seed={s} device=cpu run_dir={runs}/seed{s} "
+          f"data.train_units={units}/train.units data.train_labels={data}/train.labels "
+          f"data.dev_units={units}/dev.units data.dev_labels={data}/dev.labels" for s in (4, 5)),
+        *(f"speechprompt evaluate --checkpoint {runs}/seed{s}/best.safetensors --device cpu "
+          f"--units {units}/test.units --labels {data}/test.labels --out {runs}/seed{s}" for s in (4, 5))]
+
+
+def test_synthetic_task_stages_call_the_cli(tmp_path):
+    bin_dir, log = _fake_speechprompt(tmp_path)
+    exp, base = tmp_path / "exp", tmp_path / "base"
+    splits = ("train", "dev", "test", "test_synth")
+    result = _run(ROOT / "recipes" / "synthetic_digits" / "run.sh", "--stage", "4", "--stop-stage", "5", "--exp",
+                  str(exp), "--base-dir", str(base), bin_dir=bin_dir)
+    assert result.returncode == 1  # stage 4 ran (the stand-in writes nothing); stage 5 wants the k-means
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"missing the k-means (run stage 2): {base}/km100_mfcc.safetensors")
+    _touch(base / "km50_logmel.safetensors", base / "ulm_logmel50" / "checkpoint_best.pt",
+           *(exp / "data" / f"{s}.tsv" for s in splits), *(exp / "units" / f"{s}.units" for s in splits),
+           exp / "prompt" / "seed7" / "best.safetensors")
+    result = _run(ROOT / "recipes" / "synthetic_digits" / "run.sh", "--stage", "5", "--exp", str(exp), "--base-dir",
+                  str(base), "--seeds", "7", "--features", "logmel", "--k", "50", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    data, units, runs = exp / "data", exp / "units", exp / "prompt"
+    config = ROOT / "recipes" / "synthetic_digits" / "conf" / "prompt.yaml"
+    assert log.read_text().splitlines() == [
+        f"speechprompt synth --task digits --out {data} --seed 0 --no-progress",
+        *(f"speechprompt prepare --manifest {data}/{s}.tsv --features logmel --kmeans {base}/km50_logmel.safetensors "
+          f"--out {units} --dedup --device auto" for s in splits),
+        f"speechprompt train --config {config} base={base}/ulm_logmel50/checkpoint_best.pt seed=7 device=auto "
+        f"run_dir={runs}/seed7 data.train_units={units}/train.units data.train_labels={data}/train.labels "
+        f"data.dev_units={units}/dev.units data.dev_labels={data}/dev.labels",
+        f"speechprompt evaluate --checkpoint {runs}/seed7/best.safetensors --device auto "
+        f"--units {units}/test.units {units}/test_synth.units --labels {data}/test.labels {data}/test_synth.labels "
+        f"--out {runs}/seed7"]
 
 
 DATA_PREP_SCRIPTS = sorted((ROOT / "data_prep").glob("*.sh"))

@@ -9,133 +9,18 @@
 # Run from the repository root:
 #   recipes/snips_sf/run.sh --root /data/SNIPS
 # Every path may be relative to the working directory. The GSLM files are the official ones (see checkpoints/).
+# The stages and options are those of every public-dataset recipe: recipes/TEMPLATE/prompt_task.sh.
 set -euo pipefail
 
 recipe=$(dirname "${BASH_SOURCE[0]}")
 dataset=snips
-stage=1
-stop_stage=4
-root=
-hubert=checkpoints/hubert_base_ls960.pt
-kmeans=checkpoints/km.bin
-ulm=checkpoints/checkpoint_best.pt
-layer=6
 config=${recipe}/conf/prompt.yaml
 exp=exp/snips_sf
-seeds="1 2 3"
-nj=1
-device=auto
 prepare_options="lowercase=true"
+about="Audio SNIPS slot filling (SUPERB SF format) with SpeechPrompt.
+Published: slot-type F1 66.90 with 4.5M trainable parameters (SpeechPrompt v1)."
+root_help="the SNIPS folder of s3prl's preprocessing
+                     (all.iob.snips.txt, train/ valid/ test/)"
+root_name="the SNIPS folder (all.iob.snips.txt, train/, valid/, test/)"
 
-usage() {
-    cat <<USAGE
-Usage: $0 --root DIR [options]
-
-Audio SNIPS slot filling (SUPERB SF format) with SpeechPrompt.
-Published: slot-type F1 66.90 with 4.5M trainable parameters (SpeechPrompt v1).
-
-Options [default]:
-  --root DIR         the SNIPS folder of s3prl's preprocessing (all.iob.snips.txt, train/ valid/ test/)
-                     [required by stage 1]
-  --stage N          first stage to run [${stage}]
-  --stop-stage N     last stage to run [${stop_stage}]
-  --hubert FILE      official HuBERT-base checkpoint [${hubert}]
-  --kmeans FILE      official GSLM k-means of HuBERT-base layer 6, 100 units [${kmeans}]
-  --ulm FILE         official GSLM unit LM, dict.txt beside it [${ulm}]
-  --layer N          HuBERT layer the k-means was learned on [${layer}]
-  --config FILE      training config [${config}]
-  --exp DIR          where data, units and runs go [${exp}]
-  --seeds "S ..."    training seeds [${seeds}]
-  --nj N             parallel unit-extraction jobs per split [${nj}]
-  --device DEV       auto, cpu, cuda or cuda:N [${device}]
-  --prepare-options "KEY=VALUE ..."
-                     options of 'speechprompt prepare-dataset ${dataset}' [${prepare_options:-none}]
-  -h, --help         this message
-USAGE
-}
-
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --root) root=$2; shift 2 ;;
-        --stage) stage=$2; shift 2 ;;
-        --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
-        --hubert) hubert=$2; shift 2 ;;
-        --kmeans) kmeans=$2; shift 2 ;;
-        --ulm) ulm=$2; shift 2 ;;
-        --layer) layer=$2; shift 2 ;;
-        --config) config=$2; shift 2 ;;
-        --exp) exp=$2; shift 2 ;;
-        --seeds) seeds=$2; shift 2 ;;
-        --nj) nj=$2; shift 2 ;;
-        --device) device=$2; shift 2 ;;
-        --prepare-options) prepare_options=$2; shift 2 ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "$0: unknown option '$1' (see --help)" >&2; exit 2 ;;
-    esac
-done
-
-log() { echo "$(date +%H:%M:%S) $(basename "$(dirname "$0")"): $*" >&2; }
-die() { echo "$0: error: $*" >&2; exit 1; }
-need_file() { [ -f "$1" ] || die "missing $2: $1"; }
-stage_on() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
-
-# Units of one manifest: HuBERT layer -> k-means -> dedup, split over ${nj} jobs that are merged at the end.
-hubert_units() {
-    local manifest=$1 out=$2 rank
-    local args=(--manifest "${manifest}" --features hubert --checkpoint "${hubert}" --layer "${layer}"
-                --kmeans "${kmeans}" --out "${out}" --dedup --device "${device}")
-    if [ "${nj}" -le 1 ]; then
-        speechprompt prepare "${args[@]}"
-        return
-    fi
-    for ((rank = 0; rank < nj; rank++)); do
-        speechprompt prepare "${args[@]}" --nshard "${nj}" --rank "${rank}" &
-    done
-    wait
-    speechprompt prepare "${args[@]}" --nshard "${nj}" --merge
-}
-
-data=${exp}/data
-units=${exp}/units
-runs=${exp}/$(basename "${config}" .yaml)
-
-if stage_on 1; then
-    log "stage 1: manifests and labels from ${root:-<unset>}"
-    [ -n "${root}" ] || die "--root is required for stage 1 (the SNIPS folder (all.iob.snips.txt, train/, valid/, test/))"
-    # shellcheck disable=SC2086  # prepare_options is a list of KEY=VALUE words
-    speechprompt prepare-dataset "${dataset}" --root "${root}" --out "${data}" ${prepare_options}
-fi
-
-if stage_on 2; then
-    log "stage 2: HuBERT layer ${layer} units (deduplicated) of every split"
-    need_file "${hubert}" "the HuBERT-base checkpoint (hubert_base_ls960.pt)"
-    need_file "${kmeans}" "the GSLM k-means (km.bin, HuBERT-base layer 6, 100 units)"
-    for split in train dev test; do
-        need_file "${data}/${split}.tsv" "the ${split} manifest (run stage 1)"
-        hubert_units "${data}/${split}.tsv" "${units}"
-    done
-fi
-
-if stage_on 3; then
-    log "stage 3: train ${config} for seeds ${seeds}"
-    need_file "${ulm}" "the GSLM unit LM (checkpoint_best.pt, with dict.txt beside it)"
-    need_file "${config}" "the training config"
-    for split in train dev; do need_file "${units}/${split}.units" "the ${split} units (run stage 2)"; done
-    for seed in ${seeds}; do
-        speechprompt train --config "${config}" base="${ulm}" seed="${seed}" device="${device}" \
-            run_dir="${runs}/seed${seed}" \
-            data.train_units="${units}/train.units" data.train_labels="${data}/train.labels" \
-            data.dev_units="${units}/dev.units" data.dev_labels="${data}/dev.labels"
-    done
-fi
-
-if stage_on 4; then
-    log "stage 4: evaluate every seed on test"
-    need_file "${units}/test.units" "the test units (run stage 2)"
-    for seed in ${seeds}; do
-        need_file "${runs}/seed${seed}/best.safetensors" "the best checkpoint of seed ${seed} (run stage 3)"
-        speechprompt evaluate --checkpoint "${runs}/seed${seed}/best.safetensors" --device "${device}" \
-            --units "${units}/test.units" --labels "${data}/test.labels" --out "${runs}/seed${seed}"
-    done
-    log "test metrics: ${runs}/seed*/test.metrics.json"
-fi
+source "${recipe}/../TEMPLATE/prompt_task.sh" "$@"

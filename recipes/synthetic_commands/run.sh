@@ -75,20 +75,22 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-log() { echo "$(date +%H:%M:%S) synthetic_commands: $*" >&2; }
-command -v speechprompt >/dev/null || { echo "$0: error: speechprompt is not on PATH (run 'make demo')" >&2; exit 1; }
+# log, die and stage_on, as in every recipe
+# shellcheck source=recipes/TEMPLATE/common.sh
+source "${recipe}/../TEMPLATE/common.sh"
+command -v speechprompt >/dev/null || die "speechprompt is not on PATH (run 'make demo')"
 
 data=${exp}/data
 units=${exp}/units
 
-if [ "${stage}" -le 1 ] && [ "${stop_stage}" -ge 1 ]; then
+if stage_on 1; then
     log "stage 1: synthesize the commands corpus and the unlabeled sentences"
     speechprompt synth --task commands --out "${data}/commands" --seed "${seed}" --per-class "${per_class}" \
         --eval-per-class "${eval_per_class}"
     speechprompt synth --task sentences --out "${data}/sentences" --seed "${seed}" --per-class "${sentences}"
 fi
 
-if [ "${stage}" -le 2 ] && [ "${stop_stage}" -ge 2 ]; then
+if stage_on 2; then
     log "stage 2: learn ${k} units on ${features} features of the sentences"
     if [ ! -f "${exp}/kmeans.safetensors" ]; then
         speechprompt kmeans --manifest "${data}/sentences/train.tsv" --features "${features}" --k "${k}" \
@@ -96,7 +98,7 @@ if [ "${stage}" -le 2 ] && [ "${stop_stage}" -ge 2 ]; then
     fi
 fi
 
-if [ "${stage}" -le 3 ] && [ "${stop_stage}" -ge 3 ]; then
+if stage_on 3; then
     log "stage 3: audio -> deduplicated units"
     for split in train dev test test_synth; do
         [ -f "${units}/${split}.units" ] && continue
@@ -110,12 +112,12 @@ if [ "${stage}" -le 3 ] && [ "${stop_stage}" -ge 3 ]; then
     done
 fi
 
-if [ "${stage}" -le 4 ] && [ "${stop_stage}" -ge 4 ]; then
+if stage_on 4; then
     log "stage 4: pretrain the unit LM on the sentences"
     speechprompt pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
 fi
 
-if [ "${stage}" -le 5 ] && [ "${stop_stage}" -ge 5 ]; then
+if stage_on 5; then
     log "stage 5: prompt tuning and baselines on the frozen unit LM (${seeds} seeds each)"
     overrides=$(echo ${train_options} | tr ' ' ',')
     speechprompt compare --config "${recipe}/conf/compare.yaml" --methods "${methods}" --seeds "${seeds}" \

@@ -2,157 +2,24 @@
 # Spoken digit strings (3-7 digits, the words as target) recognised on the embedded synthetic corpus, end to end on
 # a CPU: no dataset, no pretrained weights. A sequence task: the prompted unit LM writes the digit words.
 #
-#   stage 1  synth --task sentences   random-word sentences: the unit LM's pretraining speech   (shared base)
-#   stage 2  kmeans                   k-means of MFCC (or log-mel) frames of those sentences      (shared base)
-#   stage 3  prepare + pretrain-ulm   their units, and a small unit LM pretrained on them         (shared base)
-#   stage 4  synth --task digits      the task corpus: test on unseen voices, test_synth on an unseen engine
-#   stage 5  prepare                  the task corpus as units, with the base k-means
-#   stage 6  train                    prompt tuning of the frozen small unit LM, one run per seed
-#   stage 7  evaluate                 every seed on test and test_synth
+#   stages 1-3  synth sentences, k-means, pretrain a small unit LM   (shared base, --base-dir)
+#   stage 4     synth --task digits   the task corpus: test on unseen voices, test_synth on an unseen engine
+#   stages 5-7  prepare, train (prompt tuning, one run per seed), evaluate on test and test_synth
 #
 # Stages 1-3 write to --base-dir, which synthetic_intent shares: after one of the two has run them, start the
 # other at --stage 4. Run from the repository root:
 #   recipes/synthetic_digits/run.sh
+# The stages and options are those of every synthetic recipe: recipes/TEMPLATE/synthetic_task.sh.
 set -euo pipefail
 
 recipe=$(dirname "${BASH_SOURCE[0]}")
 task=digits
-stage=1
-stop_stage=7
-features=mfcc
-k=100
-ulm_steps=1000
-base_dir=exp/synthetic_base
-ulm_config=recipes/pretrain_ulm/conf/small.yaml
 config=${recipe}/conf/prompt.yaml
 exp=exp/synthetic_digits
-seeds="1 2 3"
-synth_seed=0
-per_class=
-device=auto
+shared_with=synthetic_intent
+about="Spoken digit strings (3-7 digits) on the embedded synthetic corpus with SpeechPrompt: the prompted unit LM writes
+the digit words; word error rate on unseen voices (test) and an unseen synthesizer (test_synth)."
+config_help="training config"
+per_class_help="training utterances per digit-string length"
 
-usage() {
-    cat <<USAGE
-Usage: $0 [options]
-
-Spoken digit strings (3-7 digits) on the embedded synthetic corpus with SpeechPrompt: the prompted unit LM writes
-the digit words; word error rate on unseen voices (test) and an unseen synthesizer (test_synth).
-
-Options [default]:
-  --stage N          first stage to run [${stage}]
-  --stop-stage N     last stage to run [${stop_stage}]
-  --features NAME    frame features of the k-means: mfcc or logmel [${features}]
-  --k N              number of units [${k}]
-  --ulm-steps N      unit LM pretraining updates [${ulm_steps}]
-  --base-dir DIR     sentences corpus, k-means and unit LM, shared with synthetic_intent [${base_dir}]
-  --ulm-config FILE  unit LM pretraining config [${ulm_config}]
-  --config FILE      training config [${config}]
-  --exp DIR          where the task corpus, units and runs go [${exp}]
-  --seeds "S ..."    training seeds [${seeds}]
-  --synth-seed N     seed of the synthesized corpora [${synth_seed}]
-  --per-class N      training utterances per digit-string length (empty: synth's default) [${per_class:-default}]
-  --device DEV       auto, cpu, cuda or cuda:N [${device}]
-  -h, --help         this message
-USAGE
-}
-
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --stage) stage=$2; shift 2 ;;
-        --stop-stage|--stop_stage) stop_stage=$2; shift 2 ;;
-        --features) features=$2; shift 2 ;;
-        --k) k=$2; shift 2 ;;
-        --ulm-steps) ulm_steps=$2; shift 2 ;;
-        --base-dir) base_dir=$2; shift 2 ;;
-        --ulm-config) ulm_config=$2; shift 2 ;;
-        --config) config=$2; shift 2 ;;
-        --exp) exp=$2; shift 2 ;;
-        --seeds) seeds=$2; shift 2 ;;
-        --synth-seed) synth_seed=$2; shift 2 ;;
-        --per-class) per_class=$2; shift 2 ;;
-        --device) device=$2; shift 2 ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "$0: unknown option '$1' (see --help)" >&2; exit 2 ;;
-    esac
-done
-
-log() { echo "$(date +%H:%M:%S) $(basename "$(dirname "$0")"): $*" >&2; }
-die() { echo "$0: error: $*" >&2; exit 1; }
-need_file() { [ -f "$1" ] || die "missing $2: $1"; }
-stage_on() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
-command -v speechprompt >/dev/null || die "speechprompt is not on PATH (pip install -e . in the active environment)"
-
-sentences=${base_dir}/sentences
-kmeans=${base_dir}/km${k}_${features}.safetensors
-base_units=${base_dir}/units_${features}${k}
-ulm_dir=${base_dir}/ulm_${features}${k}
-ulm=${ulm_dir}/checkpoint_best.pt
-data=${exp}/data
-units=${exp}/units
-runs=${exp}/$(basename "${config}" .yaml)
-splits="train dev test test_synth"
-per_class_arg=()
-[ -z "${per_class}" ] || per_class_arg=(--per-class "${per_class}")
-
-if stage_on 1; then
-    log "stage 1: sentences for unit-LM pretraining -> ${sentences}"
-    speechprompt synth --task sentences --out "${sentences}" --seed "${synth_seed}" --no-progress
-fi
-
-if stage_on 2; then
-    log "stage 2: ${k}-means of ${features} frames of the sentences -> ${kmeans}"
-    need_file "${sentences}/train.tsv" "the sentences corpus (run stage 1)"
-    speechprompt kmeans --manifest "${sentences}/train.tsv" --features "${features}" --k "${k}" --percent 1.0 \
-        --n-init 3 --seed "${synth_seed}" --out "${kmeans}"
-fi
-
-if stage_on 3; then
-    log "stage 3: sentence units and the small unit LM -> ${ulm_dir}"
-    need_file "${kmeans}" "the k-means (run stage 2)"
-    need_file "${ulm_config}" "the unit LM config"
-    for split in train dev; do
-        speechprompt prepare --manifest "${sentences}/${split}.tsv" --features "${features}" --kmeans "${kmeans}" \
-            --out "${base_units}" --dedup --device "${device}"
-    done
-    speechprompt pretrain-ulm --config "${ulm_config}" train="${base_units}/train.units" \
-        dev="${base_units}/dev.units" n_units="${k}" max_steps="${ulm_steps}" run_dir="${ulm_dir}" device="${device}"
-fi
-
-if stage_on 4; then
-    log "stage 4: the ${task} corpus -> ${data}"
-    speechprompt synth --task "${task}" --out "${data}" --seed "${synth_seed}" --no-progress "${per_class_arg[@]}"
-fi
-
-if stage_on 5; then
-    log "stage 5: units of ${splits}"
-    need_file "${kmeans}" "the k-means (run stage 2)"
-    for split in ${splits}; do
-        need_file "${data}/${split}.tsv" "the ${split} manifest (run stage 4)"
-        speechprompt prepare --manifest "${data}/${split}.tsv" --features "${features}" --kmeans "${kmeans}" \
-            --out "${units}" --dedup --device "${device}"
-    done
-fi
-
-if stage_on 6; then
-    log "stage 6: train ${config} for seeds ${seeds}"
-    need_file "${ulm}" "the pretrained unit LM (run stage 3)"
-    need_file "${config}" "the training config"
-    for split in train dev; do need_file "${units}/${split}.units" "the ${split} units (run stage 5)"; done
-    for seed in ${seeds}; do
-        speechprompt train --config "${config}" base="${ulm}" seed="${seed}" device="${device}" \
-            run_dir="${runs}/seed${seed}" \
-            data.train_units="${units}/train.units" data.train_labels="${data}/train.labels" \
-            data.dev_units="${units}/dev.units" data.dev_labels="${data}/dev.labels"
-    done
-fi
-
-if stage_on 7; then
-    log "stage 7: evaluate every seed on test (unseen voices) and test_synth (unseen synthesizer)"
-    for seed in ${seeds}; do
-        need_file "${runs}/seed${seed}/best.safetensors" "the best checkpoint of seed ${seed} (run stage 6)"
-        speechprompt evaluate --checkpoint "${runs}/seed${seed}/best.safetensors" --device "${device}" \
-            --units "${units}/test.units" "${units}/test_synth.units" \
-            --labels "${data}/test.labels" "${data}/test_synth.labels" --out "${runs}/seed${seed}"
-    done
-    log "test metrics: ${runs}/seed*/{test,test_synth}.metrics.json"
-fi
+source "${recipe}/../TEMPLATE/synthetic_task.sh" "$@"
