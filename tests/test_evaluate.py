@@ -6,23 +6,14 @@ import json
 import random
 
 import pytest
-import torch
 
 from speechprompt import config as C
 from speechprompt import train as T
 from speechprompt.cli import main
-from speechprompt.fairseq_compat import Dictionary
-from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
 K = 10
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_split(path, n, seed, empty_row=None):
@@ -37,11 +28,9 @@ def write_split(path, n, seed, empty_row=None):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread, save_tiny_unit_lm):
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval(),
-                 Dictionary.for_units(K), root / "lm.pt")
+    save_tiny_unit_lm(root / "lm.pt", K)
     write_split(root / "train", 24, 0)
     write_split(root / "dev", 12, 1)
     write_split(root / "test", 9, 2, empty_row=4)  # a row that `prepare` could not convert
@@ -50,10 +39,7 @@ def run(tmp_path_factory):
         f"data.dev_units={root}/dev.units", f"data.dev_labels={root}/dev.labels", f"base={root}/lm.pt",
         f"run_dir={root}/run", "batch_size=8", "max_steps=4", "eval_every=2",
     ])
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     summary = T.train(cfg)
-    torch.set_num_threads(n)
     return root, summary
 
 
@@ -81,12 +67,10 @@ def test_evaluate_writes_metrics_predictions_and_confusion_per_split(run, capsys
     assert (out / "dev.confusion.png").stat().st_size > 0 and (out / "test.confusion.png").is_file()
 
 
-def test_evaluate_refuses_another_base_model(run, tmp_path, capsys):
+def test_evaluate_refuses_another_base_model(run, tmp_path, capsys, save_tiny_unit_lm):
     root, _ = run
     other = tmp_path / "other"
-    torch.manual_seed(1)
-    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval(),
-                 Dictionary.for_units(K), other / "lm.pt")
+    save_tiny_unit_lm(other / "lm.pt", K, seed=1)
     code = main(["evaluate", "--checkpoint", str(root / "run" / "best"), "--units", str(root / "dev.units"),
                  "--labels", str(root / "dev.labels"), "--base", str(other / "lm.pt")])
     assert code == 2

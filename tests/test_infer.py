@@ -17,21 +17,11 @@ from speechprompt.data_prep.features import build_feature_reader
 from speechprompt.data_prep.kmeans import load_quantizer, save_quantizer
 from speechprompt.data_prep.manifest import write_manifest
 from speechprompt.data_prep.speech2unit import prepare
-from speechprompt.fairseq_compat import Dictionary
-from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
-pytestmark = pytest.mark.slow  # whole training runs, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole training runs, end to end
 
 K = 8
 SR = 16000
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tone(path, freq, seconds=0.3, seed=0):
@@ -41,7 +31,7 @@ def tone(path, freq, seconds=0.3, seed=0):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread, save_tiny_unit_lm):
     """Tones -> log-mel -> a k-means of K frames -> deduplicated units (via prepare) -> a 3-step prompt run."""
     root = tmp_path_factory.mktemp("infer")
     audio = root / "audio"
@@ -57,17 +47,12 @@ def trained(tmp_path_factory):
     frames = torch.cat([reader.read(load_audio(audio / f"{n}.wav")) for n in ("high0", "low1")])
     save_quantizer(root / "km.st", frames[torch.linspace(0, len(frames) - 1, K).long()], features=reader.describe())
     prepare(root / "train.tsv", reader, load_quantizer(root / "km.st"), root / "units", deduplicate=True)
-    torch.manual_seed(0)
-    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=128)).eval(),
-                 Dictionary.for_units(K), root / "lm.pt")
+    save_tiny_unit_lm(root / "lm.pt", K, max_positions=128)
     cfg = C.load_config(T.TrainConfig, None, [
         f"data.train_units={root}/units/train.units", f"data.train_labels={root}/train.labels",
         f"base={root}/lm.pt", f"run_dir={root}/run", "batch_size=4", "max_steps=3", "method.options.length=2",
     ])
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     T.train(cfg)
-    torch.set_num_threads(n)
     return root, manifest
 
 

@@ -31,13 +31,7 @@ from speechprompt.verbalizers.fixed import FixedVerbalizer
 PAD, EOS = 1, 2
 ATOL = 1e-5
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> UnitLM:

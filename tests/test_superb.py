@@ -40,13 +40,7 @@ from speechprompt.tuning import method_config
 SR = 16000
 TONES = {"low": 200.0, "high": 4000.0}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_hubert(path, seed: int):

@@ -15,19 +15,10 @@ from speechprompt import train as T
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
-pytestmark = pytest.mark.slow  # whole training runs, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole training runs, end to end
 
 K = 20  # units
 CLASSES = {"yes": [1, 2, 3], "no": [5, 6, 7], "up": [9, 10, 11], "down": [13, 14, 15]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two CPU cores are shared by the whole suite; one thread is also ~10x faster for models this small.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_split(path, n, seed):
@@ -45,12 +36,10 @@ def write_split(path, n, seed):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, one_thread):
     """A tiny LM pretrained for a few steps on unit sequences (no labels), and train/dev splits."""
     root = tmp_path_factory.mktemp("corpus")
     torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = random.Random(1)
@@ -64,7 +53,6 @@ def corpus(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.set_num_threads(n)
     save_unit_lm(model.eval(), Dictionary.for_units(K), root / "lm.pt")
     write_split(root / "train", 128, seed=0)
     write_split(root / "dev", 48, seed=1)

@@ -20,13 +20,7 @@ from speechprompt.verbalizers import BOS, EOS, PAD, UNKNOWN_LABEL, FixedVerbaliz
 
 K = 12
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ import torch
 
 from speechprompt import config as C
 from speechprompt import train as T
-from speechprompt.fairseq_compat import Dictionary
-from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
-pytestmark = pytest.mark.slow  # whole training runs, end to end
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole training runs, end to end
 
 K = 40
 SENTENCES = {
@@ -21,14 +19,6 @@ SENTENCES = {
     "B-place kitchen E-place": [9, 10, 11],
     "stop now": [13, 14, 15],
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_split(path, n, seed):
@@ -44,15 +34,11 @@ def write_split(path, n, seed):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, one_thread, save_tiny_unit_lm):
     root = tmp_path_factory.mktemp("seq")
-    torch.manual_seed(0)
-    save_unit_lm(UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64)).eval(),
-                 Dictionary.for_units(K), root / "lm.pt")
+    save_tiny_unit_lm(root / "lm.pt", K)
     write_split(root / "train", 64, 0)
     write_split(root / "dev", 16, 1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     cfg = C.load_config(T.TrainConfig, None, [
         f"data.train_units={root}/train.units", f"data.train_labels={root}/train.labels",
         f"data.dev_units={root}/dev.units", f"data.dev_labels={root}/dev.labels", f"base={root}/lm.pt",
@@ -61,7 +47,6 @@ def run(tmp_path_factory):
         "decode.max_new_tokens=20",
     ])
     summary = T.train(cfg)
-    torch.set_num_threads(n)
     return root, summary
 
 
