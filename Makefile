@@ -44,6 +44,7 @@ demo: install
 	PATH="$(BIN):$$PATH" bash recipes/synthetic_commands/run.sh
 
 test: install-test
+	$(PY) -m ruff check .
 	PATH="$(BIN):$$PATH" $(PY) -m pytest -q
 
 # The suite without the slow end-to-end tests, for the edit-test loop.
@@ -51,7 +52,7 @@ test-fast:
 	PATH="$(BIN):$$PATH" $(PY) -m pytest -q -m "not slow"
 
 lint:
-	$(PY) -m ruff check speechprompt tests benchmarks
+	$(PY) -m ruff check .
 
 bench:
 	@for f in benchmarks/*.py; do echo "== $$f"; PATH="$(BIN):$$PATH" $(PY) $$f; done

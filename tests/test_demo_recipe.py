@@ -33,7 +33,7 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
     rows = json.loads((exp / "results.json").read_text())
     assert [r["method"] for r in rows] == ["deep_prompt", "linear_probe"]
     for row in rows:
-        assert ROW_KEYS <= set(row)
+        assert set(row) >= ROW_KEYS
         assert row["seeds"] == [1, 2]
         assert 0.0 <= row["accuracy_mean"] <= 1.0
         assert set(row["splits"]) == {"test", "test_synth"}
