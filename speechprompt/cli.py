@@ -28,7 +28,16 @@ COMMANDS: dict[str, str] = {
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the layout of descriptions and epilogs."""
+    """Shows defaults and keeps the layout of descriptions and epilogs.
+
+    A default is not repeated where there is none to show (``None``) or where the help text already states it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
