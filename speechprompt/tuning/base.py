@@ -98,6 +98,27 @@ def select_layers(num_layers: int, indices: list[int] | None) -> list[int]:
     return sorted(out)
 
 
+def target_linears(
+    model: nn.Module, layers: list[int] | None, targets: list[LinearName], method: str
+) -> list[tuple[str, nn.Linear]]:
+    """The ``(backbone path, linear)`` of each target projection in the chosen layers, in layer then target order.
+
+    ``layers`` is a config's layer selection (see :func:`select_layers`); ``method`` names the caller in errors.
+    A target that is no longer an ``nn.Linear`` means another method has wrapped it.
+    """
+    blocks = transformer_layers(model)
+    paths = module_paths(model)
+    out = []
+    for i in select_layers(len(blocks), layers):
+        for target in targets:
+            linear = blocks[i].get_submodule(target.path)
+            if not isinstance(linear, nn.Linear):
+                raise TuningError(f"{method} target {target.value} of layer {i} is a {type(linear).__name__}, "
+                                  "not an nn.Linear (is another method attached?)")
+            out.append((paths[id(linear)], linear))
+    return out
+
+
 def module_paths(model: nn.Module) -> dict[int, str]:
     """``id(module) -> dotted name`` for every submodule, so injected tensors can be named by their location."""
     return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}

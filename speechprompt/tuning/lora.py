@@ -28,9 +28,7 @@ from speechprompt.tuning.base import (
     TuningMethod,
     as_enum,
     backbone_device,
-    module_paths,
-    select_layers,
-    transformer_layers,
+    target_linears,
 )
 
 
@@ -93,20 +91,12 @@ class Lora(TuningMethod):
 
     def __init__(self, config: LoraConfig, model: nn.Module) -> None:
         super().__init__(config)
-        layers = transformer_layers(model)
-        paths = module_paths(model)
         self._targets: list[str] = []  # backbone paths of the adapted linears
         self._linears: list[nn.Linear] = []  # the hooked linears while attached (a plain list: not submodules)
-        for i in select_layers(len(layers), config.layers):
-            for target in config.targets:
-                linear = layers[i].get_submodule(target.path)
-                if not isinstance(linear, nn.Linear):
-                    raise TuningError(f"LoRA target {target.value} of layer {i} is a {type(linear).__name__}, "
-                                      "not an nn.Linear (is another method attached?)")
-                path = paths[id(linear)]
-                delta = LoraDelta(linear.in_features, linear.out_features, config.rank, config.alpha, config.dropout)
-                self._own(f"{path}.lora", delta)
-                self._targets.append(path)
+        for path, linear in target_linears(model, config.layers, config.targets, "LoRA"):
+            delta = LoraDelta(linear.in_features, linear.out_features, config.rank, config.alpha, config.dropout)
+            self._own(f"{path}.lora", delta)
+            self._targets.append(path)
         self.to(backbone_device(model))
 
     def _deltas(self) -> list[LoraDelta]:

@@ -36,10 +36,8 @@ from speechprompt.tuning.base import (
     TuningError,
     TuningMethod,
     as_enum,
-    module_paths,
-    select_layers,
     set_submodule,
-    transformer_layers,
+    target_linears,
 )
 
 
@@ -181,19 +179,11 @@ class S3Router(TuningMethod):
 
     def __init__(self, config: MaskConfig, model: nn.Module) -> None:
         super().__init__(config)
-        layers = transformer_layers(model)
-        paths = module_paths(model)
         self._targets: list[str] = []  # backbone paths of the masked linears
-        for i in select_layers(len(layers), config.layers):
-            for target in config.targets:
-                linear = layers[i].get_submodule(target.path)
-                if not isinstance(linear, nn.Linear):
-                    raise TuningError(f"mask target {target.value} of layer {i} is a {type(linear).__name__}, "
-                                      "not an nn.Linear (is another method attached?)")
-                path = paths[id(linear)]
-                self._own(f"{path}.router", Router(_initial_scores(linear.weight, config.init), config.keep_ratio,
-                                                   config.threshold))
-                self._targets.append(path)
+        for path, linear in target_linears(model, config.layers, config.targets, "mask"):
+            self._own(f"{path}.router", Router(_initial_scores(linear.weight, config.init), config.keep_ratio,
+                                               config.threshold))
+            self._targets.append(path)
 
     def routers(self) -> dict[str, Router]:
         """Backbone path of each masked linear -> its router."""

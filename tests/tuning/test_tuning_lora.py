@@ -112,8 +112,10 @@ def test_hubert_base_q_k_rank_8_has_the_published_count():
 def test_lora_and_mask_on_the_same_linear_is_refused():
     model = _lm()
     build_method("mask", model)
-    with pytest.raises(TuningError, match="another method"):
+    with pytest.raises(TuningError, match="LoRA target q_proj of layer 0 is a MaskedLinear.*another method"):
         build_method(LoraConfig(), model)
+    with pytest.raises(TuningError, match="mask target q_proj of layer 0 is a MaskedLinear.*another method"):
+        build_method("mask", model)
 
 
 def test_bad_configs():
