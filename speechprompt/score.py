@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from speechprompt.devices import resolve_device
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.generation import sequence_logprob
@@ -77,8 +78,7 @@ def score_sequences(model: UnitLM, sequences: list[list[int]], eos: int, batch_s
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SpeechPromptError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model, dictionary = load_unit_lm(args.checkpoint, args.dict)
     sequences = read_unit_lines(args.units, dictionary)
     if model.cfg.learned_pos:
