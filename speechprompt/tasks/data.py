@@ -224,19 +224,23 @@ def batches(
 ) -> list[Batch]:
     """All batches of a split, in order or shuffled with ``generator``.
 
-    Unshuffled batches group utterances of similar length (sorted by length) to waste less padding; each batch's
-    ``index`` says which utterances it holds.
+    Batches group utterances of similar length to waste less padding (random batches of the demo's commands pad
+    ~1.4x the real tokens; length-grouped ones ~1.02x). Shuffled, it is fairseq's recipe: a random permutation,
+    stably sorted by length (so equal lengths land in a new random order each epoch), cut into batches whose
+    order is then shuffled. Each batch's ``index`` says which utterances it holds.
     """
     n = len(split)
     if shuffle:
         order = torch.randperm(n, generator=generator).tolist()
+        order.sort(key=lambda i: len(split.tokens[i]))  # stable: ties keep their random order
     else:
         order = sorted(range(n), key=lambda i: len(split.tokens[i]))
-    out = []
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        out.append(collate([split.tokens[i] for i in idx], [split.labels[i] for i in idx], verbalizer, idx))
-    return out
+    groups = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    if shuffle:
+        groups = [groups[g] for g in torch.randperm(len(groups), generator=generator).tolist()]
+    return [
+        collate([split.tokens[i] for i in idx], [split.labels[i] for i in idx], verbalizer, idx) for idx in groups
+    ]
 
 
 def lm_logits(model: torch.nn.Module, method: torch.nn.Module, tokens: Tensor) -> Tensor:

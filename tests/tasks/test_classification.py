@@ -14,7 +14,7 @@ from speechprompt.tasks.classification import (
     classification_metrics,
     confusion,
 )
-from speechprompt.tasks.data import IGNORE, collate
+from speechprompt.tasks.data import IGNORE, Split, batches, collate
 from speechprompt.tuning import build_method, freeze_except, method_config
 from speechprompt.verbalizers import BOS, EOS, PAD, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
 
@@ -46,6 +46,25 @@ def test_collate_layout():
     # An unseen label has no target at all and class id -1; it still gets a prefix to predict from.
     assert b.targets[1].tolist() == [IGNORE] * 8 and b.class_ids.tolist() == [1, -1]
     assert b.prefix.tolist() == [[4, 5, 6, 7, 8, BOS], [PAD, PAD, PAD, 9, 10, BOS]]  # left-padded
+
+
+def test_shuffled_batches_group_lengths_and_cover_every_utterance_once():
+    lengths = [int(n) for n in torch.randint(2, 80, (203,), generator=torch.Generator().manual_seed(0))]
+    split = Split(tokens=[[4] * n for n in lengths], labels=["a"] * len(lengths), rows=list(range(len(lengths))))
+    v = FixedVerbalizer({"a": [0]}, K)
+
+    def epoch(seed: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(seed)
+        return [b.index.tolist() for b in batches(split, v, 16, shuffle=True, generator=generator)]
+
+    first = epoch(1)
+    assert sorted(i for idx in first for i in idx) == list(range(len(lengths)))
+    assert first == epoch(1) and first != epoch(2)  # reproducible from the generator, new order per epoch
+    real = sum(lengths)
+    padded = sum(max(lengths[i] for i in idx) * len(idx) for idx in first)
+    assert padded / real < 1.1  # random batches of these lengths pad ~1.5x
+    sizes = [len(idx) for idx in first]
+    assert sorted(sizes) == [11] + [16] * 12
 
 
 def test_constrained_scores_equal_brute_force_sequence_logprob(lm):
