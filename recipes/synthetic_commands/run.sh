@@ -4,8 +4,8 @@
 #   stage 1  synth        12-class Speech Commands-style words, and unlabeled sentences, from espeak-ng, flite and
 #                         festival (festival is held out: it is heard only in the test_synth split)
 #   stage 2  kmeans       100 units learned on MFCC frames of the unlabeled sentences (no HuBERT weights here)
-#   stage 3  prepare      every split to deduplicated unit sequences
-#   stage 4  pretrain     a small GSLM-style unit LM on the sentences' units
+#   stage 3  prepare      every split to deduplicated unit sequences (--nj shards at once)
+#   stage 4  pretrain     a small GSLM-style unit LM on the sentences' units (--nj processes, torch DDP)
 #   stage 5  compare      prompt tuning and the baselines on the frozen LM, several seeds, evaluated on unseen
 #                         voices (test) and on the unseen synthesizer (test_synth); prints the results table
 #
@@ -20,10 +20,12 @@ stop_stage=5
 seed=0
 per_class=60
 eval_per_class=20
-sentences=400
+sentences=2000
 features=mfcc
 k=100
-ulm_steps=400
+ulm_steps=1000
+ulm_batch=16
+nj=2
 methods=input_prompt,deep_prompt,deep_prompt_learnable,full_finetune,linear_probe
 seeds=3
 jobs=2
@@ -46,6 +48,8 @@ Options [default]:
   --features NAME      mfcc or logmel [${features}]
   --k K                number of units [${k}]
   --ulm-steps N        unit LM pretraining updates [${ulm_steps}]
+  --ulm-batch N        unit LM blocks per update, split over the --nj processes [${ulm_batch}]
+  --nj N               parallel unit-extraction shards and pretraining processes [${nj}]
   --methods A,B,...    training configs in ${recipe}/conf to compare [${methods}]
   --seeds N            seeds per method [${seeds}]
   --jobs N             training runs at once, one CPU thread each [${jobs}]
@@ -66,6 +70,8 @@ while [ $# -gt 0 ]; do
         --features) features=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
         --ulm-steps) ulm_steps=$2; shift 2 ;;
+        --ulm-batch) ulm_batch=$2; shift 2 ;;
+        --nj) nj=$2; shift 2 ;;
         --methods) methods=$2; shift 2 ;;
         --seeds) seeds=$2; shift 2 ;;
         --jobs) jobs=$2; shift 2 ;;
@@ -82,6 +88,22 @@ command -v speechprompt >/dev/null || die "speechprompt is not on PATH (run 'mak
 
 data=${exp}/data
 units=${exp}/units
+[ $((ulm_batch % nj)) -eq 0 ] || die "--ulm-batch ${ulm_batch} does not split over --nj ${nj} processes"
+
+# Units of one manifest into $2/<stem>.units: --nj shards at once, then merged (identical to a single run).
+units_of() {
+    local manifest=$1 out=$2 rank pids=()
+    for rank in $(seq 0 $((nj - 1))); do
+        speechprompt prepare --manifest "${manifest}" --features "${features}" --kmeans "${exp}/kmeans.safetensors" \
+            --dedup --out "${out}" --nshard "${nj}" --rank "${rank}" &
+        pids+=($!)
+    done
+    for rank in "${!pids[@]}"; do
+        wait "${pids[${rank}]}" || die "unit extraction of ${manifest}, shard ${rank}, failed"
+    done
+    speechprompt prepare --manifest "${manifest}" --features "${features}" --kmeans "${exp}/kmeans.safetensors" \
+        --dedup --out "${out}" --nshard "${nj}" --merge
+}
 
 if stage_on 1; then
     log "stage 1: synthesize the commands corpus and the unlabeled sentences"
@@ -101,20 +123,22 @@ fi
 if stage_on 3; then
     log "stage 3: audio -> deduplicated units"
     for split in train dev test test_synth; do
-        [ -f "${units}/${split}.units" ] && continue
-        speechprompt prepare --manifest "${data}/commands/${split}.tsv" --features "${features}" \
-            --kmeans "${exp}/kmeans.safetensors" --dedup --out "${units}"
+        [ -f "${units}/${split}.units" ] || units_of "${data}/commands/${split}.tsv" "${units}"
     done
     for split in train dev; do
-        [ -f "${units}/sentences/${split}.units" ] && continue
-        speechprompt prepare --manifest "${data}/sentences/${split}.tsv" --features "${features}" \
-            --kmeans "${exp}/kmeans.safetensors" --dedup --out "${units}/sentences"
+        [ -f "${units}/sentences/${split}.units" ] || units_of "${data}/sentences/${split}.tsv" "${units}/sentences"
     done
 fi
 
 if stage_on 4; then
-    log "stage 4: pretrain the unit LM on the sentences"
-    speechprompt pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
+    log "stage 4: pretrain the unit LM on the sentences (${nj} processes)"
+    pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
+              batch_size=$((ulm_batch / nj)))
+    if [ "${nj}" -gt 1 ]; then  # data-parallel: nj processes of one thread, each taking ulm_batch / nj blocks
+        torchrun --standalone --nproc_per_node "${nj}" "$(command -v speechprompt)" "${pretrain[@]}"
+    else
+        speechprompt "${pretrain[@]}"
+    fi
 fi
 
 if stage_on 5; then
