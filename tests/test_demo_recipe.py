@@ -44,6 +44,9 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
     assert (exp / "results.md").read_text().count("\n") == 4
     assert (exp / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deep_prompt" in proc.stdout  # the table is printed
+    # Units were extracted in 2 shards (--nj 2) and merged; only the merged files stay.
+    assert (exp / "units/train.summary.json").is_file()
+    assert not list((exp / "units").rglob("*_2.units")) and not list((exp / "units").rglob("*_2.summary.json"))
 
     # The checkpoint named in results.json is ready for `infer`, with nothing but itself (and the files it records).
     wav = sorted((exp / "data/commands/wav/test").glob("*.wav"))[0]

@@ -90,7 +90,8 @@ data=${exp}/data
 units=${exp}/units
 [ $((ulm_batch % nj)) -eq 0 ] || die "--ulm-batch ${ulm_batch} does not split over --nj ${nj} processes"
 
-# Units of one manifest into $2/<stem>.units: --nj shards at once, then merged (identical to a single run).
+# Units of one manifest into $2/<stem>.units: --nj shards at once, then merged (identical to a single run) and the
+# shard files removed.
 units_of() {
     local manifest=$1 out=$2 rank pids=()
     for rank in $(seq 0 $((nj - 1))); do
@@ -103,6 +104,11 @@ units_of() {
     done
     speechprompt prepare --manifest "${manifest}" --features "${features}" --kmeans "${exp}/kmeans.safetensors" \
         --dedup --out "${out}" --nshard "${nj}" --merge
+    local stem
+    stem=$(basename "${manifest}" .tsv)
+    for rank in $(seq 0 $((nj - 1))); do  # the merged files say all the shards did
+        rm -f "${out}/${stem}.${rank}_${nj}.units" "${out}/${stem}.${rank}_${nj}.summary.json"
+    done
 }
 
 if stage_on 1; then
