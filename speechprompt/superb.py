@@ -17,10 +17,22 @@ upstream parameter trains too). ``prompt`` is refused: it is an input of the uni
 weights and the head always train. SUPERB's ASR head is a 2-layer BiLSTM; a linear CTC head keeps the comparison
 about the upstream and its tuning method.
 
-The run directory receives ``config.yaml``, ``log.csv`` (train loss, learning rate, dev metrics), the task
-checkpoint ``best.safetensors`` + ``best.json`` (the method's exported tensors under ``method.*``, the layer
-weights and head under ``head.*``, nothing of the frozen upstream) and ``metrics.json``. The sidecar records the
-upstream's path and fingerprint (sha256 of its state dict); :func:`load_superb` refuses any other upstream.
+The run directory receives::
+
+    config.yaml               the resolved config
+    log.csv                   step, metric, value (train loss, learning rate, dev metrics)
+    learning_curves.png       train loss and dev metrics against the step
+    best.safetensors/.json    the task checkpoint: the method's exported tensors under ``method.*``, the layer
+                              weights and head under ``head.*``, nothing of the frozen upstream
+    train_state.pt            trainable tensors, optimizer, scheduler, RNG and loop state, saved every
+                              ``eval_every`` updates: a killed run resumes from here (resume=true)
+    metrics.json              dev metrics of the best checkpoint, parameter counts, layer weights, checkpoint bytes
+
+The sidecar records the upstream's path and fingerprint (sha256 of its state dict); :func:`load_superb` refuses
+any other upstream. Runs are reproducible: the seed fixes initialisation, the batch order (epoch ``e`` is shuffled
+with ``seed + e``) and dropout, and a resumed run ends with the same tensors as one that was never interrupted. A
+finished run started again reports its metrics without training; raising ``max_steps`` (or ``patience``) continues
+it, unless the learning-rate schedule depends on ``max_steps`` (cosine past its warmup).
 """
 
 from __future__ import annotations
@@ -50,11 +62,13 @@ from speechprompt.config import ConfigError, option
 from speechprompt.data_prep.manifest import ManifestError, labels_path, read_labels, read_manifest
 from speechprompt.devices import resolve_device, torch_threads
 from speechprompt.errors import CheckpointError
-from speechprompt.fileio import write_json
+from speechprompt.fileio import torch_save, write_json
 from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
+from speechprompt.pretrain import _rng_state, _set_rng_state
+from speechprompt.schedule import build_scheduler, lr_at
 from speechprompt.tasks.ctc import CharVocabulary, CTCError, ctc_loss, greedy_decode, normalize_text
 from speechprompt.tasks.metrics import accuracy, cer, wer
-from speechprompt.train import MethodConfig, OptimConfig
+from speechprompt.train import STATE_FILE, MethodConfig, OptimConfig
 from speechprompt.tuning import (
     TuningMethod,
     build_method,
@@ -68,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "best"
 TASK_TYPE = "superb"
+STATE_FORMAT = 1  # of train_state.pt
 
 # --------------------------------------------------------------------------------------------------------------
 # The model
@@ -402,16 +417,17 @@ def load_audio_split(manifest: str | os.PathLike, labels: str | os.PathLike | No
     return AudioSplit(m.paths(), label_lines)
 
 
-def audio_batches(split: AudioSplit, batch_size: int, shuffle: bool = False,
-                  seed: int = 0) -> Iterator[tuple[list[np.ndarray], list[str]]]:
+def audio_batches(split: AudioSplit, batch_size: int, shuffle: bool = False, seed: int = 0,
+                  start: int = 0) -> Iterator[tuple[list[np.ndarray], list[str]]]:
     """Batches of ``(waveforms, labels)``, read with :func:`~speechprompt.audio.load_audio` as they are needed.
 
     With ``shuffle``, the order is a permutation drawn from ``seed`` (pass ``seed + epoch`` for a new order per
-    epoch that a rerun reproduces).
+    epoch that a rerun reproduces). ``start`` skips that many batches without reading their audio (a resumed
+    run skips the batches it already took in its epoch).
     """
     order = np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for first in range(start * batch_size, len(order), batch_size):
+        idx = order[first : first + batch_size]
         yield [load_audio(split.paths[i]) for i in idx], [split.labels[i] for i in idx]
 
 
@@ -451,13 +467,16 @@ class SuperbConfig:
     run_dir: str = option("exp/superb", help="where the run's files go")
     batch_size: int = option(8, help="utterances per update")
     max_steps: int = option(1000, help="updates at most")
-    eval_every: int = option(100, help="evaluate on dev (and keep the best checkpoint) every N updates")
+    eval_every: int = option(100, help="evaluate on dev, keep the best checkpoint and save the training state "
+                             "every N updates")
     patience: int = option(0, help="stop after this many evaluations without a better dev metric (0: never)")
     eval_batch_size: int = option(16, help="utterances per batch when evaluating")
     seed: int = option(0, help="seed of initialisation and shuffling")
     device: str = option("auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     threads: int = option(0, help="CPU threads of torch ops (0: torch's default)")
     log_every: int = option(10, help="log the train loss every N updates")
+    resume: bool = option(True, help="continue from run_dir/train_state.pt if it is there; false refuses a run_dir "
+                          "that has one")
 
     def __post_init__(self) -> None:
         _check_method(self.method.name)
@@ -503,7 +522,8 @@ def _better(value: float, best: float | None, higher: bool) -> bool:
 
 
 def train_superb(cfg: SuperbConfig) -> dict[str, Any]:
-    """Train, keep the checkpoint with the best dev metric (the last one without dev); returns ``metrics.json``."""
+    """Train (or resume), keep the checkpoint with the best dev metric (the last one without dev); returns
+    ``metrics.json``."""
     return fit_superb(cfg)[1]
 
 
@@ -513,11 +533,109 @@ def fit_superb(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
         return _train(cfg)
 
 
+# Config keys that may differ between a killed run and its resumption: none changes what an update computes
+# (max_steps is checked against the learning-rate schedule in _check_resumable).
+_RESUMABLE_CHANGES = {"threads", "resume", "device", "run_dir", "log_every", "eval_batch_size", "patience", "max_steps"}
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where the training loop is: with the tensors, optimizer, scheduler and RNG, all that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already taken
+    best: float | None = None  # the best dev value of the selection metric so far
+    best_step: int = 0
+    best_metrics: dict[str, float] | None = None
+    evals_since_best: int = 0
+    seconds: float = 0.0  # training time of all sessions so far
+
+    def done(self, cfg: SuperbConfig) -> bool:
+        """Whether the loop stops here: ``max_steps`` reached, or ``patience`` evaluations without improvement."""
+        return self.step >= cfg.max_steps or (cfg.patience > 0 and self.evals_since_best >= cfg.patience)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"optim.lr": ...}``, so that a mismatch names the exact key."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumable(saved: dict[str, Any], cfg: SuperbConfig, step: int, path: Path) -> None:
+    """Refuse to resume with a config that changes what the run computes.
+
+    Raises:
+        ConfigError: a key outside :data:`_RESUMABLE_CHANGES` differs, or a new ``max_steps`` changes the learning
+            rate of an update already taken (a schedule that decays over ``max_steps``).
+    """
+    old, new = _flat(saved), _flat(C.to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] not in _RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise ConfigError(f"{path} was saved by a run with {key}={old.get(key)!r}, but this config has "
+                              f"{new.get(key)!r}; use another run_dir, or move the file away to start over")
+    o = cfg.optim
+    if any(lr_at(o.schedule, s, o.lr, o.warmup_steps, saved["max_steps"])
+           != lr_at(o.schedule, s, o.lr, o.warmup_steps, cfg.max_steps) for s in range(step)):
+        raise ConfigError(f"{path}: max_steps={cfg.max_steps} instead of {saved['max_steps']} changes the learning "
+                          f"rate of updates already taken (optim.schedule={o.schedule} decays over max_steps); keep "
+                          "max_steps, or use another run_dir")
+
+
+def _load_state(cfg: SuperbConfig, path: Path) -> dict[str, Any] | None:
+    """The training state to resume from (``None``: start afresh).
+
+    Raises:
+        ConfigError: ``resume=false`` and ``path`` exists, or a config the state cannot be resumed with.
+        CheckpointError: ``path`` is unreadable or not a SUPERB training state.
+    """
+    if not path.is_file():
+        return None
+    if not cfg.resume:
+        raise ConfigError(f"{path} holds an earlier run's training state and resume=false: use another run_dir, "
+                          "resume=true to continue that run, or move the file away to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever makes it unreadable, the user's fix is the same
+        raise CheckpointError(f"{path}: unreadable training state ({e}); move it away to start over") from None
+    if not isinstance(state, dict) or (state.get("type"), state.get("format")) != (TASK_TYPE, STATE_FORMAT):
+        raise CheckpointError(f"{path} is not a SUPERB training state (format {STATE_FORMAT}); use another run_dir")
+    _check_resumable(state["config"], cfg, state["progress"]["step"], path)
+    return state
+
+
+def _trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters by name (call after :meth:`SuperbModel.trainable_parameters` froze the rest)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: SuperbModel, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any],
+             path: Path) -> _Progress:
+    """Put the saved tensors, optimizer, scheduler and RNG state back; returns the loop's progress."""
+    params = _trainable_tensors(model)
+    if set(params) != set(state["trainable"]):
+        raise CheckpointError(f"{path}: its trainable tensors are not this model's; use another run_dir")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])  # last: building the model above drew from the RNG
+    return _Progress(**state["progress"])
+
+
 def _train(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
+    from speechprompt.plots import plot_learning_curves
     from speechprompt.runlog import RunLogger
-    from speechprompt.schedule import build_scheduler
 
     run_dir = Path(cfg.run_dir)
+    state_path = run_dir / STATE_FILE
+    saved = _load_state(cfg, state_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save_config(cfg, run_dir / "config.yaml")
     device = resolve_device(cfg.device)
@@ -536,6 +654,17 @@ def _train(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
     optimizer = opt_cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                         weight_decay=cfg.optim.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.max_steps)
+    progress = _Progress()
+    if saved is not None:
+        if saved["fingerprint"] != fingerprint:
+            raise CheckpointError(f"{state_path} was trained on an upstream with fingerprint {saved['fingerprint']}, "
+                                  f"but {cfg.upstream} has {fingerprint}; use another run_dir")
+        progress = _restore(model, optimizer, scheduler, saved, state_path)
+        if saved["summary"] is not None and progress.done(cfg):
+            logger.info("%s: the run already finished at step %d; nothing to do", run_dir, progress.step)
+            return model.eval(), saved["summary"]
+        logger.info("resuming %s at step %d (epoch %d)", run_dir, progress.step, progress.epoch)
+
     selected = f"dev.{model.head.default_metric}" if dev_split else None
     meta = {
         "task": {"type": TASK_TYPE, **model.head.describe()},
@@ -554,15 +683,24 @@ def _train(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
         return save_checkpoint(run_dir / CHECKPOINT_NAME, model.method.export_state_dict(),
                                model.head_state_dict(), {**meta, "training": training})
 
-    best: float | None = None
-    best_metrics: dict[str, float] | None = None
-    best_step, evals_since_best, step, epoch = 0, 0, 0, 0
-    stop = False
-    start = time.perf_counter()
-    with RunLogger(run_dir, tensorboard=False) as log:
-        while not stop:
+    session_start, seconds_before = time.perf_counter(), progress.seconds
+
+    def save_state(summary: dict[str, Any] | None = None) -> None:
+        """``train_state.pt``, written after the best checkpoint: its atomic rename commits the step."""
+        progress.seconds = seconds_before + time.perf_counter() - session_start
+        torch_save({
+            "type": TASK_TYPE, "format": STATE_FORMAT, "config": C.to_dict(cfg), "fingerprint": fingerprint,
+            "progress": dataclasses.asdict(progress), "summary": summary,
+            "trainable": {k: v.detach().cpu() for k, v in _trainable_tensors(model).items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+        }, state_path)
+
+    # A resumed run drops what the killed one logged after its saved step: those steps are taken again.
+    with RunLogger(run_dir, resume_from=progress.step, tensorboard=False) as log:
+        while not progress.done(cfg):
             model.train()
-            for wavs, refs in audio_batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            for wavs, refs in audio_batches(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed + progress.epoch,
+                                            start=progress.batch_in_epoch):
                 output, frame_mask = model(*model.prepare(wavs))
                 loss = model.head.loss(output, frame_mask, refs)
                 optimizer.zero_grad(set_to_none=True)
@@ -571,41 +709,53 @@ def _train(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
                 optimizer.step()
                 scheduler.step()
-                step += 1
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                step = progress.step
                 if step % cfg.log_every == 0:
                     log.log(step, train_loss=loss.item(), lr=scheduler.get_last_lr()[0])
-                if dev_split is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    metrics, _ = evaluate_superb(model, dev_split, cfg.eval_batch_size)
-                    log.log(step, **{f"dev_{k}": v for k, v in metrics.items()})
-                    model.train()
-                    if _better(metrics[model.head.default_metric], best, model.head.higher_is_better):
-                        best, best_metrics, best_step, evals_since_best = (
-                            metrics[model.head.default_metric], metrics, step, 0)
-                        save(step, metrics)
-                    else:
-                        evals_since_best += 1
-                stop = step >= cfg.max_steps or (cfg.patience > 0 and evals_since_best >= cfg.patience)
-                if stop:
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    if dev_split is not None:
+                        metrics, _ = evaluate_superb(model, dev_split, cfg.eval_batch_size)
+                        log.log(step, **{f"dev_{k}": v for k, v in metrics.items()})
+                        model.train()
+                        value = metrics[model.head.default_metric]
+                        if _better(value, progress.best, model.head.higher_is_better):
+                            progress.best, progress.best_metrics, progress.best_step = value, metrics, step
+                            progress.evals_since_best = 0
+                            save(step, metrics)
+                        else:
+                            progress.evals_since_best += 1
+                    save_state()
+                if progress.done(cfg):
                     break
-            epoch += 1
-    if dev_split is None or best_metrics is None:
-        best_step = step
-        save(step, None)
+            else:  # the epoch ran out (a break leaves it unfinished: a longer resumed run continues it)
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+    if dev_split is None or progress.best_metrics is None:
+        progress.best_step = progress.step
+        save(progress.step, None)
     path = run_dir / f"{CHECKPOINT_NAME}.safetensors"
     summary = {
         "method": cfg.method.name,
         "head": HeadKind(cfg.head).value,
-        "steps": step,
-        "best_step": best_step,
-        "seconds": round(time.perf_counter() - start, 3),
+        "steps": progress.step,
+        "best_step": progress.best_step,
+        "seconds": round(seconds_before + time.perf_counter() - session_start, 3),
         "trainable_parameters": n_trainable,
         "method_parameters": n_method,
         "layer_weights": model.featurizer.normalized_weights().tolist(),
         "checkpoint": str(path),
         "checkpoint_bytes": path.stat().st_size,
-        "dev": best_metrics,
+        "dev": progress.best_metrics,
     }
     write_json(run_dir / "metrics.json", summary)
+    try:
+        plot_learning_curves(run_dir / "log.csv", run_dir / "learning_curves.png",
+                             title=f"SUPERB {HeadKind(cfg.head).value}: {cfg.method.name}")
+    except Exception as e:  # a plot must never fail a finished run
+        logger.warning("no learning-curve plot: %s", e)
+    save_state(summary)
     return model.eval(), summary
 
 

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from speechprompt import config as C
+from speechprompt import superb
 from speechprompt.checkpoint import load_checkpoint
 from speechprompt.config import ConfigError, to_dict
 from speechprompt.errors import CheckpointError
@@ -302,3 +303,114 @@ def test_recipe_configs_cover_every_method_and_both_heads():
     assert {c.method.name for c in loaded} == {"linear_probe", "full_finetune", "adapter", "lora", "prefix", "bitfit",
                                                "mask"}
     assert {c.head.value for c in loaded} == {"classification", "ctc"}
+
+
+# -- resuming ----------------------------------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# LoRA with dropout: the result depends on the upstream's trainable tensors, Adam's moments and the RNG.
+LORA = {"rank": 2, "dropout": 0.3}
+
+
+class _Killed(Exception):
+    """Stands in for the signal that ends a run between two saves."""
+
+
+def _kill_at_evaluation(monkeypatch, n: int) -> None:
+    """Make the ``n``-th dev evaluation of the next run raise :class:`_Killed`."""
+    real, calls = superb.evaluate_superb, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(superb, "evaluate_superb", evaluate)
+
+
+def _state(run_dir) -> dict:
+    return torch.load(run_dir / "train_state.pt", weights_only=True)
+
+
+def _log_rows(run_dir) -> list[tuple[str, str, str]]:
+    """``log.csv`` without its time column."""
+    return [tuple(line.split(",")[:3]) for line in (run_dir / "log.csv").read_text().splitlines()]
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory, one_thread):
+    """A 10-update LoRA run (4 batches per epoch, evaluations at 3, 6, 9, 10), never interrupted."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train_superb(_config(corpus, run_dir, "lora", LORA, max_steps=10, eval_every=3))
+    return run_dir, summary
+
+
+def test_a_killed_run_resumes_to_the_same_tensors_log_and_checkpoint(corpus, tmp_path, uninterrupted, monkeypatch):
+    reference_dir, reference = uninterrupted
+    cfg = _config(corpus, tmp_path, "lora", LORA, max_steps=10, eval_every=3)
+    _kill_at_evaluation(monkeypatch, 3)  # at step 9: the last state is step 6's, halfway through epoch 1
+    with pytest.raises(_Killed):
+        train_superb(cfg)
+    progress = _state(tmp_path)["progress"]
+    assert (progress["step"], progress["epoch"], progress["batch_in_epoch"]) == (6, 1, 2)
+    assert _log_rows(tmp_path)[-1][0] == "9"  # the killed run logged steps 7 to 9: the resumed one takes them again
+    monkeypatch.undo()
+
+    summary = train_superb(cfg)
+    assert _state(tmp_path)["progress"]["step"] == 10
+    _assert_same_tensors(_state(tmp_path)["trainable"], _state(reference_dir)["trainable"])
+    _assert_same_tensors(load_checkpoint(tmp_path / "best").tensors, load_checkpoint(reference_dir / "best").tensors)
+    assert _log_rows(tmp_path) == _log_rows(reference_dir)  # the replayed steps are logged once
+    assert {k: v for k, v in summary.items() if k not in ("seconds", "checkpoint")} == {
+        k: v for k, v in reference.items() if k not in ("seconds", "checkpoint")}
+    assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_finished_run_started_again_reports_without_training(corpus, uninterrupted, monkeypatch):
+    run_dir, reference = uninterrupted
+    log_before = (run_dir / "log.csv").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run read training batches")
+
+    monkeypatch.setattr(superb, "audio_batches", no_training)
+    cfg = _config(corpus, run_dir, "lora", LORA, max_steps=10, eval_every=3, threads=1)  # threads may change
+    assert train_superb(cfg) == reference
+    assert (run_dir / "log.csv").read_text() == log_before
+
+
+def test_raising_max_steps_continues_a_finished_run(corpus, tmp_path, uninterrupted):
+    reference_dir, _ = uninterrupted
+    train_superb(_config(corpus, tmp_path, "lora", LORA, max_steps=5, eval_every=3))  # stops in epoch 1
+    summary = train_superb(_config(corpus, tmp_path, "lora", LORA, max_steps=10, eval_every=3))
+    assert summary["steps"] == 10
+    # The extra evaluation at step 5 only adds a dev row: the updates are those of the 10-step run.
+    _assert_same_tensors(_state(tmp_path)["trainable"], _state(reference_dir)["trainable"])
+
+
+def test_resume_refuses_a_changed_run(corpus, tmp_path):
+    cosine = {"lr": 1e-2, "schedule": "cosine", "warmup_steps": 3}
+    train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim=cosine))
+    with pytest.raises(ConfigError, match=r"train_state\.pt.*resume=false"):
+        train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim=cosine, resume=False))
+    with pytest.raises(ConfigError, match=r"optim\.lr=0\.01.*0\.02"):
+        train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim={**cosine, "lr": 2e-2}))
+    # Two updates into a 3-update warmup the cosine has not started: a longer run is still the same run...
+    train_superb(_config(corpus, tmp_path / "a", max_steps=4, eval_every=1, optim=cosine))
+    # ...but four updates in, the decay over max_steps has shaped the updates already taken.
+    with pytest.raises(ConfigError, match="changes the learning rate"):
+        train_superb(_config(corpus, tmp_path / "a", max_steps=6, eval_every=1, optim=cosine))
+
+    upstream = tmp_path / "hubert.pt"
+    upstream.write_bytes(corpus["upstream"].read_bytes())
+    train_superb(_config(corpus, tmp_path / "b", upstream=str(upstream), max_steps=2, eval_every=1))
+    upstream.write_bytes(corpus["other_upstream"].read_bytes())  # the same path, other weights
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        train_superb(_config(corpus, tmp_path / "b", upstream=str(upstream), max_steps=4, eval_every=1))
