@@ -2,14 +2,22 @@
 
     speechprompt evaluate --checkpoint exp/run/best.safetensors --units units/test.units \\
         --labels data/test.labels --out exp/run/eval
+    speechprompt evaluate --checkpoint exp/superb/ks_lora/best.safetensors --manifest data/test.tsv \\
+        --labels data/test.labels --out exp/superb/ks_lora/eval
 
 writes ``OUT/<split>.metrics.json`` (every metric of the task, per decoder, plus the confusion matrix),
 ``OUT/<split>.predictions.jsonl`` (one ``{"row", "label", "<decoder>": prediction}`` per utterance, in file
-order) and, for classification, ``OUT/<split>.confusion.png``. The split name defaults to the units file's stem.
-Several ``--units``/``--labels`` pairs evaluate several splits in one run (the model is loaded once).
+order) and, for classification, ``OUT/<split>.confusion.png``. The split name defaults to the input file's stem.
+Several ``--units``/``--labels`` (or ``--manifest``/``--labels``) pairs evaluate several splits in one run (the
+model is loaded once).
 
-The base unit LM is the one recorded in the checkpoint unless ``--base`` names another path; its fingerprint
-must match either way.
+The checkpoint's sidecar says which input it takes. A unit-LM checkpoint (``speechprompt train``) reads units
+(``--units``, made by ``speechprompt prepare``). A SUPERB checkpoint (``speechprompt superb``) reads audio
+(``--manifest``, a fairseq TSV); its metrics are those of SUPERB training (accuracy, or WER and CER, and the loss)
+and its predictions are under ``argmax`` (classification head) or ``greedy`` (CTC head).
+
+The frozen base model (the unit LM, or the HuBERT upstream) is the one recorded in the checkpoint unless ``--base``
+(alias ``--upstream``) names another path; its fingerprint must match either way.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +42,9 @@ from speechprompt.fileio import atomic_open, write_json
 from speechprompt.tasks.data import Batch, Split, batches, load_split
 from speechprompt.tuning import build_method, freeze_except, method_config
 from speechprompt.verbalizers import Verbalizer, verbalizer_from_dict
+
+if TYPE_CHECKING:  # superb imports train, which imports this module
+    from speechprompt.superb import SuperbModel
 
 logger = logging.getLogger(__name__)
 
@@ -184,50 +195,173 @@ def write_report(
 
     The confusion matrix is the one of the task's default decoder. Returns what was written to the JSON file.
     """
+    decoder = task.default_metric.split(".")[0]
+    cm = task.confusion(split.labels, preds[decoder]) if decoder in preds else None
+    confusion = (decoder, *cm, metrics.get(f"{decoder}.accuracy", 0.0)) if cm is not None else None
+    return _write_files(out_dir, split.name, split.rows, split.labels, metrics, preds, confusion, extra)
+
+
+def _write_files(
+    out_dir: str | os.PathLike, name: str, rows: list[int], labels: list[str], metrics: dict,
+    preds: dict[str, list], confusion: tuple[str, np.ndarray, list[str], float] | None, extra: dict | None,
+) -> dict:
+    """The report files of one split, for either checkpoint kind.
+
+    Args:
+        confusion: ``(decoder, matrix, class names, accuracy)`` of the decoder to plot, or ``None`` (no PNG).
+    """
     from speechprompt.plots import plot_confusion_matrix
 
     out = Path(out_dir)
-    report = {"split": split.name, **metrics, **(extra or {})}
-    decoder = task.default_metric.split(".")[0]
-    cm = task.confusion(split.labels, preds[decoder]) if decoder in preds else None
-    if cm is not None:
-        matrix, names = cm
+    report = {"split": name, **metrics, **(extra or {})}
+    if confusion is not None:
+        decoder, matrix, names, acc = confusion
         report["confusion"] = {"decoder": decoder, "labels": names, "matrix": matrix.tolist()}
-        plot_confusion_matrix(matrix, names, out / f"{split.name}.confusion.png",
-                              title=f"{split.name}: {decoder} (accuracy {metrics.get(f'{decoder}.accuracy', 0):.3f})")
-    write_json(out / f"{split.name}.metrics.json", report)
-    with atomic_open(out / f"{split.name}.predictions.jsonl", "w", encoding="utf-8") as f:
-        for i, (row, label) in enumerate(zip(split.rows, split.labels)):
+        plot_confusion_matrix(matrix, names, out / f"{name}.confusion.png",
+                              title=f"{name}: {decoder} (accuracy {acc:.3f})")
+    write_json(out / f"{name}.metrics.json", report)
+    with atomic_open(out / f"{name}.predictions.jsonl", "w", encoding="utf-8") as f:
+        for i, (row, label) in enumerate(zip(rows, labels)):
             f.write(json.dumps({"row": row, "label": label, **{d: p[i] for d, p in preds.items()}}) + "\n")
     return report
 
 
+# --------------------------------------------------------------------------------------------------------------
+# SUPERB checkpoints: HuBERT + tuning method + weighted layer sum + head, on audio
+
+
+def is_superb_checkpoint(meta: dict[str, Any]) -> bool:
+    """Whether a sidecar describes a SUPERB checkpoint (``speechprompt superb``) rather than a unit-LM one."""
+    return str(meta.get("head") or "").startswith("superb_") or "superb" in meta
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"superb"`` or ``"unit_lm"``: which family a checkpoint belongs to, from its sidecar alone."""
+    from speechprompt.checkpoint import read_sidecar
+
+    return "superb" if is_superb_checkpoint(read_sidecar(path)) else "unit_lm"
+
+
+def superb_decoder(model: SuperbModel) -> str:
+    """The name a SUPERB head's predictions go under: ``argmax`` (classification) or ``greedy`` (CTC)."""
+    from speechprompt.superb import ClassificationHead
+
+    return "argmax" if isinstance(model.head, ClassificationHead) else "greedy"
+
+
+def load_superb_model(
+    path: str | os.PathLike, upstream: str | os.PathLike | None = None, device: str = "auto"
+) -> SuperbModel:
+    """:func:`speechprompt.superb.load_superb`, with the clear "not found" message of :func:`load_task`.
+
+    Args:
+        path: The checkpoint (``NAME``, ``NAME.safetensors`` or ``NAME.json``).
+        upstream: The HuBERT checkpoint; default: the path recorded at training time (as given, else absolute).
+        device: ``auto``, ``cpu``, ``cuda``, ...
+
+    Returns:
+        The :class:`~speechprompt.superb.SuperbModel`, in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: no usable upstream, or one whose fingerprint differs from the one trained on.
+    """
+    from speechprompt.checkpoint import checkpoint_paths, read_sidecar
+    from speechprompt.superb import load_superb
+
+    recorded = read_sidecar(path).get("base") or {}
+    candidates = [upstream] if upstream is not None else [recorded.get("path"), recorded.get("path_absolute")]
+    found = next((c for c in candidates if c and Path(c).is_file()), None)
+    if found is None:
+        raise CheckpointError(
+            f"{checkpoint_paths(path)[0]}: upstream HuBERT {candidates[0] or '(not recorded)'} not found; pass it "
+            f"with --upstream (its fingerprint must be {recorded.get('fingerprint')})"
+        )
+    return load_superb(path, upstream=found, device=resolve_device(device))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="task checkpoint (NAME.safetensors with NAME.json beside)")
-    parser.add_argument("--units", required=True, nargs="+", help="units file(s) of the split(s) to evaluate")
-    parser.add_argument("--labels", required=True, nargs="+", help="labels file(s), one per --units file")
-    parser.add_argument("--names", nargs="+", default=None, help="split names (default: the units files' stems)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--units", nargs="+", help="units file(s) of the split(s) to evaluate (unit-LM checkpoints)")
+    inputs.add_argument("--manifest", nargs="+",
+                        help="audio manifest(s) (fairseq TSV) of the split(s) to evaluate (SUPERB checkpoints)")
+    parser.add_argument("--labels", required=True, nargs="+",
+                        help="labels file(s), one per --units or --manifest file, line-aligned with it")
+    parser.add_argument("--names", nargs="+", default=None, help="split names (default: the input files' stems)")
     parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
-    parser.add_argument("--base", default=None, help="base unit LM (default: the path recorded in the checkpoint)")
+    parser.add_argument("--base", "--upstream", dest="base", metavar="PATH", default=None,
+                        help="the frozen base model: the unit LM of a unit-LM checkpoint, the HuBERT upstream of a "
+                        "SUPERB checkpoint (default: the path recorded in the checkpoint; its fingerprint is "
+                        "checked either way)")
     parser.add_argument("--batch-size", type=int, default=32, help="utterances per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-def run(args: argparse.Namespace) -> int:
-    if len(args.units) != len(args.labels):
-        raise SpeechPromptError(f"{len(args.units)} --units files but {len(args.labels)} --labels files")
-    if args.names is not None and len(args.names) != len(args.units):
-        raise SpeechPromptError(f"{len(args.names)} --names for {len(args.units)} splits")
+def _splits(args: argparse.Namespace, inputs: list[str]) -> list[tuple[str, str, str]]:
+    """``(name, input file, labels file)`` per split, checking that the lists line up."""
+    if len(inputs) != len(args.labels):
+        flag = "--units" if args.units else "--manifest"
+        raise SpeechPromptError(f"{len(inputs)} {flag} files but {len(args.labels)} --labels files")
+    if args.names is not None and len(args.names) != len(inputs):
+        raise SpeechPromptError(f"{len(args.names)} --names for {len(inputs)} splits")
+    names = args.names or [Path(x).stem for x in inputs]
+    return list(zip(names, inputs, args.labels))
+
+
+def _evaluate_unit_lm(args: argparse.Namespace) -> int:
+    if args.manifest:
+        raise SpeechPromptError(
+            f"{args.checkpoint} is a unit-LM checkpoint: it reads units, not audio; pass --units files made from "
+            "the manifest by `speechprompt prepare` (with the quantizer recorded in the checkpoint)"
+        )
+    splits = _splits(args, args.units)
     task, ckpt, dictionary = load_task(args.checkpoint, args.base, args.device)
     device = resolve_device(args.device)
     max_len = (ckpt.meta.get("units") or {}).get("max_len")
     out_dir = Path(args.out) if args.out else ckpt.path.parent
-    results = {}
-    for i, (units, labels) in enumerate(zip(args.units, args.labels)):
-        name = args.names[i] if args.names else Path(units).stem
+    for name, units, labels in splits:
         split = load_split(units, labels, len(dictionary) - dictionary.nspecial, max_len, name=name)
         metrics, preds = evaluate_split(task, split, args.batch_size, device)
         write_report(task, split, metrics, preds, out_dir, {"checkpoint": str(ckpt.path)})
-        results[name] = {k: v for k, v in metrics.items()}
-        print(json.dumps({"split": name, **results[name]}))
+        print(json.dumps({"split": name, **metrics}))
     return 0
+
+
+def _evaluate_superb(args: argparse.Namespace) -> int:
+    from speechprompt.checkpoint import checkpoint_paths
+    from speechprompt.superb import ClassificationHead, evaluate_superb, load_audio_split
+    from speechprompt.tasks.classification import confusion
+
+    if args.units:
+        raise SpeechPromptError(
+            f"{args.checkpoint} is a SUPERB checkpoint: it reads audio, not units; pass --manifest (the audio "
+            "manifest the units were made from) instead of --units"
+        )
+    splits = _splits(args, args.manifest)
+    model = load_superb_model(args.checkpoint, args.base, args.device)
+    decoder = superb_decoder(model)
+    ckpt_path = checkpoint_paths(args.checkpoint)[0]
+    out_dir = Path(args.out) if args.out else ckpt_path.parent
+    for name, manifest, labels in splits:
+        split = load_audio_split(manifest, labels)
+        metrics, hyps = evaluate_superb(model, split, args.batch_size)
+        metrics["n"] = len(split)
+        cm = None
+        if isinstance(model.head, ClassificationHead):
+            cm = (decoder, *confusion(split.labels, hyps, model.head.labels), metrics["accuracy"])
+        _write_files(out_dir, name, list(range(len(split))), split.labels, metrics, {decoder: hyps}, cm,
+                     {"checkpoint": str(ckpt_path)})
+        print(json.dumps({"split": name, **metrics}))
+    return 0
+
+
+# Checkpoint family (see :func:`checkpoint_kind`) -> how it is evaluated.
+EVALUATORS = {"unit_lm": _evaluate_unit_lm, "superb": _evaluate_superb}
+
+
+def run(args: argparse.Namespace) -> int:
+    return EVALUATORS[checkpoint_kind(args.checkpoint)](args)

@@ -1,10 +1,14 @@
 """Predict from audio files with a task checkpoint: one JSON line per file.
 
     speechprompt infer --checkpoint exp/synthetic_commands/prompt/best.safetensors a.wav b.flac
+    speechprompt infer --checkpoint exp/superb/ks_lora/best.safetensors a.wav b.flac
 
-Each file goes through the unit pipeline recorded in the checkpoint (the feature reader and k-means quantizer the
-training units were made with, and their deduplication), then through the frozen unit LM with the trained task
-parameters. Printed on stdout, in input order::
+The checkpoint's sidecar says how audio reaches it. A unit-LM checkpoint (``speechprompt train``): each file goes
+through the unit pipeline recorded in the checkpoint (the feature reader and k-means quantizer the training units
+were made with, and their deduplication), then through the frozen unit LM with the trained task parameters. A
+SUPERB checkpoint (``speechprompt superb``): the waveforms go straight into the HuBERT upstream with its tuning
+method, the weighted layer sum and the head (a class label, or the CTC head's greedy transcript). Printed on
+stdout, in input order::
 
     {"path": "a.wav", "prediction": "yes"}
     {"path": "bad.wav", "error": "bad.wav: empty file (0 bytes)"}
@@ -13,8 +17,9 @@ A file that cannot be used gives an ``error`` line and the other files are still
 at least one file got a prediction, 1 when every file failed, 2 for a problem with the checkpoint or options
 (then nothing is predicted).
 
-``--base``, ``--kmeans`` and ``--hubert`` replace the paths recorded at training time (for a checkpoint moved to
-another machine); the base model's and quantizer's fingerprints are checked either way.
+``--base`` (alias ``--upstream``: the unit LM, or the SUPERB checkpoint's HuBERT), ``--kmeans`` and ``--hubert``
+replace the paths recorded at training time (for a checkpoint moved to another machine); the base model's and
+quantizer's fingerprints are checked either way.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from speechprompt.devices import resolve_device
 from speechprompt.errors import CheckpointError, SpeechPromptError
-from speechprompt.evaluate import load_task
+from speechprompt.evaluate import checkpoint_kind, load_superb_model, load_task
 from speechprompt.tasks.data import collate
 
 logger = logging.getLogger(__name__)
@@ -89,42 +98,95 @@ class UnitPipeline:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="task checkpoint (NAME.safetensors with NAME.json beside)")
     parser.add_argument("audio", nargs="+", help="audio files (anything libsndfile reads; resampled to 16 kHz)")
-    parser.add_argument("--base", default=None, help="base unit LM (default: the path recorded in the checkpoint)")
-    parser.add_argument("--kmeans", default=None, help="k-means quantizer (default: the recorded path)")
-    parser.add_argument("--hubert", default=None, help="HuBERT checkpoint for hubert features (default: recorded)")
+    parser.add_argument("--base", "--upstream", dest="base", metavar="PATH", default=None,
+                        help="the frozen base model: the unit LM of a unit-LM checkpoint, the HuBERT upstream of a "
+                        "SUPERB checkpoint (default: the path recorded in the checkpoint; its fingerprint is "
+                        "checked either way)")
+    parser.add_argument("--kmeans", default=None,
+                        help="k-means quantizer (unit-LM checkpoints; default: the recorded path)")
+    parser.add_argument("--hubert", default=None,
+                        help="HuBERT checkpoint for hubert features (unit-LM checkpoints; default: the recorded path)")
     parser.add_argument("--decoder", default=None,
                         help="which prediction to print for classification: greedy or constrained (fixed "
-                        "verbalizers); default: the task's own (greedy, argmax for learnable/probe)")
+                        "verbalizers; unit-LM checkpoints); default: the task's own (greedy, argmax for "
+                        "learnable/probe)")
     parser.add_argument("--batch-size", type=int, default=16, help="files per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-def run(args: argparse.Namespace) -> int:
+def predict_files(
+    paths: Sequence[str], batch_size: int, read: Callable[[str], Any], predict: Callable[[list[Any]], list[str]]
+) -> int:
+    """Print one JSON line per file, in order, batch by batch; the shared loop of every checkpoint kind.
+
+    Args:
+        paths: The audio files.
+        batch_size: Files per call of ``predict``.
+        read: One file -> the model's input; raises for an unusable file, which then gets an ``error`` line.
+        predict: The inputs of the readable files of a batch -> one prediction each.
+
+    Returns:
+        How many files got a prediction.
+    """
+    ok = 0
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        lines: list[dict[str, Any]] = [{"path": path} for path in chunk]
+        good: list[tuple[int, Any]] = []
+        for i, path in enumerate(chunk):
+            try:
+                good.append((i, read(path)))
+            except (SpeechPromptError, OSError, RuntimeError, ValueError) as e:  # one bad file must not stop the rest
+                lines[i]["error"] = str(e)
+        if good:
+            for (i, _), hyp in zip(good, predict([x for _, x in good])):
+                lines[i]["prediction"] = hyp
+                ok += 1
+        for line in lines:
+            print(json.dumps(line), flush=True)
+    return ok
+
+
+def _unit_lm(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[list[Any]], list[str]]]:
     task, ckpt, _ = load_task(args.checkpoint, args.base, args.device)
     device = resolve_device(args.device)
     decoder = args.decoder or task.default_metric.split(".")[0]
     if decoder not in task.decoders:
         raise SpeechPromptError(f"--decoder {decoder!r} is not one of this task's: {', '.join(task.decoders)}")
     pipeline = UnitPipeline(ckpt.meta.get("units") or {}, args.kmeans, args.hubert, str(device), ckpt)
-    ok = 0
-    for start in range(0, len(args.audio), args.batch_size):
-        paths = args.audio[start : start + args.batch_size]
-        results: dict[str, dict[str, Any]] = {}
-        good: list[tuple[str, list[int]]] = []
-        for i, path in enumerate(paths):
-            try:
-                good.append((f"{i}", pipeline.tokens(path)))
-            except (SpeechPromptError, OSError, RuntimeError, ValueError) as e:  # one bad file must not stop the rest
-                results[f"{i}"] = {"path": path, "error": str(e)}
-        if good:
-            batch = collate([t for _, t in good], [""] * len(good), None).to(device)
-            hyps = task.predict(batch)[decoder]
-            for (key, _), hyp in zip(good, hyps):
-                results[key] = {"path": paths[int(key)], "prediction": hyp}
-                ok += 1
-        for i in range(len(paths)):
-            print(json.dumps(results[f"{i}"]), flush=True)
-    if not ok:
+
+    def predict(tokens: list[list[int]]) -> list[str]:
+        return task.predict(collate(tokens, [""] * len(tokens), None).to(device))[decoder]
+
+    return pipeline.tokens, predict
+
+
+def _superb(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[list[Any]], list[str]]]:
+    from speechprompt.audio import load_audio
+
+    unused = [flag for flag in ("kmeans", "hubert", "decoder") if getattr(args, flag) is not None]
+    if unused:
+        raise SpeechPromptError(
+            f"{args.checkpoint} is a SUPERB checkpoint: it reads audio directly, so "
+            f"{', '.join('--' + f for f in unused)} do not apply (its HuBERT upstream is --upstream)"
+        )
+    model = load_superb_model(args.checkpoint, args.base, args.device)
+
+    @torch.no_grad()
+    def predict(wavs: list[np.ndarray]) -> list[str]:
+        output, frame_mask = model(*model.prepare(wavs))  # padded (B, T) waveforms -> head output
+        return model.head.decode(output, frame_mask)
+
+    return load_audio, predict
+
+
+# Checkpoint family (see :func:`speechprompt.evaluate.checkpoint_kind`) -> (read one file, predict a batch).
+PREDICTORS = {"unit_lm": _unit_lm, "superb": _superb}
+
+
+def run(args: argparse.Namespace) -> int:
+    read, predict = PREDICTORS[checkpoint_kind(args.checkpoint)](args)
+    if not predict_files(args.audio, args.batch_size, read, predict):
         print(f"speechprompt infer: every one of the {len(args.audio)} files failed", file=sys.stderr)
         return 1
     return 0

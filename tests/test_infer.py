@@ -15,7 +15,7 @@ from speechprompt import train as T
 from speechprompt.cli import main
 from speechprompt.data_prep.features import build_feature_reader
 from speechprompt.data_prep.kmeans import load_quantizer, save_quantizer
-from speechprompt.data_prep.manifest import write_manifest
+from speechprompt.data_prep.manifest import read_manifest, write_manifest
 from speechprompt.data_prep.speech2unit import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole training runs, end to end
@@ -96,3 +96,57 @@ def test_infer_refuses_another_quantizer(trained, tmp_path, capsys):
     code = main(["infer", "--checkpoint", str(root / "run" / "best"), "--kmeans", str(other),
                  str(manifest.path(0))])
     assert code == 2 and "another quantizer" in capsys.readouterr().err
+
+
+# -- SUPERB checkpoints: waveforms straight into the tuned HuBERT and its head -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def superb(tmp_path_factory, one_thread):
+    from test_evaluate import make_superb_checkpoints
+
+    return make_superb_checkpoints(tmp_path_factory.mktemp("superb_infer"))
+
+
+@pytest.mark.parametrize("head,split", [("classification", "dev"), ("ctc", "ctc_dev")])
+def test_infer_a_superb_checkpoint_predicts_as_the_model_does_from_python(superb, tmp_path, capsys, head, split):
+    from speechprompt.audio import load_audio
+    from speechprompt.superb import load_superb
+
+    good = [str(p) for p in read_manifest(superb[split]).paths()[:4]]
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really audio")
+    files = [good[0], good[1], str(tmp_path / "empty.wav"), good[2], good[3], str(tmp_path / "junk.wav")]
+    code = main(["infer", "--checkpoint", str(superb[head]), *files, "--batch-size", "3", "--device", "cpu"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == files  # one line per file, in input order
+    for bad in (2, 5):
+        assert set(lines[bad]) == {"path", "error"} and files[bad] in lines[bad]["error"]
+
+    # Batches of 3 files, less the bad ones: the model called from Python on the same padded batches.
+    model = load_superb(superb[head])
+    expected = []
+    with torch.no_grad():
+        for batch in (good[:2], good[2:]):
+            output, frame_mask = model(*model.prepare([load_audio(p) for p in batch]))
+            expected += model.head.decode(output, frame_mask)
+    assert [lines[i]["prediction"] for i in (0, 1, 3, 4)] == expected
+    if head == "classification":
+        assert set(expected) <= {"low", "high"}
+
+
+def test_infer_refuses_another_upstream_and_unit_options_for_superb(superb, capsys):
+    wav = str(read_manifest(superb["dev"]).path(0))
+    checkpoint = str(superb["classification"])
+    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb["other_upstream"]), wav])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "another base model" in err and str(superb["other_upstream"]) in err
+
+    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb["dev"].parent / "gone.pt"), wav])
+    assert code == 2 and "gone.pt not found; pass it with --upstream" in capsys.readouterr().err
+
+    code = main(["infer", "--checkpoint", checkpoint, "--kmeans", "km.st", "--decoder", "greedy", wav])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a SUPERB checkpoint" in err and "--kmeans, --decoder do not apply" in err
