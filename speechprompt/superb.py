@@ -30,9 +30,9 @@ The run directory receives::
 
 The sidecar records the upstream's path and fingerprint (sha256 of its state dict); :func:`load_superb` refuses
 any other upstream. Runs are reproducible: the seed fixes initialisation, the batch order (epoch ``e`` is shuffled
-with ``seed + e``) and dropout, and a resumed run ends with the same tensors as one that was never interrupted. A
-finished run started again reports its metrics without training; raising ``max_steps`` (or ``patience``) continues
-it, unless the learning-rate schedule depends on ``max_steps`` (cosine past its warmup).
+with ``seed + e``) and dropout, and a resumed run ends with the same tensors as one that was never interrupted
+(bitwise on CPU). A finished run started again reports its metrics without training; raising ``max_steps`` (or
+``patience``) continues it, unless the learning-rate schedule depends on ``max_steps`` (cosine past its warmup).
 """
 
 from __future__ import annotations

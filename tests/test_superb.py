@@ -308,8 +308,14 @@ def test_recipe_configs_cover_every_method_and_both_heads():
 # -- resuming ----------------------------------------------------------------------------------------------------
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# LoRA with dropout: the result depends on the upstream's trainable tensors, Adam's moments and the RNG.
+# LoRA with dropout (active in training with upstream_dropout=true, since its branches sit inside the upstream): the
+# result depends on the upstream's trainable tensors, Adam's moments and the RNG.
 LORA = {"rank": 2, "dropout": 0.3}
+
+
+def _lora_config(corpus, run_dir, max_steps: int, **kw) -> SuperbConfig:
+    """LoRA runs of 4 batches per epoch, evaluated every 3 updates."""
+    return _config(corpus, run_dir, "lora", LORA, max_steps=max_steps, eval_every=3, upstream_dropout=True, **kw)
 
 
 class _Killed(Exception):
@@ -348,13 +354,13 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def uninterrupted(corpus, tmp_path_factory, one_thread):
     """A 10-update LoRA run (4 batches per epoch, evaluations at 3, 6, 9, 10), never interrupted."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    summary = train_superb(_config(corpus, run_dir, "lora", LORA, max_steps=10, eval_every=3))
+    summary = train_superb(_lora_config(corpus, run_dir, 10))
     return run_dir, summary
 
 
 def test_a_killed_run_resumes_to_the_same_tensors_log_and_checkpoint(corpus, tmp_path, uninterrupted, monkeypatch):
     reference_dir, reference = uninterrupted
-    cfg = _config(corpus, tmp_path, "lora", LORA, max_steps=10, eval_every=3)
+    cfg = _lora_config(corpus, tmp_path, 10)
     _kill_at_evaluation(monkeypatch, 3)  # at step 9: the last state is step 6's, halfway through epoch 1
     with pytest.raises(_Killed):
         train_superb(cfg)
@@ -381,15 +387,15 @@ def test_a_finished_run_started_again_reports_without_training(corpus, uninterru
         raise AssertionError("a finished run read training batches")
 
     monkeypatch.setattr(superb, "audio_batches", no_training)
-    cfg = _config(corpus, run_dir, "lora", LORA, max_steps=10, eval_every=3, threads=1)  # threads may change
+    cfg = _lora_config(corpus, run_dir, 10, threads=1)  # threads may change
     assert train_superb(cfg) == reference
     assert (run_dir / "log.csv").read_text() == log_before
 
 
 def test_raising_max_steps_continues_a_finished_run(corpus, tmp_path, uninterrupted):
     reference_dir, _ = uninterrupted
-    train_superb(_config(corpus, tmp_path, "lora", LORA, max_steps=5, eval_every=3))  # stops in epoch 1
-    summary = train_superb(_config(corpus, tmp_path, "lora", LORA, max_steps=10, eval_every=3))
+    train_superb(_lora_config(corpus, tmp_path, 5))  # stops in epoch 1
+    summary = train_superb(_lora_config(corpus, tmp_path, 10))
     assert summary["steps"] == 10
     # The extra evaluation at step 5 only adds a dev row: the updates are those of the 10-step run.
     _assert_same_tensors(_state(tmp_path)["trainable"], _state(reference_dir)["trainable"])
