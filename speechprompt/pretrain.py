@@ -44,6 +44,7 @@ from speechprompt.fairseq_compat import Dictionary
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.lm_data import PackedLMDataset, StepBatches
 from speechprompt.models.unit_lm import NAMED_CONFIGS, UnitLM, UnitLMConfig, save_unit_lm
+from speechprompt.rng import rng_state, set_rng_state
 from speechprompt.runlog import RunLogger
 from speechprompt.schedule import SCHEDULES, lr_at
 
@@ -200,32 +201,6 @@ def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
 # Training state: everything the next update depends on
 
 
-def _rng_state() -> dict[str, Any]:
-    """The RNG states of python, numpy and torch, as plain values (so that ``weights_only`` loading reads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def load_training_state(path: Path) -> dict[str, Any]:
     """Read ``train_state.pt`` with ``weights_only=True``: it holds only tensors and plain values."""
     try:
@@ -344,16 +319,16 @@ class _Run:
         self.elapsed = float(state["elapsed"])
         rngs = state["rng"]
         if len(rngs) == self.d.world_size:
-            _set_rng_state(rngs[self.d.rank])
+            set_rng_state(rngs[self.d.rank])
         else:
             logger.warning("resuming %d processes from a run of %d: dropout will not replay exactly",
                            self.d.world_size, len(rngs))
-            _set_rng_state(rngs[0])
+            set_rng_state(rngs[0])
             torch.manual_seed(self.cfg.seed + self.d.rank + 7919 * self.step)
 
     def save(self, elapsed: float) -> None:
         """checkpoint_last.pt (fairseq format), then the training state, whose atomic rename commits the step."""
-        mine = _rng_state()
+        mine = rng_state()
         rngs = [mine]
         if self.d.active:
             rngs = [None] * self.d.world_size

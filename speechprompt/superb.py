@@ -64,7 +64,7 @@ from speechprompt.devices import resolve_device, torch_threads
 from speechprompt.errors import CheckpointError
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
-from speechprompt.pretrain import _rng_state, _set_rng_state
+from speechprompt.rng import rng_state, set_rng_state
 from speechprompt.schedule import build_scheduler, lr_at
 from speechprompt.tasks.ctc import CharVocabulary, CTCError, ctc_loss, greedy_decode, normalize_text
 from speechprompt.tasks.metrics import accuracy, cer, wer
@@ -259,6 +259,9 @@ class SuperbModel(nn.Module):
     def train(self, mode: bool = True) -> SuperbModel:
         super().train(mode)
         self.upstream.train(mode and self.upstream_dropout)
+        # The method's own modules (LoRA branches, adapters) sit inside the upstream but belong to the task: their
+        # dropout follows the run, not the frozen upstream's eval mode.
+        self.method.train(mode)
         return self
 
     def head_state_dict(self) -> dict[str, Tensor]:
@@ -625,7 +628,7 @@ def _restore(model: SuperbModel, optimizer: torch.optim.Optimizer, scheduler: An
             p.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])  # last: building the model above drew from the RNG
+    set_rng_state(state["rng"])  # last: building the model above drew from the RNG
     return _Progress(**state["progress"])
 
 
@@ -692,7 +695,7 @@ def _train(cfg: SuperbConfig) -> tuple[SuperbModel, dict[str, Any]]:
             "type": TASK_TYPE, "format": STATE_FORMAT, "config": C.to_dict(cfg), "fingerprint": fingerprint,
             "progress": dataclasses.asdict(progress), "summary": summary,
             "trainable": {k: v.detach().cpu() for k, v in _trainable_tensors(model).items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
         }, state_path)
 
     # A resumed run drops what the killed one logged after its saved step: those steps are taken again.

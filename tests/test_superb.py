@@ -252,6 +252,17 @@ def test_methods_inside_the_encoder_save_only_what_trained_and_reload_exactly(co
         assert any(not torch.equal(state[k], reference[k]) for k in in_place)
 
 
+def test_training_mode_reaches_the_method_but_not_the_frozen_upstream(corpus):
+    model, _ = build_superb(corpus["upstream"], method_config("lora", LORA), "classification", ["high", "low"])
+    lora = [m for m in model.method.modules() if isinstance(m, torch.nn.Dropout)]
+    assert lora and all(m.p == LORA["dropout"] for m in lora)
+    model.train()
+    assert all(m.training for m in lora)  # LoRA's dropout is the task's
+    assert not any(m.training for m in model.upstream.modules() if isinstance(m, torch.nn.Dropout) and m not in lora)
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
 def test_a_different_upstream_is_refused(corpus, tmp_path):
     train_superb(_config(corpus, tmp_path / "a", method="adapter", options={"bottleneck": 2}, max_steps=1,
                          eval_every=1))
@@ -308,8 +319,8 @@ def test_recipe_configs_cover_every_method_and_both_heads():
 # -- resuming ----------------------------------------------------------------------------------------------------
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# LoRA with dropout (active in training with upstream_dropout=true, since its branches sit inside the upstream): the
-# result depends on the upstream's trainable tensors, Adam's moments and the RNG.
+# LoRA with dropout and the upstream's dropout on: the result depends on the upstream's trainable tensors, Adam's
+# moments and the RNG.
 LORA = {"rank": 2, "dropout": 0.3}
 
 
