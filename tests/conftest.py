@@ -1,16 +1,24 @@
-"""Fixtures that several test modules share: one torch thread, and a tiny untrained unit LM saved to disk."""
+"""Fixtures that several test modules share: one torch thread, a tiny untrained unit LM saved to disk, a tiny random
+HuBERT and a two-tone audio corpus (the SUPERB tests), and two SUPERB checkpoints trained on them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
+from speechprompt.config import from_dict, to_dict
 from speechprompt.devices import torch_threads
-from speechprompt.fairseq_compat import Dictionary
+from speechprompt.fairseq_compat import Dictionary, save_fairseq_checkpoint
+from speechprompt.models.hubert import HubertConfig, HubertModel
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
+
+SR = 16000
+TONES = {"low": 200.0, "high": 4000.0}  # the two classes of the tone corpus, in Hz
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +47,75 @@ def save_tiny_unit_lm() -> Callable[..., Path]:
 
     return save
 
+
+
+@pytest.fixture(scope="session")
+def save_tiny_hubert() -> Callable[[Path, int], Path]:
+    """``save_tiny_hubert(path, seed)``: the "tiny" HuBERT, random after ``torch.manual_seed(seed)``, saved as a
+    fairseq checkpoint (normalised 16 kHz input). Returns ``path``."""
+
+    def save(path: Path, seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = HubertModel(HubertConfig.tiny())
+        cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": SR}}
+        save_fairseq_checkpoint(path, model.state_dict(), cfg)
+        return path
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def write_tone_split() -> Callable[..., Path]:
+    """``write_tone_split(root, name, per_class, rng, text)``: ``per_class`` clips of each of :data:`TONES` (random
+    phase, amplitude, length 0.15-0.3 s, light noise) under ``root/name/``, with ``root/name.tsv`` and
+    ``root/name.labels`` (``text[class]`` per clip). Even a random 2-layer HuBERT separates the two after mean
+    pooling. Returns the manifest path."""
+
+    def write(root: Path, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]) -> Path:
+        rows, labels = [], []
+        for i in range(per_class):
+            for label, freq in TONES.items():
+                n = int(rng.integers(2400, 4800))
+                t = np.arange(n) / SR
+                wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+                wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
+                rel = f"{name}/{label}_{i}.wav"
+                (root / name).mkdir(exist_ok=True)
+                sf.write(root / rel, wav, SR)
+                rows.append(f"{rel}\t{n}")
+                labels.append(text[label])
+        (root / f"{name}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
+        (root / f"{name}.labels").write_text("".join(label + "\n" for label in labels))
+        return root / f"{name}.tsv"
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def superb_runs(tmp_path_factory, save_tiny_hubert, write_tone_split) -> dict[str, Path]:
+    """A tiny random HuBERT (and a second one: another fingerprint), tone splits, and two SUPERB checkpoints trained
+    a few steps: ``classification`` (an adapter inside HuBERT: method tensors to reload) and ``ctc``. Built once
+    for the session (``infer`` and ``evaluate`` tests read them; nothing writes to them)."""
+    from speechprompt.superb import SuperbConfig, train_superb
+
+    root = tmp_path_factory.mktemp("superb_runs")
+    rng = np.random.default_rng(0)
+    classes, chars = {"low": "low", "high": "high"}, {"low": "lo", "high": "hi"}
+    out = {
+        "upstream": save_tiny_hubert(root / "hubert.pt", 0),
+        "other_upstream": save_tiny_hubert(root / "other.pt", 1),
+        "train": write_tone_split(root, "train", 4, rng, classes),
+        "dev": write_tone_split(root, "dev", 3, rng, classes),
+        "ctc_train": write_tone_split(root, "ctc_train", 3, rng, chars),
+        "ctc_dev": write_tone_split(root, "ctc_dev", 2, rng, chars),
+    }
+    runs = {"classification": ("train", "adapter", {"bottleneck": 2}), "ctc": ("ctc_train", "linear_probe", {})}
+    with torch_threads(1):
+        for head, (train, method, options) in runs.items():
+            train_superb(from_dict(SuperbConfig, {
+                "data": {"train_manifest": str(out[train])}, "upstream": str(out["upstream"]), "head": head,
+                "run_dir": str(root / head), "device": "cpu", "method": {"name": method, "options": options},
+                "batch_size": 4, "max_steps": 3, "optim": {"lr": 1e-1},
+            }))
+            out[head] = root / head / "best.safetensors"
+    return out

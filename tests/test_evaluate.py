@@ -89,54 +89,21 @@ def test_mismatched_units_and_labels_are_a_clear_error(run, capsys):
 # -- SUPERB checkpoints: audio manifests in, the same report files out --------------------------------------------
 
 
-def make_superb_checkpoints(root):
-    """A tiny random HuBERT (and a second one, another fingerprint), tone splits, and two SUPERB checkpoints
-    trained a few steps: ``classification`` (an adapter inside HuBERT: method tensors to reload) and ``ctc``."""
-    from test_superb import _save_hubert, _write_split
-
-    from speechprompt.superb import SuperbConfig, train_superb
-
-    rng = np.random.default_rng(0)
-    classes, chars = {"low": "low", "high": "high"}, {"low": "lo", "high": "hi"}
-    out = {
-        "upstream": _save_hubert(root / "hubert.pt", seed=0),
-        "other_upstream": _save_hubert(root / "other.pt", seed=1),
-        "train": _write_split(root, "train", 4, rng, classes),
-        "dev": _write_split(root, "dev", 3, rng, classes),
-        "ctc_train": _write_split(root, "ctc_train", 3, rng, chars),
-        "ctc_dev": _write_split(root, "ctc_dev", 2, rng, chars),
-    }
-    runs = {"classification": ("train", "adapter", {"bottleneck": 2}), "ctc": ("ctc_train", "linear_probe", {})}
-    for head, (train, method, options) in runs.items():
-        train_superb(C.from_dict(SuperbConfig, {
-            "data": {"train_manifest": str(out[train])}, "upstream": str(out["upstream"]), "head": head,
-            "run_dir": str(root / head), "device": "cpu", "method": {"name": method, "options": options},
-            "batch_size": 4, "max_steps": 3, "optim": {"lr": 1e-1},
-        }))
-        out[head] = root / head / "best.safetensors"
-    return out
-
-
-@pytest.fixture(scope="module")
-def superb(tmp_path_factory, one_thread):
-    return make_superb_checkpoints(tmp_path_factory.mktemp("superb_eval"))
-
-
 @pytest.mark.parametrize("head,split", [("classification", "dev"), ("ctc", "ctc_dev")])
-def test_evaluate_a_superb_checkpoint_writes_what_evaluate_superb_measures(superb, tmp_path, capsys, head, split):
+def test_evaluate_a_superb_checkpoint_writes_what_evaluate_superb_measures(superb_runs, tmp_path, capsys, head, split):
     from speechprompt.superb import evaluate_superb, load_audio_split, load_superb
 
-    manifest = superb[split]
-    code = main(["evaluate", "--checkpoint", str(superb[head]), "--manifest", str(manifest),
+    manifest = superb_runs[split]
+    code = main(["evaluate", "--checkpoint", str(superb_runs[head]), "--manifest", str(manifest),
                  "--labels", str(manifest.with_suffix(".labels")), "--out", str(tmp_path), "--names", "test",
                  "--batch-size", "4", "--device", "cpu"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     audio = load_audio_split(manifest)
-    expected, hyps = evaluate_superb(load_superb(superb[head]), audio, batch_size=4)
+    expected, hyps = evaluate_superb(load_superb(superb_runs[head]), audio, batch_size=4)
     report = json.loads((tmp_path / "test.metrics.json").read_text())
     assert {k: report[k] for k in expected} == expected  # exactly SUPERB's own evaluation
-    assert report["n"] == printed["n"] == len(audio) and report["checkpoint"] == str(superb[head])
+    assert report["n"] == printed["n"] == len(audio) and report["checkpoint"] == str(superb_runs[head])
     assert {k: printed[k] for k in expected} == expected
     decoder = {"classification": "argmax", "ctc": "greedy"}[head]
     rows = [json.loads(line) for line in (tmp_path / "test.predictions.jsonl").read_text().splitlines()]
@@ -152,10 +119,11 @@ def test_evaluate_a_superb_checkpoint_writes_what_evaluate_superb_measures(super
         assert not (tmp_path / "test.confusion.png").exists()
 
 
-def test_evaluate_refuses_the_wrong_input_kind_and_another_upstream(superb, run, tmp_path, capsys):
-    dev = superb["dev"]
-    code = main(["evaluate", "--checkpoint", str(superb["classification"]), "--units", str(dev.with_suffix(".labels")),
-                 "--labels", str(dev.with_suffix(".labels")), "--out", str(tmp_path)])
+def test_evaluate_refuses_the_wrong_input_kind_and_another_upstream(superb_runs, run, tmp_path, capsys):
+    dev = superb_runs["dev"]
+    labels = str(dev.with_suffix(".labels"))
+    code = main(["evaluate", "--checkpoint", str(superb_runs["classification"]), "--units", labels,
+                 "--labels", labels, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "is a SUPERB checkpoint: it reads audio" in err and "--manifest" in err
 
@@ -165,10 +133,10 @@ def test_evaluate_refuses_the_wrong_input_kind_and_another_upstream(superb, run,
     err = capsys.readouterr().err
     assert code == 2 and "is a unit-LM checkpoint: it reads units" in err and "--units" in err
 
-    code = main(["evaluate", "--checkpoint", str(superb["classification"]), "--manifest", str(dev),
-                 "--labels", str(dev.with_suffix(".labels")), "--upstream", str(superb["other_upstream"]),
+    code = main(["evaluate", "--checkpoint", str(superb_runs["classification"]), "--manifest", str(dev),
+                 "--labels", str(dev.with_suffix(".labels")), "--upstream", str(superb_runs["other_upstream"]),
                  "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "another base model" in err and str(superb["other_upstream"]) in err
+    assert "another base model" in err and str(superb_runs["other_upstream"]) in err
     assert not list(tmp_path.iterdir())  # nothing is written when the checkpoint is refused

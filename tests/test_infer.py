@@ -101,23 +101,16 @@ def test_infer_refuses_another_quantizer(trained, tmp_path, capsys):
 # -- SUPERB checkpoints: waveforms straight into the tuned HuBERT and its head -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def superb(tmp_path_factory, one_thread):
-    from test_evaluate import make_superb_checkpoints
-
-    return make_superb_checkpoints(tmp_path_factory.mktemp("superb_infer"))
-
-
 @pytest.mark.parametrize("head,split", [("classification", "dev"), ("ctc", "ctc_dev")])
-def test_infer_a_superb_checkpoint_predicts_as_the_model_does_from_python(superb, tmp_path, capsys, head, split):
+def test_infer_a_superb_checkpoint_predicts_as_the_model_does_from_python(superb_runs, tmp_path, capsys, head, split):
     from speechprompt.audio import load_audio
     from speechprompt.superb import load_superb
 
-    good = [str(p) for p in read_manifest(superb[split]).paths()[:4]]
+    good = [str(p) for p in read_manifest(superb_runs[split]).paths()[:4]]
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "junk.wav").write_bytes(b"RIFF not really audio")
     files = [good[0], good[1], str(tmp_path / "empty.wav"), good[2], good[3], str(tmp_path / "junk.wav")]
-    code = main(["infer", "--checkpoint", str(superb[head]), *files, "--batch-size", "3", "--device", "cpu"])
+    code = main(["infer", "--checkpoint", str(superb_runs[head]), *files, "--batch-size", "3", "--device", "cpu"])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["path"] for line in lines] == files  # one line per file, in input order
@@ -125,7 +118,7 @@ def test_infer_a_superb_checkpoint_predicts_as_the_model_does_from_python(superb
         assert set(lines[bad]) == {"path", "error"} and files[bad] in lines[bad]["error"]
 
     # Batches of 3 files, less the bad ones: the model called from Python on the same padded batches.
-    model = load_superb(superb[head])
+    model = load_superb(superb_runs[head])
     expected = []
     with torch.no_grad():
         for batch in (good[:2], good[2:]):
@@ -136,15 +129,15 @@ def test_infer_a_superb_checkpoint_predicts_as_the_model_does_from_python(superb
         assert set(expected) <= {"low", "high"}
 
 
-def test_infer_refuses_another_upstream_and_unit_options_for_superb(superb, capsys):
-    wav = str(read_manifest(superb["dev"]).path(0))
-    checkpoint = str(superb["classification"])
-    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb["other_upstream"]), wav])
+def test_infer_refuses_another_upstream_and_unit_options_for_superb(superb_runs, capsys):
+    wav = str(read_manifest(superb_runs["dev"]).path(0))
+    checkpoint = str(superb_runs["classification"])
+    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb_runs["other_upstream"]), wav])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "another base model" in err and str(superb["other_upstream"]) in err
+    assert "another base model" in err and str(superb_runs["other_upstream"]) in err
 
-    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb["dev"].parent / "gone.pt"), wav])
+    code = main(["infer", "--checkpoint", checkpoint, "--upstream", str(superb_runs["dev"].parent / "gone.pt"), wav])
     assert code == 2 and "gone.pt not found; pass it with --upstream" in capsys.readouterr().err
 
     code = main(["infer", "--checkpoint", checkpoint, "--kmeans", "km.st", "--decoder", "greedy", wav])

@@ -1,7 +1,7 @@
 """SUPERB protocol on a tiny random HuBERT: weighted layer sum, heads, methods inside the encoder, checkpoints.
 
-The corpus is tones: a low (200 Hz) and a high (4 kHz) class with random phase, amplitude, length and noise, which
-even a random 2-layer HuBERT separates after mean pooling.
+The corpus is tones (``write_tone_split`` in conftest.py): a low (200 Hz) and a high (4 kHz) class with random phase,
+amplitude, length and noise, which even a random 2-layer HuBERT separates after mean pooling.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from speechprompt import config as C
 from speechprompt import superb
 from speechprompt.checkpoint import load_checkpoint
-from speechprompt.config import ConfigError, to_dict
+from speechprompt.config import ConfigError
 from speechprompt.errors import CheckpointError
-from speechprompt.fairseq_compat import save_fairseq_checkpoint
-from speechprompt.models.hubert import HubertConfig, HubertModel, load_hubert
+from speechprompt.models.hubert import load_hubert
 from speechprompt.superb import (
     ClassificationHead,
     CTCHead,
@@ -38,51 +36,22 @@ from speechprompt.superb import (
 from speechprompt.tasks.ctc import CharVocabulary
 from speechprompt.tuning import method_config
 
-SR = 16000
-TONES = {"low": 200.0, "high": 4000.0}
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _save_hubert(path, seed: int):
-    torch.manual_seed(seed)
-    model = HubertModel(HubertConfig.tiny())
-    cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": SR}}
-    save_fairseq_checkpoint(path, model.state_dict(), cfg)
-    return path
-
-
-def _write_split(root, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]):
-    rows, labels = [], []
-    for i in range(per_class):
-        for label, freq in TONES.items():
-            n = int(rng.integers(2400, 4800))
-            t = np.arange(n) / SR
-            wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
-            wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
-            rel = f"{name}/{label}_{i}.wav"
-            (root / name).mkdir(exist_ok=True)
-            sf.write(root / rel, wav, SR)
-            rows.append(f"{rel}\t{n}")
-            labels.append(text[label])
-    (root / f"{name}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
-    (root / f"{name}.labels").write_text("".join(label + "\n" for label in labels))
-    return root / f"{name}.tsv"
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, save_tiny_hubert, write_tone_split):
     root = tmp_path_factory.mktemp("superb")
     rng = np.random.default_rng(0)
     names = {"low": "low", "high": "high"}
     chars = {"low": "lo", "high": "hi"}
     return {
-        "upstream": _save_hubert(root / "hubert.pt", seed=0),
-        "other_upstream": _save_hubert(root / "other.pt", seed=1),
-        "train": _write_split(root, "train", 8, rng, names),
-        "dev": _write_split(root, "dev", 4, rng, names),
-        "ctc_train": _write_split(root, "ctc_train", 6, rng, chars),
-        "ctc_dev": _write_split(root, "ctc_dev", 2, rng, chars),
+        "upstream": save_tiny_hubert(root / "hubert.pt", 0),
+        "other_upstream": save_tiny_hubert(root / "other.pt", 1),
+        "train": write_tone_split(root, "train", 8, rng, names),
+        "dev": write_tone_split(root, "dev", 4, rng, names),
+        "ctc_train": write_tone_split(root, "ctc_train", 6, rng, chars),
+        "ctc_dev": write_tone_split(root, "ctc_dev", 2, rng, chars),
     }
 
 
