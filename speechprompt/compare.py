@@ -155,13 +155,20 @@ def aggregate(cfg: CompareConfig, runs: list[dict[str, Any]], base_params: int |
     return rows
 
 
+def _mean_std(stats: dict[str, Any]) -> str:
+    """``mean ± std``; one seed has no spread to show (its std is recorded as 0), so the cell says so instead."""
+    if len(stats["values"]) < 2:
+        return f"{stats['mean']:.3f} (1 seed)"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]], split_names: list[str]) -> str:
     """A Markdown table: metric mean ± std per split, trainable parameters and %, checkpoint size, memory, speed."""
     head = ["method", *[f"{s} (mean ± std)" for s in split_names], "trainable", "%", "ckpt", "peak RSS", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"]]
-        cells += [f"{r['splits'][s]['mean']:.3f} ± {r['splits'][s]['std']:.3f}" for s in split_names]
+        cells += [_mean_std(r["splits"][s]) for s in split_names]
         pct = r["trainable_percent"]
         cells += [
             f"{r['trainable_params']:,}",

@@ -58,12 +58,13 @@ def test_aggregate_statistics_and_dev_selected_checkpoint(tmp_path: Path, monkey
     assert table.count("\n") == 4
 
 
-def test_a_single_seed_has_zero_spread(tmp_path: Path) -> None:
+def test_a_single_seed_has_zero_spread_and_the_table_shows_no_spread(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, ["a"])
     cfg.seeds = 1
     rows = aggregate(cfg, [_run("a", 1, 0.5, 0.25, 0.5, tmp_path)], base_params=None)
     assert rows[0]["accuracy_std"] == 0.0 and rows[0]["trainable_percent"] is None
     assert not math.isnan(rows[0]["accuracy_mean"])
+    assert "| a | 0.250 (1 seed) | 0.500 (1 seed) |" in format_table(rows, ["test", "test_synth"])  # no "± 0.000"
 
 
 def test_config_errors(tmp_path: Path) -> None:
