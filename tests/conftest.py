@@ -49,66 +49,70 @@ def save_tiny_unit_lm() -> Callable[..., Path]:
 
 
 
-@pytest.fixture(scope="session")
-def save_tiny_hubert() -> Callable[[Path, int], Path]:
-    """``save_tiny_hubert(path, seed)``: the "tiny" HuBERT, random after ``torch.manual_seed(seed)``, saved as a
-    fairseq checkpoint (normalised 16 kHz input). Returns ``path``."""
-
-    def save(path: Path, seed: int) -> Path:
-        torch.manual_seed(seed)
-        model = HubertModel(HubertConfig.tiny())
-        cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": SR}}
-        save_fairseq_checkpoint(path, model.state_dict(), cfg)
-        return path
-
-    return save
+def _save_tiny_hubert(path: Path, seed: int) -> Path:
+    """The "tiny" HuBERT, random after ``torch.manual_seed(seed)``, saved as a fairseq checkpoint (normalised 16 kHz
+    input)."""
+    torch.manual_seed(seed)
+    model = HubertModel(HubertConfig.tiny())
+    cfg = {"model": {"_name": "hubert", **to_dict(model.cfg)}, "task": {"normalize": True, "sample_rate": SR}}
+    save_fairseq_checkpoint(path, model.state_dict(), cfg)
+    return path
 
 
-@pytest.fixture(scope="session")
-def write_tone_split() -> Callable[..., Path]:
-    """``write_tone_split(root, name, per_class, rng, text)``: ``per_class`` clips of each of :data:`TONES` (random
-    phase, amplitude, length 0.15-0.3 s, light noise) under ``root/name/``, with ``root/name.tsv`` and
-    ``root/name.labels`` (``text[class]`` per clip). Even a random 2-layer HuBERT separates the two after mean
-    pooling. Returns the manifest path."""
-
-    def write(root: Path, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]) -> Path:
-        rows, labels = [], []
-        for i in range(per_class):
-            for label, freq in TONES.items():
-                n = int(rng.integers(2400, 4800))
-                t = np.arange(n) / SR
-                wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
-                wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
-                rel = f"{name}/{label}_{i}.wav"
-                (root / name).mkdir(exist_ok=True)
-                sf.write(root / rel, wav, SR)
-                rows.append(f"{rel}\t{n}")
-                labels.append(text[label])
-        (root / f"{name}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
-        (root / f"{name}.labels").write_text("".join(label + "\n" for label in labels))
-        return root / f"{name}.tsv"
-
-    return write
+def _write_tone_split(root: Path, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]) -> Path:
+    """``per_class`` clips of each of :data:`TONES` (random phase, amplitude, length 0.15-0.3 s, light noise) under
+    ``root/name/``, with ``root/name.tsv`` and ``root/name.labels`` (``text[class]`` per clip)."""
+    rows, labels = [], []
+    for i in range(per_class):
+        for label, freq in TONES.items():
+            n = int(rng.integers(2400, 4800))
+            t = np.arange(n) / SR
+            wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
+            wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
+            rel = f"{name}/{label}_{i}.wav"
+            (root / name).mkdir(exist_ok=True)
+            sf.write(root / rel, wav, SR)
+            rows.append(f"{rel}\t{n}")
+            labels.append(text[label])
+    (root / f"{name}.tsv").write_text(f"{root}\n" + "".join(r + "\n" for r in rows))
+    (root / f"{name}.labels").write_text("".join(label + "\n" for label in labels))
+    return root / f"{name}.tsv"
 
 
 @pytest.fixture(scope="session")
-def superb_runs(tmp_path_factory, save_tiny_hubert, write_tone_split) -> dict[str, Path]:
-    """A tiny random HuBERT (and a second one: another fingerprint), tone splits, and two SUPERB checkpoints trained
-    a few steps: ``classification`` (an adapter inside HuBERT: method tensors to reload) and ``ctc``. Built once
-    for the session (``infer`` and ``evaluate`` tests read them; nothing writes to them)."""
+def make_tone_corpus() -> Callable[..., dict[str, Path]]:
+    """``make_tone_corpus(root, train, dev, ctc_train, ctc_dev)``: what the SUPERB tests train on, under ``root``.
+
+    Two tiny random HuBERTs saved as fairseq checkpoints (``upstream``, and ``other_upstream``: another
+    fingerprint), and manifests of tone clips, the given number per class: ``train``/``dev`` labelled ``low`` and
+    ``high``, ``ctc_train``/``ctc_dev`` transcribed ``lo`` and ``hi``. Even a random 2-layer HuBERT separates the
+    two tones after mean pooling.
+    """
+
+    def make(root: Path, train: int, dev: int, ctc_train: int, ctc_dev: int) -> dict[str, Path]:
+        rng = np.random.default_rng(0)
+        classes, chars = {"low": "low", "high": "high"}, {"low": "lo", "high": "hi"}
+        return {
+            "upstream": _save_tiny_hubert(root / "hubert.pt", 0),
+            "other_upstream": _save_tiny_hubert(root / "other.pt", 1),
+            "train": _write_tone_split(root, "train", train, rng, classes),
+            "dev": _write_tone_split(root, "dev", dev, rng, classes),
+            "ctc_train": _write_tone_split(root, "ctc_train", ctc_train, rng, chars),
+            "ctc_dev": _write_tone_split(root, "ctc_dev", ctc_dev, rng, chars),
+        }
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def superb_runs(tmp_path_factory, make_tone_corpus) -> dict[str, Path]:
+    """:func:`make_tone_corpus` and two SUPERB checkpoints trained on it a few steps: ``classification`` (an adapter
+    inside HuBERT: method tensors to reload) and ``ctc``. Built once for the session (``infer`` and ``evaluate``
+    tests read them; nothing writes to them)."""
     from speechprompt.superb import SuperbConfig, train_superb
 
     root = tmp_path_factory.mktemp("superb_runs")
-    rng = np.random.default_rng(0)
-    classes, chars = {"low": "low", "high": "high"}, {"low": "lo", "high": "hi"}
-    out = {
-        "upstream": save_tiny_hubert(root / "hubert.pt", 0),
-        "other_upstream": save_tiny_hubert(root / "other.pt", 1),
-        "train": write_tone_split(root, "train", 4, rng, classes),
-        "dev": write_tone_split(root, "dev", 3, rng, classes),
-        "ctc_train": write_tone_split(root, "ctc_train", 3, rng, chars),
-        "ctc_dev": write_tone_split(root, "ctc_dev", 2, rng, chars),
-    }
+    out = make_tone_corpus(root, train=4, dev=3, ctc_train=3, ctc_dev=2)
     runs = {"classification": ("train", "adapter", {"bottleneck": 2}), "ctc": ("ctc_train", "linear_probe", {})}
     with torch_threads(1):
         for head, (train, method, options) in runs.items():

@@ -1,6 +1,6 @@
 """SUPERB protocol on a tiny random HuBERT: weighted layer sum, heads, methods inside the encoder, checkpoints.
 
-The corpus is tones (``write_tone_split`` in conftest.py): a low (200 Hz) and a high (4 kHz) class with random phase,
+The corpus is tones (``make_tone_corpus`` in conftest.py): a low (200 Hz) and a high (4 kHz) class with random phase,
 amplitude, length and noise, which even a random 2-layer HuBERT separates after mean pooling.
 """
 
@@ -10,7 +10,6 @@ import json
 import shlex
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -40,19 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, save_tiny_hubert, write_tone_split):
-    root = tmp_path_factory.mktemp("superb")
-    rng = np.random.default_rng(0)
-    names = {"low": "low", "high": "high"}
-    chars = {"low": "lo", "high": "hi"}
-    return {
-        "upstream": save_tiny_hubert(root / "hubert.pt", 0),
-        "other_upstream": save_tiny_hubert(root / "other.pt", 1),
-        "train": write_tone_split(root, "train", 8, rng, names),
-        "dev": write_tone_split(root, "dev", 4, rng, names),
-        "ctc_train": write_tone_split(root, "ctc_train", 6, rng, chars),
-        "ctc_dev": write_tone_split(root, "ctc_dev", 2, rng, chars),
-    }
+def corpus(tmp_path_factory, make_tone_corpus):
+    return make_tone_corpus(tmp_path_factory.mktemp("superb"), train=8, dev=4, ctc_train=6, ctc_dev=2)
 
 
 def _config(corpus, run_dir, method="linear_probe", options=None, **kw) -> SuperbConfig:
