@@ -52,7 +52,7 @@ ${about}
 Options [default]:
   --stage N          first stage to run [${stage}]
   --stop-stage N     last stage to run [${stop_stage}]
-  --features NAME    frame features of the k-means: mfcc or logmel [${features}]
+  --features NAME    frame features of the k-means: mfcc, mfcc_cmn or logmel [${features}]
   --k N              number of units [${k}]
   --ulm-steps N      unit LM pretraining updates [${ulm_steps}]
   --base-dir DIR     sentences corpus, k-means and unit LM, shared with ${shared_with} [${base_dir}]

@@ -3,7 +3,8 @@
 #
 #   stage 1  synth        12-class Speech Commands-style words, and unlabeled sentences, from espeak-ng, flite and
 #                         festival (festival is held out: it is heard only in the test_synth split)
-#   stage 2  kmeans       100 units learned on MFCC frames of the unlabeled sentences (no HuBERT weights here)
+#   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (no HuBERT
+#                         weights here)
 #   stage 3  prepare      every split to deduplicated unit sequences (--nj shards at once)
 #   stage 4  pretrain     a small GSLM-style unit LM on the sentences' units (--nj processes, torch DDP)
 #   stage 5  compare      prompt tuning and the baselines on the frozen LM, several seeds, evaluated on unseen
@@ -21,7 +22,7 @@ seed=0
 per_class=60
 eval_per_class=20
 sentences=2000
-features=mfcc
+features=mfcc_cmn
 k=100
 ulm_steps=1000
 ulm_batch=16
@@ -45,7 +46,7 @@ Options [default]:
   --per-class N        training utterances per command class [${per_class}]
   --eval-per-class N   dev/test/test_synth utterances per command class [${eval_per_class}]
   --sentences N        unlabeled training sentences for k-means and the unit LM [${sentences}]
-  --features NAME      mfcc or logmel [${features}]
+  --features NAME      mfcc_cmn, mfcc or logmel [${features}]
   --k K                number of units [${k}]
   --ulm-steps N        unit LM pretraining updates [${ulm_steps}]
   --ulm-batch N        unit LM blocks per update, split over the --nj processes [${ulm_batch}]

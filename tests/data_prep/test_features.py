@@ -42,8 +42,8 @@ def _wav(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_registry_builds_readers_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert {"hubert", "mfcc", "logmel"} <= set(feature_reader_names())
-    assert build_feature_reader("mfcc").dim == 39
+    assert {"hubert", "mfcc", "mfcc_cmn", "logmel"} <= set(feature_reader_names())
+    assert build_feature_reader("mfcc").dim == build_feature_reader("mfcc_cmn").dim == 39
     assert build_feature_reader("logmel").dim == 80
     with pytest.raises(FeatureError, match="unknown feature reader 'cpc'"):
         build_feature_reader("cpc")
@@ -73,6 +73,29 @@ def test_spectral_readers_take_no_model_options() -> None:
         build_feature_reader("mfcc", checkpoint="x.pt")
     with pytest.raises(FeatureError, match="takes neither"):
         build_feature_reader("logmel", layer=6)
+    with pytest.raises(FeatureError, match="the mfcc_cmn reader takes neither"):
+        build_feature_reader("mfcc_cmn", layer=6)
+
+
+def test_cepstral_mean_normalisation_removes_a_fixed_channel() -> None:
+    # Speech-like: noise through a random resonance, louder in the middle.
+    rng = np.random.default_rng(0)
+    x = np.convolve(rng.standard_normal(8000), rng.standard_normal(40) * np.exp(-np.arange(40) / 8), "same")
+    wav = (0.1 * x * np.hanning(len(x))).astype(np.float32)
+    channel = np.array([1.0, -0.6, 0.2])  # a fixed filter and a gain: another microphone or synthesizer
+    other = (0.5 * np.convolve(wav, channel, "same")).astype(np.float32)
+    plain, cmn = build_feature_reader("mfcc"), build_feature_reader("mfcc_cmn")
+    a, b = cmn.read(wav), cmn.read(other)
+    torch.testing.assert_close(a, plain.read(wav) - plain.read(wav).mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.mean(0), torch.zeros(39), rtol=0, atol=1e-4)
+    # The channel moves the plain cepstra far more than the normalised ones (not to zero: the filter is not
+    # exactly a constant in the log-mel domain, and the energy floor is not scale-free).
+    static = slice(0, 13)
+    moved_plain = (plain.read(wav) - plain.read(other))[:, static].abs().mean()
+    moved_cmn = (a - b)[:, static].abs().mean()
+    assert moved_cmn < 0.25 * moved_plain
+    assert cmn.describe()["name"] == "mfcc_cmn"
+    assert "name 'mfcc' vs 'mfcc_cmn'" in feature_mismatch(plain.describe(), cmn.describe())
 
 
 def test_read_checks_shape_and_runs_without_autograd() -> None:
