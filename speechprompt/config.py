@@ -148,6 +148,25 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def first_difference(
+    saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = frozenset(), prefix: str = ""
+) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, in sorted order, nested dicts walked) whose value differs between two config dicts,
+    with both values; ``None`` if they agree. Top-level keys in ``ignore`` are skipped: what a trainer lets change
+    when a run is resumed."""
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in ignore:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, prefix=f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides to a nested mapping. Values are parsed as YAML scalars or lists."""
     data = dict(data)

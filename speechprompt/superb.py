@@ -559,17 +559,6 @@ class _Progress:
         return self.step >= cfg.max_steps or (cfg.patience > 0 and self.evals_since_best >= cfg.patience)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"optim.lr": ...}``, so that a mismatch names the exact key."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_resumable(saved: dict[str, Any], cfg: SuperbConfig, step: int, path: Path) -> None:
     """Refuse to resume with a config that changes what the run computes.
 
@@ -577,11 +566,11 @@ def _check_resumable(saved: dict[str, Any], cfg: SuperbConfig, step: int, path: 
         ConfigError: a key outside :data:`_RESUMABLE_CHANGES` differs, or a new ``max_steps`` changes the learning
             rate of an update already taken (a schedule that decays over ``max_steps``).
     """
-    old, new = _flat(saved), _flat(C.to_dict(cfg))
-    for key in sorted(set(old) | set(new)):
-        if key.split(".")[0] not in _RESUMABLE_CHANGES and old.get(key) != new.get(key):
-            raise ConfigError(f"{path} was saved by a run with {key}={old.get(key)!r}, but this config has "
-                              f"{new.get(key)!r}; use another run_dir, or move the file away to start over")
+    changed = C.first_difference(saved, C.to_dict(cfg), _RESUMABLE_CHANGES)
+    if changed is not None:
+        key, a, b = changed
+        raise ConfigError(f"{path} was saved by a run with {key}={a!r}, but this config has {b!r}; use another "
+                          "run_dir, or move the file away to start over")
     o = cfg.optim
     if any(lr_at(o.schedule, s, o.lr, o.warmup_steps, saved["max_steps"])
            != lr_at(o.schedule, s, o.lr, o.warmup_steps, cfg.max_steps) for s in range(step)):

@@ -440,18 +440,12 @@ def _units_meta(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, prefix: str = "") -> None:
-    for key in sorted(set(saved) | set(current)):
-        if not prefix and key in _RESUMABLE_CHANGES:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _check_resumable(a, b, path, f"{prefix}{key}.")
-        elif a != b:
-            raise ConfigError(
-                f"{path} was saved by a run with {prefix}{key}={a!r}, but this config has {b!r}; use another "
-                "run_dir, or resume=false to start over"
-            )
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    changed = C.first_difference(saved, current, _RESUMABLE_CHANGES)
+    if changed is not None:
+        key, a, b = changed
+        raise ConfigError(f"{path} was saved by a run with {key}={a!r}, but this config has {b!r}; use another "
+                          "run_dir, or resume=false to start over")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

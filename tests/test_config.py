@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from speechprompt.config import ConfigError, describe, load_config, option, save_config, to_dict
+from speechprompt.config import ConfigError, describe, first_difference, load_config, option, save_config, to_dict
 
 
 class Mode(enum.Enum):
@@ -80,3 +80,14 @@ def test_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Outer, bad)
+
+
+def test_first_difference_names_the_nested_key_and_ignores_only_top_level_keys():
+    saved = {"seed": 1, "optim": {"lr": 0.1, "betas": [0.9, 0.98]}, "threads": 1}
+    assert first_difference(saved, dict(saved)) is None
+    assert first_difference(saved, {**saved, "optim": {"lr": 0.2, "betas": [0.9, 0.98]}}) == ("optim.lr", 0.1, 0.2)
+    assert first_difference(saved, {**saved, "threads": 2}, {"threads"}) is None
+    assert first_difference(saved, {**saved, "threads": 2}) == ("threads", 1, 2)
+    # "lr" is ignored only at the top level, not inside optim
+    assert first_difference(saved, {**saved, "optim": {"lr": 0.2, "betas": [0.9, 0.98]}}, {"lr"})[0] == "optim.lr"
+    assert first_difference(saved, {**saved, "new_key": 3}) == ("new_key", None, 3)
