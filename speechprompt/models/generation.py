@@ -73,28 +73,61 @@ def greedy(
         ``(B, N)`` long, ``N <= max_new_tokens``: the generated tokens, ``<pad>`` after a row's ``eos``.
     """
     _check_context(model, prompt_tokens)
-    B, pad = prompt_tokens.shape[0], model.padding_idx
     prefill, every = _step_kwargs(model_kwargs)
     banned = _disallowed(allowed_tokens, model.cfg.vocab_size, prompt_tokens.device)
+    if use_cache:
+        cache = KVCache()
+        logits = model(prompt_tokens, cache=cache, **prefill)[:, -1]  # (B, V)
+        return greedy_from_cache(model, cache, logits, max_new_tokens, eos, step_kwargs=every, banned=banned)
+    B, pad = prompt_tokens.shape[0], model.padding_idx
     out = prompt_tokens.new_full((B, max_new_tokens), pad)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_tokens.device)
-    cache = KVCache() if use_cache else None
-    seq, step_input = prompt_tokens, prompt_tokens
-    steps = 0
+    seq, steps = prompt_tokens, 0
     while steps < max_new_tokens and not bool(done.all()):
-        if cache is not None:
-            logits = model(step_input, cache=cache, **(prefill if steps == 0 else every))[:, -1]  # (B, V)
-        else:
-            logits = model(seq, **prefill)[:, -1]
+        logits = model(seq, **prefill)[:, -1]
         if banned is not None:
             logits = logits.masked_fill(banned, float("-inf"))
         nxt = logits.argmax(dim=-1).masked_fill(done, pad)  # (B,)
         out[:, steps] = nxt
         done |= nxt.eq(eos)
-        step_input = nxt[:, None]  # (B, 1)
-        seq = torch.cat([seq, step_input], dim=1)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
         steps += 1
     return out[:, :steps]
+
+
+@torch.no_grad()
+def greedy_from_cache(
+    model: UnitLM,
+    cache: KVCache,
+    logits: Tensor,
+    max_new_tokens: int,
+    eos: int,
+    *,
+    step_kwargs: Mapping[str, Any] | None = None,
+    banned: Tensor | None = None,
+) -> Tensor:
+    """Greedy decoding after a context already in ``cache``, from its last logits ``(B, V)``.
+
+    For callers that need the context pass for something else too (classification scores the candidates and
+    decodes freely from one pass). ``step_kwargs`` are the non-prefill model arguments (``embed_override``);
+    ``banned`` is ``(V,)`` bool, True for tokens that may not be generated. ``cache`` is extended in place.
+    """
+    B, pad = logits.shape[0], model.padding_idx
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=logits.device)
+    if max_new_tokens < 1:
+        return out
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    steps = 0
+    while True:
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
+        nxt = logits.argmax(dim=-1).masked_fill(done, pad)  # (B,)
+        out[:, steps] = nxt
+        done |= nxt.eq(eos)
+        steps += 1
+        if steps == max_new_tokens or bool(done.all()):
+            return out[:, :steps]
+        logits = model(nxt[:, None], cache=cache, **(step_kwargs or {}))[:, -1]  # (B, V)
 
 
 @torch.no_grad()

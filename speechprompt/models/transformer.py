@@ -105,6 +105,10 @@ class MultiheadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
+    def project_kv(self, k_in: Tensor, v_in: Tensor) -> LayerKV:
+        """Key/value *inputs* ``(B, S, D)`` through the frozen k/v projections: ``(B, H, S, hd)`` each."""
+        return LayerKV(self._heads(self.k_proj(k_in)), self._heads(self.v_proj(v_in)))
+
     def forward(
         self,
         x: Tensor,

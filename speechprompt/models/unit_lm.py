@@ -443,6 +443,14 @@ class UnitLM(nn.Module):
                     raise ValueError(f"kv_replace covers {kv[0].shape[1]} positions but the input prompt has {L}")
         if prefix is not None and len(prefix) != len(dec.layers):
             raise ValueError(f"prefix has {len(prefix)} entries for {len(dec.layers)} layers")
+        if kv_replace is not None and prefix is None and all(kv is not None for kv in kv_replace):
+            # Every layer replaces the prompt positions' key/value inputs, so their hidden states are never read:
+            # the tokens see exactly the projected prefix below. Running it as a prefix skips the L prompt positions
+            # in every layer (a quarter of the compute for the demo's L = 20 over ~60 units), with the same output.
+            dtype = dec.embed_tokens.weight.dtype
+            prefix = [layer.self_attn.project_kv(k.to(dtype), v.to(dtype))
+                      for layer, (k, v) in zip(dec.layers, kv_replace)]
+            input_prompt, kv_replace, L = None, None, 0
 
         pad = tokens.eq(self.padding_idx)  # (B, T)
         offset = cache.positions if cache is not None and cache.positions is not None else None

@@ -12,11 +12,12 @@ import torch
 from speechprompt.config import ConfigError
 from speechprompt.errors import CheckpointError
 from speechprompt.fairseq_compat import Dictionary
-from speechprompt.models.transformer import KVCache, LayerKV
+from speechprompt.models.transformer import KVCache, LayerKV, attention_mask
 from speechprompt.models.unit_lm import (
     UnitLM,
     UnitLMConfig,
     load_unit_lm,
+    make_positions,
     save_unit_lm,
     state_fingerprint,
 )
@@ -242,27 +243,54 @@ def test_zero_length_hooks_are_no_ops() -> None:
     torch.testing.assert_close(hooked, plain, atol=0, rtol=0)
 
 
-def test_deep_prompt_equals_projected_prefix() -> None:
-    """kv_replace in every layer == prefix tuning with LayerKV(k_proj(K_in), v_proj(V_in)) (see UnitLM.features)."""
+def _deep_prompt_by_positions(model: UnitLM, tokens: torch.Tensor, prompt: torch.Tensor, kv: list) -> torch.Tensor:
+    """SpeechPrompt's deep prompt as the paper states it: L prompt positions before the tokens run through every
+    layer, whose key/value inputs at those positions are replaced; the logits of the token positions."""
+    dec, (B, T), L = model.decoder, tokens.shape, prompt.shape[1]
+    pad = tokens.eq(model.padding_idx)
+    x = dec.embed_scale * dec.embed_tokens(tokens) + dec.embed_positions(make_positions(tokens, model.padding_idx))
+    x = torch.cat([prompt.expand(B, -1, -1), x], dim=1)  # (B, L + T, D)
+    mask = attention_mask(torch.cat([pad.new_zeros(B, L), pad], dim=1), L + T)
+    for layer, kv_in in zip(dec.layers, kv):
+        x = layer(x, mask, kv_replace=kv_in)
+    return model.output_layer(dec.layer_norm(x[:, L:]))
+
+
+def test_deep_prompt_equals_the_prompt_positions_run_through_every_layer() -> None:
+    """UnitLM runs a deep prompt as the prefix LayerKV(k_proj(K_in), v_proj(V_in)) (see UnitLM.features): the same
+    logits as running the prompt positions, which do not depend on the input prompt's values at all."""
     model = _tiny()
     tokens = _left_pad(_batch(), [0, 3, 1])
     L, D = 5, 32
     g = torch.Generator().manual_seed(3)
     prompt = torch.randn(1, L, D, generator=g)
     kv = [(torch.randn(1, L, D, generator=g), torch.randn(1, L, D, generator=g)) for _ in range(2)]
-    prefix = []
-    for layer, (k_in, v_in) in zip(model.transformer_layers(), kv):
-        attn = layer.self_attn
-        prefix.append(LayerKV(attn._heads(attn.k_proj(k_in)), attn._heads(attn.v_proj(v_in))))
     with torch.no_grad():
         deep = model(tokens, input_prompt=prompt, kv_replace=kv)
-        pre = model(tokens, prefix=prefix)
+        reference = _deep_prompt_by_positions(model, tokens, prompt, kv)
         other_prompt = model(tokens, input_prompt=torch.randn(1, L, D, generator=g), kv_replace=kv)
         shallow = model(tokens, input_prompt=prompt)
     real = tokens.ne(1)
-    torch.testing.assert_close(deep[real], pre[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deep[real], reference[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(other_prompt, deep, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(shallow[real], model(tokens).detach()[real], atol=1e-3)
+
+
+def test_deep_prompt_in_some_layers_runs_the_prompt_positions() -> None:
+    """Only a deep prompt in *every* layer is a prefix; with some layers left alone the prompt positions' states
+    matter and are computed."""
+    model = _tiny()
+    tokens = _batch()
+    L, D = 3, 32
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randn(1, L, D, generator=g)
+    kv = [(torch.randn(1, L, D, generator=g), torch.randn(1, L, D, generator=g)), None]
+    with torch.no_grad():
+        partial = model(tokens, input_prompt=prompt, kv_replace=kv)
+        reference = _deep_prompt_by_positions(model, tokens, prompt, kv)
+        other_prompt = model(tokens, input_prompt=torch.randn(1, L, D, generator=g), kv_replace=kv)
+    torch.testing.assert_close(partial, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(other_prompt, partial, atol=1e-3)
 
 
 def test_kv_replace_needs_matching_prompt_length() -> None:
