@@ -89,12 +89,20 @@ class LinearProbe:
         return self.head(pooled)  # (B, C)
 
     def loss(self, batch: Batch) -> Tensor:
-        targets = torch.tensor([self._index.get(label, -1) for label in batch.labels], device=batch.prefix.device)
-        return F.cross_entropy(self.class_logits(batch), targets, ignore_index=-1)
+        return F.cross_entropy(self.class_logits(batch), self._targets(batch), ignore_index=-1)
+
+    def _targets(self, batch: Batch) -> Tensor:
+        return torch.tensor([self._index.get(label, -1) for label in batch.labels], device=batch.prefix.device)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, list[str]]:
-        return {"argmax": [self.labels[i] for i in self.class_logits(batch).argmax(dim=1).tolist()]}
+        return self.predict_with_loss(batch)[0]
+
+    @torch.no_grad()
+    def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
+        logits = self.class_logits(batch)
+        loss = F.cross_entropy(logits, self._targets(batch), ignore_index=-1)
+        return {"argmax": [self.labels[i] for i in logits.argmax(dim=1).tolist()]}, loss
 
     def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
         return classification_metrics(refs, preds, self.labels)

@@ -61,6 +61,8 @@ class Task(Protocol):
 
     def predict(self, batch: Batch) -> dict[str, list[str]]: ...
 
+    def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]: ...
+
     def metrics(self, refs: list[str], preds: dict[str, list[str]]) -> dict[str, float]: ...
 
     def confusion(self, refs: list[str], hyps: list[str]) -> tuple[np.ndarray, list[str]] | None: ...
@@ -175,11 +177,12 @@ def evaluate_split(task: Task, split: Split, batch_size: int, device: torch.devi
     loss_sum, loss_n = 0.0, 0
     for batch in batches(split, verbalizer, batch_size):
         batch = batch.to(device)
-        for decoder, hyps in task.predict(batch).items():
+        batch_preds, batch_loss = task.predict_with_loss(batch)
+        for decoder, hyps in batch_preds.items():
             slot = preds.setdefault(decoder, [None] * len(split))
             for i, hyp in zip(batch.index.tolist(), hyps):
                 slot[i] = hyp
-        loss = float(task.loss(batch))
+        loss = float(batch_loss)
         if math.isfinite(loss):  # a batch of only unseen labels has no target to score
             loss_sum, loss_n = loss_sum + loss * len(batch), loss_n + len(batch)
     metrics = task.metrics(split.labels, preds)

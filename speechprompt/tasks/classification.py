@@ -14,8 +14,9 @@
   ``Linear(V, C)``; trained with cross-entropy on the class, predicted by ``argmax``.
 
 Every task object has the same small interface, used by the trainer and the evaluator: ``loss(batch)``,
-``predict(batch) -> {decoder: [label, ...]}``, ``metrics(refs, preds)``, ``confusion(refs, hyps)``, ``head`` (an
-``nn.Module`` trained with the method, or ``None``) and ``default_metric``.
+``predict(batch) -> {decoder: [label, ...]}``, ``predict_with_loss(batch)`` (both, sharing what they can: the
+evaluator's hot path), ``metrics(refs, preds)``, ``confusion(refs, hyps)``, ``head`` (an ``nn.Module`` trained with
+the method, or ``None``) and ``default_metric``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechprompt.models.generation import greedy
+from speechprompt.models.generation import greedy_from_cache
 from speechprompt.models.transformer import KVCache
 from speechprompt.tasks import metrics as M
-from speechprompt.tasks.data import Batch, lm_logits, lm_loss
+from speechprompt.tasks.data import IGNORE, Batch, lm_logits, lm_loss
 from speechprompt.verbalizers import EOS, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
 
 
@@ -85,32 +86,57 @@ class VerbalizedClassifier:
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, list[str]]:
-        kwargs = self.method.forward_kwargs(len(batch))
-        steps = self.verbalizer.target_length
-        ids = greedy(self.model, batch.prefix, steps, EOS, model_kwargs=kwargs)  # (B, <= steps)
-        free = [self.verbalizer.decode(row) for row in ids.tolist()]
-        scores = self.candidate_scores(batch.prefix)  # (B, C)
-        best = [self.labels[i] for i in scores.argmax(dim=1).tolist()]
-        return {"greedy": free, "constrained": best}
+        return self.predict_with_loss(batch)[0]
 
-    def candidate_scores(self, prefix: Tensor) -> Tensor:
-        """``(B, C)`` summed log-probabilities of every class's tokens after each (left-padded) prefix.
+    @torch.no_grad()
+    def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
+        """Both predictions and :meth:`loss`, from one pass over the prefixes.
 
-        The prefix goes through the LM once, filling a KV cache; the cache is then copied to the ``C`` candidates
-        of each row, which only feed their first ``L - 1`` tokens (the last token needs no input).
+        The prefixes fill a KV cache once; the teacher-forced label tokens, every class's candidate tokens and the
+        free greedy steps all continue from it (the first two from copies), instead of each running the prefixes
+        again.
         """
-        cands = self.verbalizer.candidates().to(prefix.device)  # (C, L)
-        B, (C, L) = prefix.size(0), cands.shape
+        B, dev = len(batch), batch.prefix.device
         kwargs = self.method.forward_kwargs(B)
+        step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}  # the rest lives in the cache
         cache = KVCache()
-        first = F.log_softmax(self.model(prefix, cache=cache, **kwargs)[:, -1].float(), dim=-1)  # (B, V)
-        scores = first[:, cands[:, 0]]  # (B, C)
+        first = self.model(batch.prefix, cache=cache, **kwargs)[:, -1].float()  # (B, V): after <s>
+        cands = self.verbalizer.candidates().to(dev)  # (C, L)
+        # The loss: y1..yL </s> after <s>, as lm_loss on batch.tokens (a row whose label is unseen has no target).
+        labels = cands[batch.class_ids.clamp(min=0)]  # (B, L)
+        rest = self.model(labels, cache=cache.index_select(torch.arange(B, device=dev)), **step_kwargs)  # (B, L, V)
+        logits = torch.cat([first[:, None], rest.float()], dim=1)  # (B, L + 1, V)
+        targets = torch.cat([labels, labels.new_full((B, 1), EOS)], dim=1)  # (B, L + 1)
+        targets = targets.masked_fill(batch.class_ids.lt(0)[:, None], IGNORE)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        scores = self._candidate_scores(cache, first, cands, step_kwargs)  # (B, C)
+        ids = greedy_from_cache(self.model, cache, first, self.verbalizer.target_length, EOS, step_kwargs=step_kwargs)
+        preds = {
+            "greedy": [self.verbalizer.decode(row) for row in ids.tolist()],
+            "constrained": [self.labels[i] for i in scores.argmax(dim=1).tolist()],
+        }
+        return preds, loss
+
+    @torch.no_grad()
+    def candidate_scores(self, prefix: Tensor) -> Tensor:
+        """``(B, C)`` summed log-probabilities of every class's tokens after each (left-padded) prefix."""
+        kwargs = self.method.forward_kwargs(prefix.size(0))
+        cache = KVCache()
+        first = self.model(prefix, cache=cache, **kwargs)[:, -1].float()  # (B, V)
+        step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}
+        return self._candidate_scores(cache, first, self.verbalizer.candidates().to(prefix.device), step_kwargs)
+
+    def _candidate_scores(self, cache: KVCache, first: Tensor, cands: Tensor, step_kwargs: dict) -> Tensor:
+        """Scores from a cache holding the prefixes and their last logits ``first`` ``(B, V)``: the cache is copied
+        to the ``C`` candidates of each row, which only feed their first ``L - 1`` tokens (the last needs no input).
+        """
+        B, (C, L) = first.size(0), cands.shape
+        scores = F.log_softmax(first, dim=-1)[:, cands[:, 0]]  # (B, C)
         if L > 1:
-            rows = torch.arange(B, device=prefix.device).repeat_interleave(C)  # (B*C,): row b for each candidate
-            cache = cache.index_select(rows)
-            step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}  # the rest lives in the cache
+            rows = torch.arange(B, device=first.device).repeat_interleave(C)  # (B*C,): row b for each candidate
             inputs = cands[:, :-1].repeat(B, 1)  # (B*C, L-1)
-            logp = F.log_softmax(self.model(inputs, cache=cache, **step_kwargs).float(), dim=-1)  # (B*C, L-1, V)
+            out = self.model(inputs, cache=cache.index_select(rows), **step_kwargs)
+            logp = F.log_softmax(out.float(), dim=-1)  # (B*C, L-1, V)
             rest = logp.gather(-1, cands[:, 1:].repeat(B, 1)[..., None]).squeeze(-1)  # (B*C, L-1)
             scores = scores + rest.sum(dim=1).view(B, C)
         return scores
@@ -150,7 +176,13 @@ class LearnableClassifier:
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, list[str]]:
-        return {"argmax": [self.labels[i] for i in self.class_logits(batch).argmax(dim=1).tolist()]}
+        return self.predict_with_loss(batch)[0]
+
+    @torch.no_grad()
+    def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
+        logits = self.class_logits(batch)
+        loss = F.cross_entropy(logits, batch.class_ids, ignore_index=-1)
+        return {"argmax": [self.labels[i] for i in logits.argmax(dim=1).tolist()]}, loss
 
     def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
         return classification_metrics(refs, preds, self.labels)

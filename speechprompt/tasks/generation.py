@@ -73,6 +73,11 @@ class SequenceTask:
     def predict(self, batch: Batch) -> dict[str, list[str]]:
         return {self.decoder: [self.verbalizer.decode(row) for row in self.generate(batch.prefix).tolist()]}
 
+    @torch.no_grad()
+    def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
+        """Two passes: free decoding shares nothing with the teacher-forced loss beyond the prefix."""
+        return self.predict(batch), self.loss(batch)
+
     def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
         refs = [normalize_text(r) for r in refs]
         slots = any(_SLOT_TAG.search(r) for r in refs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechprompt.models.generation import sequence_logprob
+from speechprompt.models.generation import greedy, sequence_logprob
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
 from speechprompt.tasks.classification import (
     LearnableClassifier,
@@ -151,6 +151,29 @@ def test_learnable_verbalizer_reads_the_separator_position(lm):
     # Unknown labels are left out of the loss instead of crashing it.
     unknown = collate(SOURCES, ["x", "nope", "y"], v)
     assert unknown.class_ids.tolist() == [0, -1, 1] and torch.isfinite(task.loss(unknown))
+
+
+def test_predict_with_loss_equals_separate_passes(lm):
+    """The evaluator's one-pass path gives the predictions of free greedy decoding and constrained scoring, and the
+    teacher-forced loss, each as computed on its own (two-token labels, and one unseen label left out of the loss)."""
+    model, method = lm
+    v = FixedVerbalizer({"a": [0, 1], "b": [2, 3], "c": [1, 0], "d": [5, 5]}, K)
+    task = VerbalizedClassifier(model, method, v)
+    batch = collate(SOURCES, ["a", "nope", "c"], v)
+    preds, loss = task.predict_with_loss(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, task.loss(batch), atol=1e-5, rtol=1e-5)
+        ids = greedy(model, batch.prefix, v.target_length, EOS, model_kwargs=method.forward_kwargs(3))
+        scores = task.candidate_scores(batch.prefix)
+    assert preds["greedy"] == [v.decode(row) for row in ids.tolist()]
+    assert preds["constrained"] == [v.labels[i] for i in scores.argmax(dim=1).tolist()]
+
+    learnable = LearnableClassifier(model, method, LearnableVerbalizer(["a", "c"], K))
+    batch = collate(SOURCES, ["a", "nope", "c"], learnable.verbalizer)
+    preds, loss = learnable.predict_with_loss(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, learnable.loss(batch))
+        assert preds == learnable.predict(batch)
 
 
 def test_confusion_counts_undecodable_predictions():
