@@ -352,12 +352,15 @@ def _evaluate_superb(args: argparse.Namespace) -> int:
     for name, manifest, labels in splits:
         split = load_audio_split(manifest, labels)
         metrics, hyps = evaluate_superb(model, split, args.batch_size)
-        metrics["n"] = len(split)
         cm = None
         if isinstance(model.head, ClassificationHead):
-            cm = (decoder, *confusion(split.labels, hyps, model.head.labels), metrics["accuracy"])
-        _write_files(out_dir, name, list(range(len(split))), split.labels, metrics, {decoder: hyps}, cm,
-                     {"checkpoint": str(ckpt_path)})
+            read = [i for i, h in enumerate(hyps) if h is not None]
+            matrix, names = confusion([split.labels[i] for i in read], [hyps[i] for i in read], model.head.labels)
+            cm = (decoder, matrix, names, metrics["accuracy"])
+        extra = {"checkpoint": str(ckpt_path)}
+        if split.unreadable:  # reported, not hidden: their predictions are null
+            extra["unreadable_files"] = {str(split.paths[i]): why for i, why in sorted(split.unreadable.items())}
+        _write_files(out_dir, name, list(range(len(split))), split.labels, metrics, {decoder: hyps}, cm, extra)
         print(json.dumps({"split": name, **metrics}))
     return 0
 

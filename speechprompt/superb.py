@@ -61,7 +61,7 @@ from speechprompt.checkpoint import base_fingerprint, load_checkpoint, load_into
 from speechprompt.config import ConfigError, option
 from speechprompt.data_prep.manifest import ManifestError, labels_path, read_labels, read_manifest
 from speechprompt.devices import resolve_device, torch_threads
-from speechprompt.errors import CheckpointError
+from speechprompt.errors import AudioError, CheckpointError
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
 from speechprompt.rng import rng_state, set_rng_state
@@ -395,10 +395,15 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
 
 @dataclasses.dataclass
 class AudioSplit:
-    """Audio paths and their labels (or transcripts), line-aligned."""
+    """Audio paths and their labels (or transcripts), line-aligned.
+
+    ``unreadable`` fills up as files fail to load (row -> why): they are left out of batches, reported once, and
+    every later pass skips them too.
+    """
 
     paths: list[Path]
     labels: list[str]
+    unreadable: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -427,11 +432,25 @@ def audio_batches(split: AudioSplit, batch_size: int, shuffle: bool = False, see
     With ``shuffle``, the order is a permutation drawn from ``seed`` (pass ``seed + epoch`` for a new order per
     epoch that a rerun reproduces). ``start`` skips that many batches without reading their audio (a resumed
     run skips the batches it already took in its epoch).
+
+    A file that fails to load (corrupt, empty, silent, ...) is logged, recorded in ``split.unreadable`` and left
+    out of its batch, so one bad file does not end a long run; a batch with no readable file is not yielded.
     """
     order = np.random.default_rng(seed).permutation(len(split)) if shuffle else np.arange(len(split))
     for first in range(start * batch_size, len(order), batch_size):
-        idx = order[first : first + batch_size]
-        yield [load_audio(split.paths[i]) for i in idx], [split.labels[i] for i in idx]
+        wavs, labels = [], []
+        for i in order[first : first + batch_size].tolist():
+            if i in split.unreadable:
+                continue
+            try:
+                wavs.append(load_audio(split.paths[i]))
+            except AudioError as e:
+                split.unreadable[i] = str(e)
+                logger.warning("skipping row %d: %s", i, e)
+                continue
+            labels.append(split.labels[i])
+        if wavs:
+            yield wavs, labels
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -499,8 +518,12 @@ def evaluate_superb(model: SuperbModel, split: AudioSplit, batch_size: int = 16)
     """Metrics and predictions of ``model`` on ``split`` (the model is put in eval mode).
 
     Returns:
-        ``{"loss", "accuracy"}`` or ``{"loss", "wer", "cer"}`` (the loss skips what the head cannot encode), and
-        one prediction per utterance in order.
+        ``{"loss", "accuracy"}`` or ``{"loss", "wer", "cer"}`` (the loss skips what the head cannot encode) over
+        the readable utterances, plus ``n`` (how many) and ``unreadable`` (how many were skipped, see
+        :func:`audio_batches`); and one prediction per utterance in order, ``None`` for an unreadable one.
+
+    Raises:
+        AudioError: not one file of the split could be read.
     """
     model.eval()
     hyps: list[str] = []
@@ -513,9 +536,16 @@ def evaluate_superb(model: SuperbModel, split: AudioSplit, batch_size: int = 16)
             loss_count += len(refs)
         except CTCError:  # a dev transcript with characters unseen in training: it still counts in WER/CER
             continue
-    metrics = model.head.metrics(split.labels, hyps)
+    readable = [i for i in range(len(split)) if i not in split.unreadable]
+    if not readable:
+        raise AudioError(split.paths[0], f"no file of the split could be read ({len(split)} tried)")
+    metrics = model.head.metrics([split.labels[i] for i in readable], hyps)
     metrics["loss"] = loss_sum / loss_count if loss_count else float("nan")
-    return metrics, hyps
+    metrics["n"], metrics["unreadable"] = len(readable), len(split.unreadable)
+    in_order: list[str | None] = [None] * len(split)
+    for i, hyp in zip(readable, hyps):
+        in_order[i] = hyp
+    return metrics, in_order
 
 
 def _better(value: float, best: float | None, higher: bool) -> bool:

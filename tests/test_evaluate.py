@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from speechprompt import config as C
 from speechprompt import train as T
@@ -109,14 +110,46 @@ def test_evaluate_a_superb_checkpoint_writes_what_evaluate_superb_measures(super
     rows = [json.loads(line) for line in (tmp_path / "test.predictions.jsonl").read_text().splitlines()]
     assert rows == [{"row": i, "label": label, decoder: hyp} for i, (label, hyp) in enumerate(zip(audio.labels, hyps))]
     if head == "classification":
-        assert set(expected) == {"accuracy", "loss"}
+        assert set(expected) == {"accuracy", "loss", "n", "unreadable"} and expected["unreadable"] == 0
         assert report["confusion"]["labels"] == ["high", "low", "<unk>"]
         matrix = np.array(report["confusion"]["matrix"])
         assert matrix.sum() == len(audio) and np.trace(matrix) / len(audio) == pytest.approx(expected["accuracy"])
         assert (tmp_path / "test.confusion.png").stat().st_size > 0
     else:
-        assert set(expected) == {"wer", "cer", "loss"} and "confusion" not in report
+        assert set(expected) == {"wer", "cer", "loss", "n", "unreadable"} and "confusion" not in report
         assert not (tmp_path / "test.confusion.png").exists()
+
+
+def test_evaluate_superb_skips_and_reports_unreadable_audio(superb_runs, tmp_path, caplog):
+    """A corrupt and a silent file among the test audio: both are reported and scored as nothing, the rest is
+    evaluated exactly as without them."""
+    from speechprompt.data_prep.manifest import read_manifest
+
+    dev = read_manifest(superb_runs["dev"])
+    labels = superb_runs["dev"].with_suffix(".labels").read_text().splitlines()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corrupt.wav").write_bytes(b"RIFF not really a wave file")
+    sf.write(bad / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    lines = [str(bad / "corrupt.wav"), *map(str, dev.paths()), str(bad / "silent.wav")]
+    (tmp_path / "t.tsv").write_text("/\n" + "".join(f"{p.lstrip('/')}\t16000\n" for p in lines))
+    (tmp_path / "t.labels").write_text("\n".join([labels[0], *labels, labels[-1]]) + "\n")
+    code = main(["evaluate", "--checkpoint", str(superb_runs["classification"]), "--manifest", str(tmp_path / "t.tsv"),
+                 "--labels", str(tmp_path / "t.labels"), "--out", str(tmp_path / "out"), "--names", "t",
+                 "--batch-size", "4", "--device", "cpu"])
+    assert code == 0
+    assert sum("corrupt.wav" in r.message or "silent.wav" in r.message for r in caplog.records) == 2  # once each
+    report = json.loads((tmp_path / "out" / "t.metrics.json").read_text())
+    assert report["n"] == len(labels) and report["unreadable"] == 2
+    assert set(report["unreadable_files"]) == {str(bad / "corrupt.wav"), str(bad / "silent.wav")}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "t.predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["argmax"] is None and rows[-1]["argmax"] is None and None not in [r["argmax"] for r in rows[1:-1]]
+
+    main(["evaluate", "--checkpoint", str(superb_runs["classification"]), "--manifest", str(superb_runs["dev"]),
+          "--labels", str(superb_runs["dev"].with_suffix(".labels")), "--out", str(tmp_path / "clean"), "--names", "t",
+          "--batch-size", "4", "--device", "cpu"])
+    clean = json.loads((tmp_path / "clean" / "t.metrics.json").read_text())
+    assert report["accuracy"] == clean["accuracy"] and np.sum(report["confusion"]["matrix"]) == len(labels)
 
 
 def test_evaluate_refuses_the_wrong_input_kind_and_another_upstream(superb_runs, run, tmp_path, capsys):

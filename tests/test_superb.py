@@ -123,6 +123,11 @@ def test_data_split_and_batches(corpus, tmp_path):
     bad.write_text("low\n")
     with pytest.raises(Exception, match="has 1 lines"):
         load_audio_split(corpus["train"], bad)
+    # A file that breaks during training is left out of its batch and of every later epoch, not fatal.
+    split.paths[2] = tmp_path / "gone.wav"
+    first = [labels for _, labels in audio_batches(split, 5)]
+    assert [len(b) for b in first] == [4, 5, 5, 1] and list(split.unreadable) == [2]
+    assert "gone.wav" in split.unreadable[2] and [labels for _, labels in audio_batches(split, 5)] == first
 
 
 def test_prompt_method_is_refused(corpus, tmp_path):
@@ -231,7 +236,7 @@ def test_ctc_head_trains_and_reports_wer_cer(corpus, tmp_path):
     cfg = _config(corpus, tmp_path / "ctc", head="ctc", max_steps=6, eval_every=3, optim={"lr": 5e-2},
                   data={"train_manifest": str(corpus["ctc_train"]), "dev_manifest": str(corpus["ctc_dev"])})
     summary = train_superb(cfg)
-    assert set(summary["dev"]) == {"wer", "cer", "loss"}
+    assert set(summary["dev"]) == {"wer", "cer", "loss", "n", "unreadable"}
     log = (tmp_path / "ctc" / "log.csv").read_text().splitlines()
     losses = [float(r.split(",")[2]) for r in log if ",train_loss," in r]
     assert losses[-1] < losses[0]  # the CTC loss goes down
