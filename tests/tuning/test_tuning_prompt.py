@@ -9,9 +9,10 @@ import torch
 
 from speechprompt.config import ConfigError
 from speechprompt.models.hubert import HubertConfig, HubertModel
-from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+from speechprompt.models.transformer import attention_mask
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, make_positions
 from speechprompt.tuning import PromptConfig, PromptTuning, TuningError, build_method, freeze_except
-from speechprompt.tuning.prompt import PromptInit
+from speechprompt.tuning.prompt import DeepInit, PromptInit
 
 
 def _lm() -> UnitLM:
@@ -67,7 +68,7 @@ def test_separator_starts_as_the_frozen_bos_row_and_changes_nothing():
 
 def test_init_from_units_uses_scaled_unit_embeddings_cycled_to_length():
     model = _lm()
-    method = build_method(PromptConfig(length=5, init=PromptInit.UNITS, init_units="7 0 42"), model)
+    method = build_method(PromptConfig(length=5, deep=False, init=PromptInit.UNITS, init_units="7 0 42"), model)
     table = model.decoder.embed_tokens.weight.detach()
     expected = table[torch.tensor([11, 4, 46, 11, 4])] * math.sqrt(64)  # unit u is token u + 4
     assert torch.allclose(method.prompt, expected)
@@ -76,11 +77,32 @@ def test_init_from_units_uses_scaled_unit_embeddings_cycled_to_length():
 def test_init_from_sampled_units_picks_unit_rows():
     model = _lm()
     torch.manual_seed(5)
-    method = build_method(PromptConfig(length=6, init=PromptInit.SAMPLED_UNITS), model)
+    method = build_method(PromptConfig(length=6, deep=False, init=PromptInit.SAMPLED_UNITS), model)
     scaled = model.decoder.embed_tokens.weight.detach() * math.sqrt(64)  # (V, D)
     for row in method.prompt.detach():
         match = (scaled - row).abs().amax(dim=1).argmin()
         assert torch.allclose(scaled[match], row) and match >= 4  # a unit, never a special token
+
+
+def test_deep_init_from_activations_is_what_each_layer_feeds_its_kv_projections():
+    """deep_init=activations: layer i's key and value inputs start as the pre-LN output the frozen LM computes at
+    the init tokens in that layer (the unit string read as a sentence, with its positions)."""
+    model = _lm().train()
+    cfg = PromptConfig(length=4, init=PromptInit.UNITS, init_units="7 0 42 3", deep_init=DeepInit.ACTIVATIONS)
+    method = build_method(cfg, model)
+    assert model.training  # the init ran the LM in eval mode and gave the mode back
+    dec = model.decoder
+    ids = torch.tensor([[11, 4, 46, 7]])
+    model.eval()
+    with torch.no_grad():
+        x = dec.embed_scale * dec.embed_tokens(ids) + dec.embed_positions(make_positions(ids, model.padding_idx))
+        mask = attention_mask(None, 4)
+        for i, layer in enumerate(dec.layers):
+            expected = layer.self_attn_layer_norm(x)[0]  # pre-LN: what q/k/v projections read
+            torch.testing.assert_close(method.deep_key[i], expected)
+            torch.testing.assert_close(method.deep_value[i], expected)
+            x = layer(x, mask)
+    assert method.deep_key.data_ptr() != method.deep_value.data_ptr()  # two tensors, trained apart
 
 
 def test_normal_init_std():
@@ -94,11 +116,15 @@ def test_bad_configs_are_clear_errors():
     with pytest.raises(ConfigError, match="length"):
         PromptConfig(length=0)
     with pytest.raises(ConfigError, match="init_units"):
-        PromptConfig(init=PromptInit.UNITS)
+        PromptConfig(init=PromptInit.UNITS, deep=False)
+    with pytest.raises(ConfigError, match="would do nothing"):  # deep: the input prompt's values are never read
+        PromptConfig(init=PromptInit.SAMPLED_UNITS)
+    with pytest.raises(ConfigError, match="runs the LM on the init tokens"):
+        PromptConfig(deep_init=DeepInit.ACTIVATIONS)
     with pytest.raises(ConfigError, match="only used with init=units"):
         PromptConfig(init_units="1 2")
     with pytest.raises(TuningError, match="knows only 100 units"):
-        PromptTuning(PromptConfig(length=2, init=PromptInit.UNITS, init_units="100"), _lm())
+        PromptTuning(PromptConfig(length=2, deep=False, init=PromptInit.UNITS, init_units="100"), _lm())
     with pytest.raises(TuningError, match="unit LM"):
         PromptTuning(PromptConfig(), HubertModel(HubertConfig.tiny()))
 
