@@ -183,8 +183,9 @@ class TrainConfig:
 
 
 # Keys that may differ between a killed run and its resumption.
+# Keys a resumed run may change. run_dir: a run directory that was moved or copied resumes where it now is.
 _RESUMABLE_CHANGES = {
-    "threads", "resume", "max_epochs", "max_steps", "patience", "device", "log_every", "eval_batch_size",
+    "threads", "resume", "max_epochs", "max_steps", "patience", "device", "log_every", "eval_batch_size", "run_dir",
 }
 
 

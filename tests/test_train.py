@@ -171,6 +171,9 @@ def test_resume_after_a_kill_gives_the_same_run(corpus, tmp_path, monkeypatch):
     assert T.train(make_config(corpus, tmp_path / "killed", *args))["best_step"] == reference["best_step"]
     with pytest.raises(C.ConfigError, match="optim.lr"):
         T.train(make_config(corpus, tmp_path / "killed", *args, "optim.lr=0.5"))
+    # A moved run directory is still that run.
+    (tmp_path / "killed").rename(tmp_path / "moved")
+    assert T.train(make_config(corpus, tmp_path / "moved", *args))["best_step"] == reference["best_step"]
 
 
 def test_config_errors_are_caught_before_training(corpus, tmp_path):
