@@ -144,8 +144,9 @@ def test_linear_probe_baseline(corpus, tmp_path):
     assert set(ck.load_checkpoint(tmp_path / "probe" / "best").tensors) == {"head.weight", "head.bias"}
 
 
-def test_resume_after_a_kill_gives_the_same_run(corpus, tmp_path, monkeypatch):
-    args = ("max_epochs=3", "eval_every=5", "method.options.length=3")
+@pytest.mark.parametrize("ema", ["0", "0.8"])
+def test_resume_after_a_kill_gives_the_same_run(corpus, tmp_path, monkeypatch, ema):
+    args = ("max_epochs=3", "eval_every=5", "method.options.length=3", f"ema_decay={ema}")
     reference = T.train(make_config(corpus, tmp_path / "ref", *args))
 
     real = T.evaluate_split
@@ -195,3 +196,15 @@ def test_cli_train_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("data.train_units", "method.options", "optim.lr", "verbalizer.kind", "patience", "resume"):
         assert key in out
+
+
+def test_ema_checkpoints_hold_the_average_and_training_goes_on_from_the_live_tensors(corpus, tmp_path):
+    T.train(make_config(corpus, tmp_path / "r", "max_epochs=2", "method.options.length=3", "ema_decay=0.9"))
+    state = torch.load(tmp_path / "r" / T.STATE_FILE, weights_only=True)
+    saved = ck.load_checkpoint(tmp_path / "r" / "last").tensors
+    live = {k: v for k, v in state["method"].items() if k != "prompt"}  # the deep prompt's unread input prompt
+    assert live and all(not torch.equal(saved[f"method.{k}"], v) for k, v in live.items())  # not the live tensors...
+    averages = state["ema"]
+    assert all(any(torch.equal(a, saved[f"method.{k}"]) for a in averages) for k in live)  # ...but their average
+    with pytest.raises(C.ConfigError, match="ema_decay"):
+        make_config(corpus, tmp_path, "ema_decay=1")
