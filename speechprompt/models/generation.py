@@ -25,8 +25,8 @@ from speechprompt.models.unit_lm import UnitLM
 _PREFILL_ONLY = ("input_prompt", "kv_replace", "prefix", "prefix_padding")
 
 
-def _step_kwargs(model_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(kwargs of the prefill call, kwargs of every later call)."""
+def split_step_kwargs(model_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kwargs of the prefill call, kwargs of every later call on the cache it filled)."""
     prefill = dict(model_kwargs or {})
     return prefill, {k: v for k, v in prefill.items() if k not in _PREFILL_ONLY}
 
@@ -73,7 +73,7 @@ def greedy(
         ``(B, N)`` long, ``N <= max_new_tokens``: the generated tokens, ``<pad>`` after a row's ``eos``.
     """
     _check_context(model, prompt_tokens)
-    prefill, every = _step_kwargs(model_kwargs)
+    prefill, every = split_step_kwargs(model_kwargs)
     banned = _disallowed(allowed_tokens, model.cfg.vocab_size, prompt_tokens.device)
     if use_cache:
         cache = KVCache()
@@ -159,7 +159,7 @@ def beam_search(
     B, V, pad = prompt_tokens.shape[0], model.cfg.vocab_size, model.padding_idx
     device = prompt_tokens.device
     K = min(beam_size, V)
-    prefill, every = _step_kwargs(model_kwargs)
+    prefill, every = split_step_kwargs(model_kwargs)
     banned = _disallowed(allowed_tokens, V, device)
 
     def log_probs(logits: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechprompt.models.generation import greedy_from_cache
+from speechprompt.models.generation import greedy_from_cache, split_step_kwargs
 from speechprompt.models.transformer import KVCache
 from speechprompt.tasks import metrics as M
 from speechprompt.tasks.data import IGNORE, Batch, lm_logits, lm_loss
@@ -86,29 +86,30 @@ class VerbalizedClassifier:
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, list[str]]:
-        return self.predict_with_loss(batch)[0]
+        return self._predict(batch, with_loss=False)[0]
 
     @torch.no_grad()
     def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
-        """Both predictions and :meth:`loss`, from one pass over the prefixes.
+        """Both predictions and :meth:`loss`, from one pass over the prefixes (see :meth:`_predict`)."""
+        preds, loss = self._predict(batch, with_loss=True)
+        assert loss is not None
+        return preds, loss
 
-        The prefixes fill a KV cache once; the teacher-forced label tokens, every class's candidate tokens and the
-        free greedy steps all continue from it (the first two from copies), instead of each running the prefixes
-        again.
-        """
+    def _predict(self, batch: Batch, with_loss: bool) -> tuple[dict[str, list[str]], Tensor | None]:
+        """The prefixes fill a KV cache once; the teacher-forced label tokens (``with_loss``), every class's
+        candidate tokens and the free greedy steps all continue from it (the first two from copies), instead of each
+        running the prefixes again."""
         B, dev = len(batch), batch.prefix.device
-        kwargs = self.method.forward_kwargs(B)
-        step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}  # the rest lives in the cache
-        cache = KVCache()
-        first = self.model(batch.prefix, cache=cache, **kwargs)[:, -1].float()  # (B, V): after <s>
+        cache, first, step_kwargs = self._prefill(batch.prefix)
         cands = self.verbalizer.candidates().to(dev)  # (C, L)
-        # The loss: y1..yL </s> after <s>, as lm_loss on batch.tokens (a row whose label is unseen has no target).
-        labels = cands[batch.class_ids.clamp(min=0)]  # (B, L)
-        rest = self.model(labels, cache=cache.index_select(torch.arange(B, device=dev)), **step_kwargs)  # (B, L, V)
-        logits = torch.cat([first[:, None], rest.float()], dim=1)  # (B, L + 1, V)
-        targets = torch.cat([labels, labels.new_full((B, 1), EOS)], dim=1)  # (B, L + 1)
-        targets = targets.masked_fill(batch.class_ids.lt(0)[:, None], IGNORE)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        loss = None
+        if with_loss:  # y1..yL </s> after <s>, as lm_loss on batch.tokens (an unseen label has no target)
+            labels = cands[batch.class_ids.clamp(min=0)]  # (B, L)
+            rest = self.model(labels, cache=cache.index_select(torch.arange(B, device=dev)), **step_kwargs)
+            logits = torch.cat([first[:, None], rest.float()], dim=1)  # (B, L + 1, V)
+            targets = torch.cat([labels, labels.new_full((B, 1), EOS)], dim=1)  # (B, L + 1)
+            targets = targets.masked_fill(batch.class_ids.lt(0)[:, None], IGNORE)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         scores = self._candidate_scores(cache, first, cands, step_kwargs)  # (B, C)
         ids = greedy_from_cache(self.model, cache, first, self.verbalizer.target_length, EOS, step_kwargs=step_kwargs)
         preds = {
@@ -117,13 +118,17 @@ class VerbalizedClassifier:
         }
         return preds, loss
 
+    def _prefill(self, prefix: Tensor) -> tuple[KVCache, Tensor, dict]:
+        """A KV cache holding the prefixes, their last logits ``(B, V)``, and the kwargs of calls continuing it."""
+        prefill, step_kwargs = split_step_kwargs(self.method.forward_kwargs(prefix.size(0)))
+        cache = KVCache()
+        first = self.model(prefix, cache=cache, **prefill)[:, -1].float()  # (B, V): after <s>
+        return cache, first, step_kwargs
+
     @torch.no_grad()
     def candidate_scores(self, prefix: Tensor) -> Tensor:
         """``(B, C)`` summed log-probabilities of every class's tokens after each (left-padded) prefix."""
-        kwargs = self.method.forward_kwargs(prefix.size(0))
-        cache = KVCache()
-        first = self.model(prefix, cache=cache, **kwargs)[:, -1].float()  # (B, V)
-        step_kwargs = {k: v for k, v in kwargs.items() if k == "embed_override"}
+        cache, first, step_kwargs = self._prefill(prefix)
         return self._candidate_scores(cache, first, self.verbalizer.candidates().to(prefix.device), step_kwargs)
 
     def _candidate_scores(self, cache: KVCache, first: Tensor, cands: Tensor, step_kwargs: dict) -> Tensor:
