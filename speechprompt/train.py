@@ -274,15 +274,15 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     for module in (model, method, head):
         if module is not None:
             module.to(device)
-    trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
+    unique = list({id(p): p for p in params}.values())  # a tied tensor (full FT's embeddings) counts once
+    trainable = sum(p.numel() for p in unique)
     select_key, higher_better = _selection(task, cfg.metric)
 
     optimizer = (torch.optim.AdamW if cfg.optim.weight_decay > 0 else torch.optim.Adam)(
         params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
     # Polyak averaging: the average is what dev sees and what checkpoints hold; training continues from the live
-    # tensors. (A tied tensor, e.g. full fine-tuning's embeddings, appears once.)
-    unique = list({id(p): p for p in params}.values())
+    # tensors.
     ema = [p.detach().clone() for p in unique] if cfg.ema_decay else None
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
