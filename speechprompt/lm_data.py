@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import SpeechPromptError
-from speechprompt.fairseq_compat import Dictionary
 
 
 class UnitFileError(SpeechPromptError, ValueError):

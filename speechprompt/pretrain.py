@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, describe, load_config, option, save_config, to_dict
 from speechprompt.devices import torch_threads
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, SpeechPromptError
-from speechprompt.fairseq_compat import Dictionary
 from speechprompt.fileio import torch_save, write_json
 from speechprompt.lm_data import PackedLMDataset, StepBatches
 from speechprompt.models.unit_lm import NAMED_CONFIGS, UnitLM, UnitLMConfig, save_unit_lm

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from speechprompt.devices import resolve_device
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import SpeechPromptError
-from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.generation import sequence_logprob
 from speechprompt.models.unit_lm import UnitLM, load_unit_lm
 

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from speechprompt.checkpoint import base_fingerprint, load_checkpoint, load_into
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, SpeechPromptError
-from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.generation import greedy
 from speechprompt.models.transformer import KVCache, LayerKV
 from speechprompt.models.unit_lm import UnitLM

@@ -13,7 +13,8 @@ import torch
 
 from speechprompt.config import from_dict, to_dict
 from speechprompt.devices import torch_threads
-from speechprompt.fairseq_compat import Dictionary, save_fairseq_checkpoint
+from speechprompt.dictionary import Dictionary
+from speechprompt.fairseq_compat import save_fairseq_checkpoint
 from speechprompt.models.hubert import HubertConfig, HubertModel
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 

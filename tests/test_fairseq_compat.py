@@ -13,9 +13,9 @@ import pytest
 import torch
 from sklearn.cluster import MiniBatchKMeans
 
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
 from speechprompt.fairseq_compat import (
-    Dictionary,
     load_fairseq_checkpoint,
     read_kmeans_pickle,
     safe_torch_load,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechprompt.fairseq_compat import Dictionary
+from speechprompt.dictionary import Dictionary
 from speechprompt.lm_data import (
     PackedLMDataset,
     StepBatches,

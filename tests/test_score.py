@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from speechprompt.cli import main
-from speechprompt.fairseq_compat import Dictionary
+from speechprompt.dictionary import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
 N_UNITS = 12

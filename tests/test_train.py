@@ -12,7 +12,7 @@ import torch
 from speechprompt import checkpoint as ck
 from speechprompt import config as C
 from speechprompt import train as T
-from speechprompt.fairseq_compat import Dictionary
+from speechprompt.dictionary import Dictionary
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig, save_unit_lm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole training runs, end to end

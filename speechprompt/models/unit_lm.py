@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechprompt.config import ConfigError, from_dict, option, to_dict
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError
-from speechprompt.fairseq_compat import Dictionary, load_fairseq_checkpoint, save_fairseq_checkpoint
+from speechprompt.fairseq_compat import load_fairseq_checkpoint, save_fairseq_checkpoint
 from speechprompt.models.transformer import ACTIVATIONS, KVCache, LayerKV, TransformerLayer, attention_mask
 
 # fairseq's DEFAULT_MAX_TARGET_POSITIONS (used when neither max_target_positions nor tokens_per_sample is set).

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from speechprompt.config import ConfigError, option
-from speechprompt.fairseq_compat import Dictionary
+from speechprompt.dictionary import Dictionary
 from speechprompt.models.unit_lm import UnitLM
 from speechprompt.tuning.base import TuningError, TuningMethod, as_enum
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from speechprompt.config import ConfigError
+from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError
-from speechprompt.fairseq_compat import Dictionary
 from speechprompt.models.transformer import KVCache, LayerKV, attention_mask
 from speechprompt.models.unit_lm import (
     UnitLM,
