@@ -12,7 +12,7 @@ nothing else::
     method      {name, config}
     head        name of the task head, or null
     verbalizer  the verbalizer's to_dict(), or null
-    base        {path, fingerprint}: the frozen unit LM at training time
+    base        {path, abs_path, fingerprint, ...}: the frozen base model at training time (:func:`base_record`)
     units       {features, quantizer {path, fingerprint, k, dim}, dedup, max_len}: the audio -> units pipeline
     tensors     {sha256, bytes, shapes}: of the safetensors file, so a torn or swapped pair is detected
     training    summary (steps, seconds, trainable parameters, ...) and metrics
@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,14 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"superb"`` (an encoder with a SUPERB head, reads audio) or ``"unit_lm"`` (a unit-LM task, reads units):
+    which family a checkpoint belongs to, from its sidecar alone."""
+    meta = read_sidecar(path)
+    superb = str(meta.get("head") or "").startswith("superb_") or "superb" in meta
+    return "superb" if superb else "unit_lm"
+
+
 def load_checkpoint(path: str | os.PathLike) -> TaskCheckpoint:
     """Read and verify a task checkpoint.
 
@@ -213,6 +222,57 @@ def load_checkpoint(path: str | os.PathLike) -> TaskCheckpoint:
     if shapes is not None and {k: list(v.shape) for k, v in tensors.items()} != shapes:
         raise CheckpointError(f"{st_path}: its tensors do not match the shapes listed in {json_path}")
     return TaskCheckpoint(tensors, meta, st_path)
+
+
+def base_record(path: str | os.PathLike, fingerprint: str, **extra: Any) -> dict[str, Any]:
+    """The sidecar's ``base`` section: the path as given (portable when relative to a repository root), the absolute
+    path (found from any working directory), the fingerprint, and ``extra`` (parameter count, kind)."""
+    return {"path": str(path), "abs_path": str(Path(path).resolve()), "fingerprint": fingerprint, **extra}
+
+
+def resolve_base(meta: dict[str, Any], override: str | os.PathLike | None, source: str | os.PathLike,
+                 what: str = "base model", flag: str = "--base") -> Path:
+    """Where a checkpoint's base model is: ``override`` if given, else the path recorded at training time as given,
+    else as an absolute path.
+
+    Raises:
+        CheckpointError: none of them exists; the message names the flag to pass and the fingerprint to match.
+    """
+    recorded = meta.get("base") or {}
+    # path_absolute: the spelling of SUPERB checkpoints written before 0.2.
+    candidates = [override] if override is not None else [
+        recorded.get("path"), recorded.get("abs_path") or recorded.get("path_absolute")]
+    found = next((Path(c) for c in candidates if c and Path(c).exists()), None)
+    if found is None:
+        raise CheckpointError(f"{source}: {what} {candidates[0] or '(not recorded)'} not found; pass it with {flag} "
+                              f"(its fingerprint must be {recorded.get('fingerprint')})")
+    return found
+
+
+def load_base(
+    ckpt: TaskCheckpoint,
+    override: str | os.PathLike | None,
+    load: Callable[[Path], tuple[torch.nn.Module, Any]],
+    what: str = "base model",
+    flag: str = "--base",
+) -> tuple[torch.nn.Module, Any, Path]:
+    """Find (:func:`resolve_base`), load and fingerprint-check the frozen base model of a task checkpoint.
+
+    Every consumer of a checkpoint (``evaluate``, ``infer``, SUPERB, serving) goes through here.
+
+    Args:
+        load: path -> (model as stored, whatever else its loader returns: a dictionary, a task config).
+
+    Returns:
+        The model, the loader's extra value, and the path it was loaded from.
+
+    Raises:
+        CheckpointError: no base model found, or one whose fingerprint is not the one trained on.
+    """
+    path = resolve_base(ckpt.meta, override, ckpt.path, what, flag)
+    model, extra = load(path)
+    ckpt.check_base(base_fingerprint(model), path)
+    return model, extra, path
 
 
 def load_into(module: torch.nn.Module, state: dict[str, Tensor], what: str, source: str | os.PathLike) -> None:

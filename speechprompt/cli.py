@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "speechprompt.evaluate",
     "infer": "speechprompt.infer",
     "compare": "speechprompt.compare",
-    "superb": "speechprompt.superb",
+    "superb": "speechprompt.superb.train",
 }
 
 

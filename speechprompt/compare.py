@@ -33,9 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from speechprompt import config as C
+from speechprompt.checkpoint import read_sidecar
 from speechprompt.config import ConfigError, option
+from speechprompt.devices import resolve_device, torch_threads
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import write_json, write_text
+from speechprompt.lock import DirectoryLock
+from speechprompt.models.unit_lm import load_unit_lm
+from speechprompt.plots import plot_metric_vs_params
+from speechprompt.tasks.data import load_split
+from speechprompt.tasks.evaluation import evaluate_split, write_report
+from speechprompt.tasks.loading import load_task
+from speechprompt.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +90,6 @@ class CompareConfig:
 
 def _run_one(cfg: CompareConfig, method: str, seed: int, threads: int) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run, then score its best checkpoint on every split."""
-    from speechprompt.devices import resolve_device, torch_threads
-    from speechprompt.evaluate import evaluate_split, load_task, write_report
-    from speechprompt.tasks.data import load_split
-    from speechprompt.train import TrainConfig, train
-
     run_dir = Path(cfg.out) / method / f"seed{seed}"
     logger.info("%s seed %d -> %s", method, seed, run_dir)
     overrides = [*cfg.overrides, f"seed={seed}", f"run_dir={run_dir}"]
@@ -192,7 +196,11 @@ def _bytes(n: int) -> str:
 def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     """Run every (method, seed), then write results.json/.md/.csv and the PNG. Returns the rows."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, command="speechprompt compare"):
+        return _compare(cfg, out)
+
+
+def _compare(cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
     C.save_config(cfg, out / "compare.yaml")
     jobs = [(m, s) for m in cfg.methods for s in range(1, cfg.seeds + 1)]
     runs: list[dict[str, Any]] = []
@@ -222,8 +230,6 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     ]
     write_text(out / "results.csv", "\n".join(csv_lines) + "\n")
     if cfg.primary_split:
-        from speechprompt.plots import plot_metric_vs_params
-
         plot_rows = [{**r, "accuracy": r["accuracy_mean"], "accuracy_std": r["accuracy_std"]} for r in rows]
         try:
             plot_metric_vs_params(plot_rows, out / "metric_vs_params.png", metric="accuracy")
@@ -234,8 +240,6 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
 
 def _base_params(runs: list[dict[str, Any]]) -> int | None:
     """Parameter count of the frozen base LM (for the trainable %), from the first run's checkpoint."""
-    from speechprompt.checkpoint import read_sidecar
-
     for r in runs:
         meta = read_sidecar(r["summary"]["checkpoint"])
         n = (meta.get("base") or {}).get("parameters")
@@ -243,8 +247,6 @@ def _base_params(runs: list[dict[str, Any]]) -> int | None:
             return int(n)
         path = (meta.get("base") or {}).get("path")
         if path and os.path.isfile(path):
-            from speechprompt.models.unit_lm import load_unit_lm
-
             model, _ = load_unit_lm(path)
             return sum(p.numel() for p in model.parameters())
     return None

@@ -82,6 +82,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if isinstance(value, tp):
             return value
+        if isinstance(value, bool):  # YAML reads an unquoted true/false as a bool (resume: true)
+            value = str(value).lower()
         try:
             return tp(value)
         except ValueError:

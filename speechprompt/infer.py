@@ -35,10 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechprompt.audio import load_audio
+from speechprompt.checkpoint import checkpoint_kind
+from speechprompt.data_prep.features import build_feature_reader, file_sha256
+from speechprompt.data_prep.kmeans import load_quantizer
 from speechprompt.devices import resolve_device
-from speechprompt.errors import CheckpointError, SpeechPromptError
-from speechprompt.evaluate import checkpoint_kind, load_superb_model, load_task
+from speechprompt.errors import AudioError, CheckpointError, SpeechPromptError
+from speechprompt.superb import load_superb
 from speechprompt.tasks.data import collate
+from speechprompt.tasks.loading import load_task
+from speechprompt.verbalizers import NSPECIAL
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +63,6 @@ class UnitPipeline:
     def __init__(
         self, units_meta: dict[str, Any], kmeans: str | None, hubert: str | None, device: str, check: Any
     ) -> None:
-        from speechprompt.data_prep.features import build_feature_reader, file_sha256
-        from speechprompt.data_prep.kmeans import load_quantizer
-
         features = units_meta.get("features") or {}
         quantizer_meta = units_meta.get("quantizer") or {}
         if not features.get("name"):
@@ -82,10 +85,6 @@ class UnitPipeline:
 
     def tokens(self, path: str) -> list[int]:
         """Unit token ids (unit + 4) of one audio file. Raises ``AudioError`` for an unusable file."""
-        from speechprompt.audio import load_audio
-        from speechprompt.errors import AudioError
-        from speechprompt.verbalizers import NSPECIAL
-
         wav = load_audio(path)  # (T,) float32 at 16 kHz
         units = self.quantizer.units(self.reader.read(wav), deduplicate=self.dedup, source=path)
         if not units:
@@ -162,15 +161,13 @@ def _unit_lm(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[
 
 
 def _superb(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[list[Any]], list[str]]]:
-    from speechprompt.audio import load_audio
-
     unused = [flag for flag in ("kmeans", "hubert", "decoder") if getattr(args, flag) is not None]
     if unused:
         raise SpeechPromptError(
             f"{args.checkpoint} is a SUPERB checkpoint: it reads audio directly, so "
             f"{', '.join('--' + f for f in unused)} do not apply (its HuBERT upstream is --upstream)"
         )
-    model = load_superb_model(args.checkpoint, args.base, args.device)
+    model = load_superb(args.checkpoint, args.base, resolve_device(args.device))
 
     @torch.no_grad()
     def predict(wavs: list[np.ndarray]) -> list[str]:
@@ -180,7 +177,7 @@ def _superb(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[l
     return load_audio, predict
 
 
-# Checkpoint family (see :func:`speechprompt.evaluate.checkpoint_kind`) -> (read one file, predict a batch).
+# Checkpoint family (see :func:`speechprompt.checkpoint.checkpoint_kind`) -> (read one file, predict a batch).
 PREDICTORS = {"unit_lm": _unit_lm, "superb": _superb}
 
 

@@ -38,18 +38,17 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from speechprompt.checkpoint import base_fingerprint, load_checkpoint, load_into
+from speechprompt.checkpoint import base_fingerprint, load_base, load_checkpoint, load_into
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.models.generation import greedy
 from speechprompt.models.transformer import KVCache, LayerKV
-from speechprompt.models.unit_lm import UnitLM
+from speechprompt.models.unit_lm import UnitLM, load_unit_lm
 from speechprompt.tasks.data import collate
 from speechprompt.tuning import Adapters, PrefixTuning, PromptTuning, build_method, method_config
 from speechprompt.tuning.adapter import AdapterSlot
@@ -147,18 +146,11 @@ class TaskBank:
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | os.PathLike], base: str | os.PathLike | None = None) -> TaskBank:
-        """Load the base LM once (``base``, or the one the first checkpoint recorded) and add every checkpoint."""
-        from speechprompt.models.unit_lm import load_unit_lm
-
+        """Load the base LM once (``base``, or the one the first checkpoint recorded; fingerprint-checked) and add
+        every checkpoint."""
         if not paths:
             raise ServingError("no task checkpoints given")
-        if base is None:
-            recorded = load_checkpoint(paths[0]).meta.get("base", {})
-            found = [c for c in (recorded.get("path"), recorded.get("abs_path")) if c and Path(c).is_file()]
-            if not found:
-                raise CheckpointError(f"{paths[0]}: base unit LM {recorded.get('path')} not found; pass base=")
-            base = found[0]
-        model, _ = load_unit_lm(base)
+        model, _, base = load_base(load_checkpoint(paths[0]), base, load_unit_lm, what="base unit LM", flag="base=")
         bank = cls(model, base)
         for p in paths:
             bank.add_checkpoint(p)
@@ -257,7 +249,7 @@ class TaskBank:
     def _add_adapter(self, task: ServedTask, method: Adapters, index: int) -> None:
         paths = module_paths(self.model)
         layer_paths = {paths[id(layer)] for layer in self.model.transformer_layers()}
-        for path, slot in method._sites:
+        for path, slot in method.sites:
             layer_path, _, slot_name = path.rpartition(".")
             if layer_path not in layer_paths:
                 raise ServingError(f"task {task.name!r}: the model has no layer {layer_path!r} for an adapter")

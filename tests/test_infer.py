@@ -72,8 +72,8 @@ def test_infer_predicts_good_files_and_reports_bad_ones(trained, capsys):
         assert set(lines[bad]) == {"path", "error"} and files[bad] in lines[bad]["error"]
 
     # The predictions are the ones the task makes on the training units of the same files: same pipeline.
-    from speechprompt.evaluate import load_task
     from speechprompt.tasks.data import collate, load_split
+    from speechprompt.tasks.loading import load_task
 
     task, _, _ = load_task(root / "run" / "best", device="cpu")
     split = load_split(root / "units" / "train.units", root / "train.labels", K)

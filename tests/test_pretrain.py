@@ -63,8 +63,8 @@ def test_loss_decreases_and_checkpoints_load(tmp_path: Path) -> None:
     metrics = pretrain(cfg)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint_best.pt", "checkpoint_last.pt", "config.yaml", "dict.txt", "log.csv", "metrics.json",
-        "train_state.pt",
+        ".lock", "checkpoint_best.pt", "checkpoint_last.pt", "config.yaml", "dict.txt", "learning_curves.png",
+        "log.csv", "metrics.json", "train_state.pt",
     ]
     log = read_log(run_dir / "log.csv")
     losses = [v for _, v in log["train_loss"]]
@@ -109,7 +109,7 @@ def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(tmp_path
                           cwd=REPO, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_dir = tmp_path / "resumed"
-    assert torch.load(run_dir / "train_state.pt", weights_only=True)["step"] == 4
+    assert torch.load(run_dir / "train_state.pt", weights_only=True)["position"]["step"] == 4
     assert any(p.name.startswith(".train_state.pt.") for p in run_dir.iterdir())  # the half-done save
     assert not (run_dir / "metrics.json").exists()
 
@@ -133,9 +133,9 @@ def test_longer_max_steps_continues_a_finished_run_exactly(tmp_path: Path) -> No
 
 def test_resume_refuses_a_changed_config_and_resume_false_a_used_run_dir(tmp_path: Path) -> None:
     pretrain(_config(tmp_path, "run", max_steps=4))
-    with pytest.raises(ConfigError, match="written with lr=0.003, not 0.001"):
+    with pytest.raises(ConfigError, match="saved by a run with lr=0.003, but this config has 0.001"):
         pretrain(_config(tmp_path, "run", max_steps=8, lr=1e-3))
-    with pytest.raises(ConfigError, match="is not empty and resume=false"):
+    with pytest.raises(ConfigError, match="holds an earlier run and resume=false"):
         pretrain(_config(tmp_path, "run", resume=False))
 
 
@@ -171,7 +171,7 @@ def _config_defaults() -> PretrainConfig:
         ("tokens_per_sample=4096", "exceeds the model's max_positions 256"),
         ("model_overrides.vocab_size=50", "vocab_size 50 != n_units \\+ 4 = 24"),
         ("model_overrides.depth=2", "unknown config key depth"),
-        ("device=tpu", "'tpu' is not one of"),
+        ("device=tpu", "device 'tpu' is not one of"),
     ],
 )
 def test_bad_values_are_config_errors(tmp_path: Path, override: str, message: str) -> None:

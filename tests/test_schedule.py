@@ -1,11 +1,12 @@
-"""LR schedules: warmup and decay values, the LambdaLR wrapper, and parity with fairseq's schedulers."""
+"""LR schedules: warmup and decay values, the optimizer config's rate, and parity with fairseq's schedulers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from speechprompt.schedule import SCHEDULES, build_scheduler, constant, cosine, get_schedule, inverse_sqrt, lr_at
+from speechprompt.training.optim import OptimConfig
+from speechprompt.training.schedule import SCHEDULES, constant, cosine, get_schedule, inverse_sqrt, lr_at
 
 
 def test_warmup_is_linear_and_reaches_the_peak_on_the_last_warmup_update() -> None:
@@ -44,14 +45,11 @@ def test_lr_at_scales_the_peak_and_unknown_names_fail() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_build_scheduler_sets_the_same_rates_as_lr_at(name: str) -> None:
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=0.5)
-    sched = build_scheduler(opt, name, warmup_steps=3, total_steps=20, min_ratio=0.2)
-    for step in range(25):
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(name, step, 0.5, 3, 20, 0.2))
-        opt.step()
-        sched.step()
+def test_optim_config_rate_is_lr_at_with_decay_steps_over_the_run(name: str) -> None:
+    cfg = OptimConfig(lr=0.5, schedule=name, warmup_steps=3, min_lr_ratio=0.2)
+    assert [cfg.lr_at(s, 20) for s in range(25)] == [lr_at(name, s, 0.5, 3, 20, 0.2) for s in range(25)]
+    fixed = OptimConfig(lr=0.5, schedule=name, warmup_steps=3, min_lr_ratio=0.2, decay_steps=20)
+    assert [fixed.lr_at(s, 999) for s in range(25)] == [lr_at(name, s, 0.5, 3, 20, 0.2) for s in range(25)]
 
 
 def _fairseq_rates(scheduler_cls: type, cfg: object, updates: int) -> list[float]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from speechprompt import config as C
-from speechprompt import superb
 from speechprompt.checkpoint import load_checkpoint
 from speechprompt.config import ConfigError
 from speechprompt.errors import CheckpointError
@@ -24,14 +23,16 @@ from speechprompt.superb import (
     CTCHead,
     SuperbConfig,
     WeightedLayerSum,
-    audio_batches,
     build_superb,
     evaluate_superb,
     fit_superb,
     load_audio_split,
     load_superb,
+    read_batches,
     train_superb,
 )
+from speechprompt.superb import train as superb_train
+from speechprompt.superb.data import epoch_order
 from speechprompt.tasks.ctc import CharVocabulary
 from speechprompt.tuning import method_config
 
@@ -109,25 +110,36 @@ def test_ctc_head_decodes_and_scores():
     mask = torch.zeros(1, 5, dtype=torch.bool)
     out = head(feats, mask)
     assert head.decode(out, mask) == ["ab"]
-    assert head.loss(out, mask, ["ab"]).item() < 1e-3
+    total, terms = head.loss(out, mask, ["ab"])
+    assert total.item() < 1e-3 and terms == 1
     assert head.metrics(["a b", "ab"], ["a b", "ab"]) == {"wer": 0.0, "cer": 0.0}
 
 
-def test_data_split_and_batches(corpus, tmp_path):
+def _labels_in_batches(split, size: int, order: list[int]) -> list[list[str]]:
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    return [batch.labels for batch in read_batches(split, groups)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_split_and_batches(corpus, tmp_path, workers):
     split = load_audio_split(corpus["train"])
     assert len(split) == 16 and set(split.labels) == {"low", "high"}
-    order = [labels for _, labels in audio_batches(split, 5, shuffle=True, seed=3)]
-    assert order == [labels for _, labels in audio_batches(split, 5, shuffle=True, seed=3)]
+    assert epoch_order(16, 3, 1) == epoch_order(16, 3, 1) != epoch_order(16, 3, 2)
+    order = _labels_in_batches(split, 5, epoch_order(16, 3, 0))
     assert sorted(sum(order, [])) == sorted(split.labels) and [len(b) for b in order] == [5, 5, 5, 1]
     bad = tmp_path / "bad.labels"
     bad.write_text("low\n")
     with pytest.raises(Exception, match="has 1 lines"):
         load_audio_split(corpus["train"], bad)
-    # A file that breaks during training is left out of its batch and of every later epoch, not fatal.
+    # A file that breaks during training is left out of its batch and of every later epoch, not fatal, whether
+    # worker processes read the audio or the loop itself.
     split.paths[2] = tmp_path / "gone.wav"
-    first = [labels for _, labels in audio_batches(split, 5)]
-    assert [len(b) for b in first] == [4, 5, 5, 1] and list(split.unreadable) == [2]
-    assert "gone.wav" in split.unreadable[2] and [labels for _, labels in audio_batches(split, 5)] == first
+    groups = [list(range(i, min(i + 5, 16))) for i in range(0, 16, 5)]
+    first = list(read_batches(split, groups, num_workers=workers))
+    assert [len(b.rows) for b in first] == [4, 5, 5, 1] and list(split.unreadable) == [2]
+    assert first[0].failed == {2: split.unreadable[2]} and "gone.wav" in split.unreadable[2]
+    again = list(read_batches(split, groups, num_workers=workers))
+    assert [b.rows for b in again] == [b.rows for b in first] and not any(b.failed for b in again)
 
 
 def test_prompt_method_is_refused(corpus, tmp_path):
@@ -193,7 +205,7 @@ def test_methods_inside_the_encoder_save_only_what_trained_and_reload_exactly(co
     # Reloading reproduces the trained model's outputs exactly, and they differ from the untrained model's.
     reloaded = load_superb(run_dir / "best")
     fresh, _ = build_superb(corpus["upstream"], method_config(method, options), "classification", ["high", "low"])
-    wavs, _ = next(audio_batches(load_audio_split(corpus["dev"]), 8))
+    wavs = next(read_batches(load_audio_split(corpus["dev"]), [list(range(8))])).wavs
     with torch.no_grad():
         out_trained, _ = trained(*trained.prepare(wavs))
         out_reloaded, _ = reloaded(*reloaded.prepare(wavs))
@@ -297,7 +309,7 @@ class _Killed(Exception):
 
 def _kill_at_evaluation(monkeypatch, n: int) -> None:
     """Make the ``n``-th dev evaluation of the next run raise :class:`_Killed`."""
-    real, calls = superb.evaluate_superb, []
+    real, calls = superb_train.evaluate_superb, []
 
     def evaluate(*args, **kwargs):
         calls.append(1)
@@ -305,7 +317,7 @@ def _kill_at_evaluation(monkeypatch, n: int) -> None:
             raise _Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(superb, "evaluate_superb", evaluate)
+    monkeypatch.setattr(superb_train, "evaluate_superb", evaluate)
 
 
 def _state(run_dir) -> dict:
@@ -337,18 +349,19 @@ def test_a_killed_run_resumes_to_the_same_tensors_log_and_checkpoint(corpus, tmp
     _kill_at_evaluation(monkeypatch, 3)  # at step 9: the last state is step 6's, halfway through epoch 1
     with pytest.raises(_Killed):
         train_superb(cfg)
-    progress = _state(tmp_path)["progress"]
+    progress = _state(tmp_path)["position"]
     assert (progress["step"], progress["epoch"], progress["batch_in_epoch"]) == (6, 1, 2)
     assert _log_rows(tmp_path)[-1][0] == "9"  # the killed run logged steps 7 to 9: the resumed one takes them again
     monkeypatch.undo()
 
     summary = train_superb(cfg)
-    assert _state(tmp_path)["progress"]["step"] == 10
+    assert _state(tmp_path)["position"]["step"] == 10
     _assert_same_tensors(_state(tmp_path)["trainable"], _state(reference_dir)["trainable"])
     _assert_same_tensors(load_checkpoint(tmp_path / "best").tensors, load_checkpoint(reference_dir / "best").tensors)
     assert _log_rows(tmp_path) == _log_rows(reference_dir)  # the replayed steps are logged once
-    assert {k: v for k, v in summary.items() if k not in ("seconds", "checkpoint")} == {
-        k: v for k, v in reference.items() if k not in ("seconds", "checkpoint")}
+    measured = ("seconds", "checkpoint", "peak_rss_bytes", "peak_cuda_allocated_bytes")
+    assert {k: v for k, v in summary.items() if k not in measured} == {
+        k: v for k, v in reference.items() if k not in measured}
     assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -359,7 +372,7 @@ def test_a_finished_run_started_again_reports_without_training(corpus, uninterru
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run read training batches")
 
-    monkeypatch.setattr(superb, "audio_batches", no_training)
+    monkeypatch.setattr(superb_train, "read_batches", no_training)
     cfg = _lora_config(corpus, run_dir, 10, threads=1)  # threads may change
     assert train_superb(cfg) == reference
     assert (run_dir / "log.csv").read_text() == log_before
@@ -377,7 +390,7 @@ def test_raising_max_steps_continues_a_finished_run(corpus, tmp_path, uninterrup
 def test_resume_refuses_a_changed_run(corpus, tmp_path):
     cosine = {"lr": 1e-2, "schedule": "cosine", "warmup_steps": 3}
     train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim=cosine))
-    with pytest.raises(ConfigError, match=r"train_state\.pt.*resume=false"):
+    with pytest.raises(ConfigError, match=r"train_state\.pt holds an earlier run and resume=false"):
         train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim=cosine, resume=False))
     with pytest.raises(ConfigError, match=r"optim\.lr=0\.01.*0\.02"):
         train_superb(_config(corpus, tmp_path / "a", max_steps=2, eval_every=1, optim={**cosine, "lr": 2e-2}))

@@ -71,9 +71,7 @@ class Captured:
     """The objects ``train`` builds, captured through the names it looks up."""
 
     def __init__(self, monkeypatch):
-        import speechprompt.models.unit_lm as unit_lm
-
-        real_load, real_build, real_task = unit_lm.load_unit_lm, T.build_method, T.build_task
+        real_load, real_build, real_task = T.load_unit_lm, T.build_method, T.build_task
 
         def load(*a, **k):
             self.model, d = real_load(*a, **k)
@@ -88,7 +86,7 @@ class Captured:
             self.task = real_task(*a, **k)
             return self.task
 
-        monkeypatch.setattr(unit_lm, "load_unit_lm", load)
+        monkeypatch.setattr(T, "load_unit_lm", load)
         monkeypatch.setattr(T, "build_method", build)
         monkeypatch.setattr(T, "build_task", task)
 
@@ -115,8 +113,8 @@ def test_deep_prompt_learns_and_backbone_stays_bitwise_frozen(corpus, tmp_path, 
     trainable = {f"method.{n}" for n, p in got.method.named_parameters() if p.requires_grad}
     trainable |= {f"head.{n}" for n, p in got.task.head.named_parameters()}
     assert set(saved.tensors) == trainable
-    from speechprompt.evaluate import load_task
     from speechprompt.tasks.data import collate, load_split
+    from speechprompt.tasks.loading import load_task
 
     task, _, _ = load_task(run / "best.safetensors", device="cpu")
     split = load_split(corpus / "dev.units", corpus / "dev.labels", K)
@@ -200,11 +198,11 @@ def test_cli_train_help_lists_every_key(capsys):
 
 def test_ema_checkpoints_hold_the_average_and_training_goes_on_from_the_live_tensors(corpus, tmp_path):
     T.train(make_config(corpus, tmp_path / "r", "max_epochs=2", "method.options.length=3", "ema_decay=0.9"))
-    state = torch.load(tmp_path / "r" / T.STATE_FILE, weights_only=True)
+    state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)
     saved = ck.load_checkpoint(tmp_path / "r" / "last").tensors
     live = {k: v for k, v in state["method"].items() if k != "prompt"}  # the deep prompt's unread input prompt
     assert live and all(not torch.equal(saved[f"method.{k}"], v) for k, v in live.items())  # not the live tensors...
-    averages = state["ema"]
+    averages = state["updater"]["ema"]["average"]
     assert all(any(torch.equal(a, saved[f"method.{k}"]) for a in averages) for k in live)  # ...but their average
     with pytest.raises(C.ConfigError, match="ema_decay"):
         make_config(corpus, tmp_path, "ema_decay=1")

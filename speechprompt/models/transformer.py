@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -188,6 +189,8 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.activation_dropout = nn.Dropout(activation_dropout)
         self.post_attn = self.post_ffn = self.parallel_ffn = None
+        # Recompute this layer's activations in backward instead of keeping them (set_activation_checkpointing).
+        self.checkpoint_activations = False
 
     def forward(
         self,
@@ -197,6 +200,22 @@ class TransformerLayer(nn.Module):
         prefix: LayerKV | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+    ) -> Tensor:
+        if self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled():
+            # Non-reentrant checkpointing replays dropout with the saved RNG state: the same outputs and gradients.
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, use_reentrant=False
+            )
+        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx)
+
+    def _forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        kv_replace: tuple[Tensor, Tensor] | None,
+        prefix: LayerKV | None,
+        cache: KVCache | None,
+        layer_idx: int,
     ) -> Tensor:
         residual = x
         if self.normalize_before:
@@ -220,6 +239,15 @@ class TransformerLayer(nn.Module):
         if not self.normalize_before:
             x = self.final_layer_norm(x)
         return x
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on (or off) in every :class:`TransformerLayer` of ``model``, whatever the
+    architecture; returns how many layers there are. It acts in training mode only (no cache)."""
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.checkpoint_activations = enabled
+    return len(layers)
 
 
 def attention_mask(

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from speechprompt.models.generation import greedy_from_cache, split_step_kwargs
 from speechprompt.models.transformer import KVCache
 from speechprompt.tasks import metrics as M
-from speechprompt.tasks.data import IGNORE, Batch, lm_logits, lm_loss
+from speechprompt.tasks.data import IGNORE, Batch, class_loss, lm_logits, lm_loss, mean_loss
 from speechprompt.verbalizers import EOS, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
 
 
@@ -81,7 +81,7 @@ class VerbalizedClassifier:
         self.labels = verbalizer.labels
         self.slot_separator = verbalizer.slot_separator
 
-    def loss(self, batch: Batch) -> Tensor:
+    def loss(self, batch: Batch) -> tuple[Tensor, int]:
         return lm_loss(lm_logits(self.model, self.method, batch.tokens), batch.targets)
 
     @torch.no_grad()
@@ -109,7 +109,7 @@ class VerbalizedClassifier:
             logits = torch.cat([first[:, None], rest.float()], dim=1)  # (B, L + 1, V)
             targets = torch.cat([labels, labels.new_full((B, 1), EOS)], dim=1)  # (B, L + 1)
             targets = targets.masked_fill(batch.class_ids.lt(0)[:, None], IGNORE)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+            loss = mean_loss(lm_loss(logits, targets))
         scores = self._candidate_scores(cache, first, cands, step_kwargs)  # (B, C)
         ids = greedy_from_cache(self.model, cache, first, self.verbalizer.target_length, EOS, step_kwargs=step_kwargs)
         preds = {
@@ -176,8 +176,8 @@ class LearnableClassifier:
         vocab = lm_logits(self.model, self.method, batch.prefix)[:, -1]  # (B, V)
         return self.verbalizer(vocab.float())  # (B, C)
 
-    def loss(self, batch: Batch) -> Tensor:
-        return F.cross_entropy(self.class_logits(batch), batch.class_ids, ignore_index=-1)
+    def loss(self, batch: Batch) -> tuple[Tensor, int]:
+        return class_loss(self.class_logits(batch), batch.class_ids)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, list[str]]:
@@ -186,7 +186,7 @@ class LearnableClassifier:
     @torch.no_grad()
     def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
         logits = self.class_logits(batch)
-        loss = F.cross_entropy(logits, batch.class_ids, ignore_index=-1)
+        loss = mean_loss(class_loss(logits, batch.class_ids))
         return {"argmax": [self.labels[i] for i in logits.argmax(dim=1).tolist()]}, loss
 
     def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:

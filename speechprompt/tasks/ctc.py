@@ -94,8 +94,12 @@ class CharVocabulary:
         return cls(symbols)
 
 
-def ctc_loss(log_probs: Tensor, frame_lengths: Tensor, targets: Sequence[Sequence[int]], blank: int = 0) -> Tensor:
-    """Mean over the batch of the CTC loss of each utterance divided by its target length (torch's ``mean``).
+def ctc_loss(log_probs: Tensor, frame_lengths: Tensor, targets: Sequence[Sequence[int]], blank: int = 0) -> tuple[
+        Tensor, int]:
+    """The CTC loss of each utterance divided by its target length, summed over the batch, and the batch size.
+
+    The mean (the sum over the batch size) is torch's ``reduction="mean"``; trainers take the sum so that they can
+    normalise over a whole update (micro-batches and processes).
 
     Args:
         log_probs: ``(B, frames, V)`` log-softmax outputs.
@@ -110,15 +114,16 @@ def ctc_loss(log_probs: Tensor, frame_lengths: Tensor, targets: Sequence[Sequenc
         raise ValueError(f"{len(targets)} targets for a batch of {log_probs.shape[0]}")
     target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
     flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)  # (sum of target lengths,)
-    return F.ctc_loss(
+    per_utterance = F.ctc_loss(
         log_probs.transpose(0, 1).float(),  # (frames, B, V), as torch wants it
         flat.to(log_probs.device),
         frame_lengths.to(torch.long),
         target_lengths,
         blank=blank,
-        reduction="mean",
+        reduction="none",
         zero_infinity=True,
-    )
+    )  # (B,)
+    return (per_utterance / target_lengths.clamp(min=1).to(per_utterance)).sum(), len(targets)
 
 
 def greedy_decode(log_probs: Tensor, frame_lengths: Tensor, blank: int = 0) -> list[list[int]]:

@@ -215,19 +215,15 @@ def collate(
     )
 
 
-def batches(
-    split: Split,
-    verbalizer: Verbalizer | None,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-) -> list[Batch]:
-    """All batches of a split, in order or shuffled with ``generator``.
+def batch_indices(
+    split: Split, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+) -> list[list[int]]:
+    """The utterance indices of every batch of a split, in order or shuffled with ``generator``.
 
     Batches group utterances of similar length to waste less padding (random batches of the demo's commands pad
     ~1.4x the real tokens; length-grouped ones ~1.02x). Shuffled, it is fairseq's recipe: a random permutation,
     stably sorted by length (so equal lengths land in a new random order each epoch), cut into batches whose
-    order is then shuffled. Each batch's ``index`` says which utterances it holds.
+    order is then shuffled.
     """
     n = len(split)
     if shuffle:
@@ -238,9 +234,23 @@ def batches(
     groups = [order[start : start + batch_size] for start in range(0, n, batch_size)]
     if shuffle:
         groups = [groups[g] for g in torch.randperm(len(groups), generator=generator).tolist()]
-    return [
-        collate([split.tokens[i] for i in idx], [split.labels[i] for i in idx], verbalizer, idx) for idx in groups
-    ]
+    return groups
+
+
+def collate_rows(split: Split, rows: Sequence[int], verbalizer: Verbalizer | None) -> Batch:
+    """The :class:`Batch` of utterances ``rows`` of ``split`` (its ``index`` says which)."""
+    return collate([split.tokens[i] for i in rows], [split.labels[i] for i in rows], verbalizer, rows)
+
+
+def batches(
+    split: Split,
+    verbalizer: Verbalizer | None,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[Batch]:
+    """All batches of a split (see :func:`batch_indices`), collated."""
+    return [collate_rows(split, rows, verbalizer) for rows in batch_indices(split, batch_size, shuffle, generator)]
 
 
 def lm_logits(model: torch.nn.Module, method: torch.nn.Module, tokens: Tensor) -> Tensor:
@@ -248,13 +258,30 @@ def lm_logits(model: torch.nn.Module, method: torch.nn.Module, tokens: Tensor) -
     return model(tokens, **method.forward_kwargs(tokens.size(0)))
 
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions that carry a target (``<s>`` and label positions).
+def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the positions that carry a target (``<s>`` and label positions), and how many.
+
+    Trainers normalise by the terms of a whole update (every micro-batch and process), so the loss of a task is a
+    sum, never a per-batch mean.
 
     Args:
         logits: ``(B, T, V)``.
         targets: ``(B, T)`` next-token ids, :data:`IGNORE` where no loss is taken.
     """
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )  # (B*T, V) against (B*T,)
+    return total, int(targets.ne(IGNORE).sum())
+
+
+def class_loss(logits: Tensor, class_ids: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy of ``(B, C)`` class logits over the rows with a known class (``class_ids >= 0``), and
+    how many there are."""
+    total = torch.nn.functional.cross_entropy(logits.float(), class_ids, ignore_index=-1, reduction="sum")
+    return total, int(class_ids.ge(0).sum())
+
+
+def mean_loss(loss: tuple[Tensor, int]) -> Tensor:
+    """The mean of a summed loss (NaN when it has no term: a batch of only unseen labels)."""
+    total, terms = loss
+    return total / terms if terms else total.new_tensor(float("nan"))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from speechprompt.models.generation import beam_search, greedy
 from speechprompt.tasks import metrics as M
-from speechprompt.tasks.data import Batch, lm_logits, lm_loss
+from speechprompt.tasks.data import Batch, lm_logits, lm_loss, mean_loss
 from speechprompt.verbalizers import EOS, NSPECIAL, SequenceVerbalizer
 from speechprompt.verbalizers.sequence import normalize_text
 
@@ -57,7 +57,7 @@ class SequenceTask:
         # Only pieces and </s> may be emitted: a special or unassigned unit would decode to nothing.
         self.allowed = sorted({u + NSPECIAL for _, u in verbalizer.pieces()} | {EOS})
 
-    def loss(self, batch: Batch) -> Tensor:
+    def loss(self, batch: Batch) -> tuple[Tensor, int]:
         return lm_loss(lm_logits(self.model, self.method, batch.tokens), batch.targets)
 
     @torch.no_grad()
@@ -76,7 +76,7 @@ class SequenceTask:
     @torch.no_grad()
     def predict_with_loss(self, batch: Batch) -> tuple[dict[str, list[str]], Tensor]:
         """Two passes: free decoding shares nothing with the teacher-forced loss beyond the prefix."""
-        return self.predict(batch), self.loss(batch)
+        return self.predict(batch), mean_loss(self.loss(batch))
 
     def metrics(self, refs: Sequence[str], preds: dict[str, list[str]]) -> dict[str, float]:
         refs = [normalize_text(r) for r in refs]

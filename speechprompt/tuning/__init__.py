@@ -11,6 +11,9 @@ bitfit     :class:`BitFitConfig`      the backbone's biases
 mask       :class:`MaskConfig`        S3-Router scores selecting which frozen weights to keep
 =========  =========================  =======================================================================
 
+Two baselines train through the same machinery (:mod:`speechprompt.tuning.baselines`): ``full_finetune`` (every
+backbone parameter) and ``linear_probe`` (the frozen backbone; only the task's head trains).
+
 Usage::
 
     method = build_method(method_config("lora", {"rank": 4}), model)   # built for and attached to model
@@ -23,14 +26,16 @@ subclass whose ``__init__`` takes ``(config, model)``); nothing else in the tool
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from speechprompt.config import from_dict
+from speechprompt.config import from_dict, option
 from speechprompt.tuning.adapter import AdapterConfig, Adapters
 from speechprompt.tuning.base import TuningError, TuningMethod, count_parameters, freeze_except
+from speechprompt.tuning.baselines import FrozenBackbone, FullFinetune, FullFinetuneConfig, LinearProbeConfig
 from speechprompt.tuning.bitfit import BitFit, BitFitConfig
 from speechprompt.tuning.lora import Lora, LoraConfig
 from speechprompt.tuning.mask import MaskConfig, S3Router, sparsity_sweep
@@ -42,8 +47,8 @@ from speechprompt.tuning.prompt import PromptConfig, PromptTuning
 class MethodSpec:
     """A registered method: its name, config dataclass and module class.
 
-    ``baseline`` marks the reference points registered by :mod:`speechprompt.baselines` (full fine-tuning, the
-    linear probe), which train through the same machinery but are not parameter-efficient methods.
+    ``baseline`` marks the reference points of :mod:`speechprompt.tuning.baselines` (full fine-tuning, the linear
+    probe), which train through the same machinery but are not parameter-efficient methods.
     """
 
     name: str
@@ -102,6 +107,25 @@ register_method("adapter", AdapterConfig, Adapters)
 register_method("lora", LoraConfig, Lora)
 register_method("bitfit", BitFitConfig, BitFit)
 register_method("mask", MaskConfig, S3Router)
+register_method("full_finetune", FullFinetuneConfig, FullFinetune, baseline=True)
+register_method("linear_probe", LinearProbeConfig, FrozenBackbone, baseline=True)
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """What trains: a registered method (or baseline) by name, with that method's own options (checked against its
+    config dataclass)."""
+
+    name: str = option("prompt", help="prompt | prefix | adapter | lora | bitfit | mask | full_finetune | "
+                       "linear_probe")
+    options: dict[str, Any] = option({}, help="the method's config fields, e.g. {length: 5, deep: true} for prompt")
+
+    def __post_init__(self) -> None:
+        method_config(self.name, self.options)  # unknown names, keys and bad values fail here, not mid-run
+
+    def resolved(self) -> Any:
+        """The method's config dataclass."""
+        return method_config(self.name, self.options)
 
 __all__ = [
     "METHODS",
@@ -112,6 +136,7 @@ __all__ = [
     "Lora",
     "LoraConfig",
     "MaskConfig",
+    "MethodConfig",
     "MethodSpec",
     "PrefixConfig",
     "PrefixTuning",

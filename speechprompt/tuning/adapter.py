@@ -113,6 +113,12 @@ class Adapters(TuningMethod):
                 self._sites.append((path, slot))
         self.to(backbone_device(model))
 
+    @property
+    def sites(self) -> list[tuple[str, AdapterSlot]]:
+        """``(path in the backbone, slot)`` of every adapter, in a fixed order (its module is
+        ``self.get_submodule(path)``)."""
+        return list(self._sites)
+
     def _inject(self, model: nn.Module) -> None:
         for path, _slot in self._sites:
             layer_path, _, slot_name = path.rpartition(".")

@@ -14,7 +14,7 @@ from speechprompt.tasks.classification import (
     classification_metrics,
     confusion,
 )
-from speechprompt.tasks.data import IGNORE, Split, batches, collate
+from speechprompt.tasks.data import IGNORE, Split, batches, collate, mean_loss
 from speechprompt.tuning import build_method, freeze_except, method_config
 from speechprompt.verbalizers import BOS, EOS, PAD, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
 
@@ -109,7 +109,6 @@ def test_multislot_accuracy_needs_every_slot():
 
 
 def test_multislot_verbalizer_trains_three_tokens():
-    import speechprompt.baselines  # noqa: F401  (registers full_finetune)
 
     torch.manual_seed(0)
     model = UnitLM(UnitLMConfig.named("tiny", vocab_size=K + 4, max_positions=64))
@@ -124,13 +123,15 @@ def test_multislot_verbalizer_trains_three_tokens():
     assert (batch.targets != IGNORE).sum(1).tolist() == [4, 4, 4]  # three slot tokens and </s>
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
-    first = task.loss(batch).item()
+    total, terms = task.loss(batch)
+    assert terms == 12  # the loss is a sum over every target token, and says how many there are
+    first = total.item() / terms
     for _ in range(40):
-        loss = task.loss(batch)
+        loss = mean_loss(task.loss(batch))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert task.loss(batch).item() < first / 4
+    assert mean_loss(task.loss(batch)).item() < first / 4
     model.eval()
     preds = task.predict(batch)
     assert preds["constrained"] == labels == preds["greedy"]
@@ -150,7 +151,8 @@ def test_learnable_verbalizer_reads_the_separator_position(lm):
             torch.testing.assert_close(logits[i], v(vocab), atol=1e-5, rtol=1e-5)
     # Unknown labels are left out of the loss instead of crashing it.
     unknown = collate(SOURCES, ["x", "nope", "y"], v)
-    assert unknown.class_ids.tolist() == [0, -1, 1] and torch.isfinite(task.loss(unknown))
+    total, terms = task.loss(unknown)
+    assert unknown.class_ids.tolist() == [0, -1, 1] and torch.isfinite(total) and terms == 2
 
 
 def test_predict_with_loss_equals_separate_passes(lm):
@@ -162,7 +164,7 @@ def test_predict_with_loss_equals_separate_passes(lm):
     batch = collate(SOURCES, ["a", "nope", "c"], v)
     preds, loss = task.predict_with_loss(batch)
     with torch.no_grad():
-        torch.testing.assert_close(loss, task.loss(batch), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss, mean_loss(task.loss(batch)), atol=1e-5, rtol=1e-5)
         ids = greedy(model, batch.prefix, v.target_length, EOS, model_kwargs=method.forward_kwargs(3))
         scores = task.candidate_scores(batch.prefix)
     assert preds["greedy"] == [v.decode(row) for row in ids.tolist()]
@@ -172,7 +174,7 @@ def test_predict_with_loss_equals_separate_passes(lm):
     batch = collate(SOURCES, ["a", "nope", "c"], learnable.verbalizer)
     preds, loss = learnable.predict_with_loss(batch)
     with torch.no_grad():
-        torch.testing.assert_close(loss, learnable.loss(batch))
+        torch.testing.assert_close(loss, mean_loss(learnable.loss(batch)))
         assert preds == learnable.predict(batch)
 
 

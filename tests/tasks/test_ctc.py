@@ -59,10 +59,12 @@ def test_ctc_loss_matches_the_sum_over_alignments():
     log_probs = torch.randn(2, 5, 3).log_softmax(-1)  # (B, F, V)
     targets = [[1, 1], [2]]
     lengths = torch.tensor([5, 4])  # the second utterance is padded by one frame
-    expected = (_brute_force_ctc(log_probs[0, :5], [1, 1]) / 2 + _brute_force_ctc(log_probs[1, :4], [2]) / 1) / 2
-    assert ctc_loss(log_probs, lengths, targets).item() == pytest.approx(expected, rel=1e-5)
+    expected = _brute_force_ctc(log_probs[0, :5], [1, 1]) / 2 + _brute_force_ctc(log_probs[1, :4], [2]) / 1
+    total, terms = ctc_loss(log_probs, lengths, targets)
+    assert terms == 2  # the sum of per-utterance losses over target length, and how many utterances
+    assert total.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ctc_loss_with_no_alignment_is_zero_not_inf():
     log_probs = torch.randn(1, 2, 3).log_softmax(-1)
-    assert ctc_loss(log_probs, torch.tensor([2]), [[1, 1, 1]]).item() == 0.0  # 3 symbols cannot fit in 2 frames
+    assert ctc_loss(log_probs, torch.tensor([2]), [[1, 1, 1]])[0].item() == 0.0  # 3 symbols cannot fit in 2 frames

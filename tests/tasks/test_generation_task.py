@@ -60,9 +60,10 @@ def test_sequence_training_decodes_the_transcripts(run):
 
 
 def test_reloaded_task_decodes_greedy_and_beam_alike(run):
-    from speechprompt.evaluate import evaluate_split, load_task
     from speechprompt.tasks.data import load_split
+    from speechprompt.tasks.evaluation import evaluate_split
     from speechprompt.tasks.generation import SequenceTask
+    from speechprompt.tasks.loading import load_task
 
     root, summary = run
     task, ckpt, _ = load_task(root / "run" / "best.safetensors", device="cpu")
@@ -77,8 +78,8 @@ def test_reloaded_task_decodes_greedy_and_beam_alike(run):
 
 
 def test_only_pieces_and_eos_can_be_generated(run):
-    from speechprompt.evaluate import load_task
     from speechprompt.tasks.data import collate
+    from speechprompt.tasks.loading import load_task
 
     root, _ = run
     task, _, _ = load_task(root / "run" / "best", device="cpu")

@@ -4,6 +4,8 @@ saved, training never touches a frozen tensor, and detach/reload behave."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,9 +63,18 @@ def _toy_loss(out: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-# The parameter-efficient methods. The baselines (full fine-tuning, linear probe) register into the same registry
-# once speechprompt.baselines is imported, but they are tested with the trainer, not here.
+# The parameter-efficient methods. The baselines (full fine-tuning, linear probe) are in the same registry (see the
+# test below) and are trained end to end by the trainers' tests.
 PEFT_METHODS = [name for name, spec in METHODS.items() if not spec.baseline]
+
+
+def test_baselines_are_registered_with_the_methods_by_importing_tuning_alone() -> None:
+    code = ("import sys; from speechprompt.tuning import METHODS; "
+            "print(sorted(n for n, s in METHODS.items() if s.baseline), "
+            "sorted(m for m in sys.modules if m.startswith('speechprompt.') and m.split('.')[1] in "
+            "('train', 'superb', 'tasks', 'evaluate')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['full_finetune', 'linear_probe'] []"
 
 
 def _combos():

@@ -2,8 +2,7 @@
 
 Each schedule is a pure function of the update count that returns a *multiplier* of the peak learning rate, so a
 trainer needs no scheduler state to resume: the step number is the whole state. :func:`lr_at` looks a schedule up
-in :data:`SCHEDULES` by name, and :func:`build_scheduler` wraps one in a ``torch.optim.lr_scheduler.LambdaLR``
-for trainers that prefer the torch idiom.
+in :data:`SCHEDULES` by name; every trainer sets the rate of each update from it.
 
 Convention: ``step`` is the number of updates already done, so the first update is taken with ``step=0``. Warmup
 reaches the peak at the *end* of update ``warmup_steps`` (``(step + 1) / warmup_steps``), which is fairseq's
@@ -15,8 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
-import torch
 
 # (step, warmup_steps, total_steps, min_ratio) -> multiplier of the peak learning rate
 Schedule = Callable[[int, int, int, float], float]
@@ -80,13 +77,3 @@ def lr_at(
     """The learning rate for the update taken at ``step`` (updates already done)."""
     return peak_lr * get_schedule(name)(step, warmup_steps, total_steps, min_ratio)
 
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int = 0, total_steps: int = 0, min_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` applying schedule ``name`` to every parameter group's initial learning rate.
-
-    Call ``scheduler.step()`` after each ``optimizer.step()``, as usual in torch.
-    """
-    fn = get_schedule(name)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step, warmup_steps, total_steps, min_ratio))

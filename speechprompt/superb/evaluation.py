@@ -1,0 +1,48 @@
+"""Scoring a SUPERB model on an audio split: the head's metrics, over the files that could be read."""
+
+from __future__ import annotations
+
+import torch
+
+from speechprompt.errors import AudioError
+from speechprompt.superb.data import AudioSplit, read_batches
+from speechprompt.superb.model import SuperbModel
+from speechprompt.tasks.ctc import CTCError
+
+
+@torch.no_grad()
+def evaluate_superb(model: SuperbModel, split: AudioSplit, batch_size: int = 16,
+                    num_workers: int = 0) -> tuple[dict[str, float], list[str | None]]:
+    """Metrics and predictions of ``model`` on ``split`` (the model is put in eval mode).
+
+    Returns:
+        ``{"loss", "accuracy"}`` or ``{"loss", "wer", "cer"}`` (the loss skips what the head cannot encode) over
+        the readable utterances, plus ``n`` (how many) and ``unreadable`` (how many were skipped, see
+        :func:`~speechprompt.superb.data.read_batches`); and one prediction per utterance in order, ``None`` for an
+        unreadable one.
+
+    Raises:
+        AudioError: not one file of the split could be read.
+    """
+    model.eval()
+    hyps: list[str | None] = [None] * len(split)
+    loss_sum, loss_terms = 0.0, 0
+    groups = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
+    for batch in read_batches(split, groups, num_workers):
+        if not batch.rows:
+            continue
+        output, frame_mask = model(*model.prepare(batch.wavs))
+        for row, hyp in zip(batch.rows, model.head.decode(output, frame_mask)):
+            hyps[row] = hyp
+        try:
+            total, terms = model.head.loss(output, frame_mask, batch.labels)
+        except CTCError:  # a dev transcript with characters unseen in training: it still counts in WER/CER
+            continue
+        loss_sum, loss_terms = loss_sum + float(total), loss_terms + terms
+    readable = [i for i in range(len(split)) if i not in split.unreadable]
+    if not readable:
+        raise AudioError(split.paths[0], f"no file of the split could be read ({len(split)} tried)")
+    metrics = model.head.metrics([split.labels[i] for i in readable], [hyps[i] for i in readable])
+    metrics["loss"] = loss_sum / loss_terms if loss_terms else float("nan")
+    metrics["n"], metrics["unreadable"] = len(readable), len(split.unreadable)
+    return metrics, hyps
