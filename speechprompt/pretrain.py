@@ -24,12 +24,10 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +39,7 @@ from speechprompt.fileio import write_json
 from speechprompt.lm_data import PackedLMDataset, StepBatches
 from speechprompt.models.transformer import set_activation_checkpointing
 from speechprompt.models.unit_lm import NAMED_CONFIGS, UnitLM, UnitLMConfig, save_unit_lm
+from speechprompt.rng import seed_everything
 from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
 from speechprompt.training.distributed import Dist, distributed
 from speechprompt.training.ema import maybe_averaged
@@ -205,14 +204,11 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
     dev_data = PackedLMDataset.from_unit_files([cfg.dev], dictionary, cfg.tokens_per_sample)
     unigram = unigram_nll(train_data, dev_data, dictionary)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    seed_everything(cfg.seed)  # the same initial weights on every process
     model = UnitLM(cfg.model_config()).to(device)
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model)
-    # Dropout must differ between processes; from here on every RNG is part of the saved state.
-    random.seed(cfg.seed + d.rank)
-    np.random.seed(cfg.seed + d.rank)
-    torch.manual_seed(cfg.seed + d.rank)
+    seed_everything(cfg.seed + d.rank)  # dropout differs between processes; every RNG is part of the saved state
     optim = cfg.optim()
     updater = Updater(model.parameters(), optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
     pos = _Position()

@@ -10,6 +10,14 @@ import numpy as np
 import torch
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs (CUDA included): every draw of a run then follows from
+    ``seed``, and so does the RNG state a run saves."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The RNG states of python, numpy and torch (and CUDA when present), as plain values and tensors, so that
     ``torch.load(..., weights_only=True)`` reads them back."""

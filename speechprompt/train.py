@@ -44,6 +44,7 @@ from speechprompt.devices import torch_threads
 from speechprompt.fileio import write_json
 from speechprompt.models.transformer import set_activation_checkpointing
 from speechprompt.models.unit_lm import load_unit_lm
+from speechprompt.rng import seed_everything
 from speechprompt.tasks.data import batch_indices, collate_rows, load_split, units_summary
 from speechprompt.tasks.evaluation import evaluate_split, write_report
 from speechprompt.tasks.metrics import METRICS
@@ -199,7 +200,7 @@ def _finished(cfg: TrainConfig, saved: dict[str, Any]) -> bool:
 
 
 def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model, dictionary = load_unit_lm(cfg.base)
     n_units = len(dictionary) - dictionary.nspecial
     fingerprint = base_fingerprint(model)  # before any method attaches

@@ -3,6 +3,9 @@ HuBERT and a two-tone audio corpus (the SUPERB tests), and two SUPERB checkpoint
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,13 +63,14 @@ def _save_tiny_hubert(path: Path, seed: int) -> Path:
     return path
 
 
-def _write_tone_split(root: Path, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str]) -> Path:
+def _write_tone_split(root: Path, name: str, per_class: int, rng: np.random.Generator, text: dict[str, str],
+                      samples: int | None = None) -> Path:
     """``per_class`` clips of each of :data:`TONES` (random phase, amplitude, length 0.15-0.3 s, light noise) under
     ``root/name/``, with ``root/name.tsv`` and ``root/name.labels`` (``text[class]`` per clip)."""
     rows, labels = [], []
     for i in range(per_class):
         for label, freq in TONES.items():
-            n = int(rng.integers(2400, 4800))
+            n = int(rng.integers(2400, 4800)) if samples is None else samples
             t = np.arange(n) / SR
             wav = rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
             wav = (wav + 0.02 * rng.standard_normal(n)).astype(np.float32)
@@ -87,17 +91,19 @@ def make_tone_corpus() -> Callable[..., dict[str, Path]]:
     Two tiny random HuBERTs saved as fairseq checkpoints (``upstream``, and ``other_upstream``: another
     fingerprint), and manifests of tone clips, the given number per class: ``train``/``dev`` labelled ``low`` and
     ``high``, ``ctc_train``/``ctc_dev`` transcribed ``lo`` and ``hi``. Even a random 2-layer HuBERT separates the
-    two tones after mean pooling.
+    two tones after mean pooling. ``samples`` fixes every clip's length (a batch then has no padding, whose amount
+    changes HuBERT's outputs, as in fairseq); by default clips are 0.15-0.3 s.
     """
 
-    def make(root: Path, train: int, dev: int, ctc_train: int, ctc_dev: int) -> dict[str, Path]:
+    def make(root: Path, train: int, dev: int, ctc_train: int, ctc_dev: int,
+             samples: int | None = None) -> dict[str, Path]:
         rng = np.random.default_rng(0)
         classes, chars = {"low": "low", "high": "high"}, {"low": "lo", "high": "hi"}
         return {
             "upstream": _save_tiny_hubert(root / "hubert.pt", 0),
             "other_upstream": _save_tiny_hubert(root / "other.pt", 1),
-            "train": _write_tone_split(root, "train", train, rng, classes),
-            "dev": _write_tone_split(root, "dev", dev, rng, classes),
+            "train": _write_tone_split(root, "train", train, rng, classes, samples),
+            "dev": _write_tone_split(root, "dev", dev, rng, classes, samples),
             "ctc_train": _write_tone_split(root, "ctc_train", ctc_train, rng, chars),
             "ctc_dev": _write_tone_split(root, "ctc_dev", ctc_dev, rng, chars),
         }
@@ -124,3 +130,45 @@ def superb_runs(tmp_path_factory, make_tone_corpus) -> dict[str, Path]:
             }))
             out[head] = root / head / "best.safetensors"
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainers run as users run them: the CLI in a fresh process, killed with SIGKILL in the middle of an update.
+
+REPO = Path(__file__).resolve().parents[1]
+
+_KILLER = """
+import os, signal, sys
+import torch
+from speechprompt.cli import main
+
+target, updates = int(sys.argv[1]), [0]
+for cls in (torch.optim.Adam, torch.optim.AdamW):
+    def step(self, *args, _real=cls.step, **kwargs):
+        updates[0] += 1
+        if updates[0] == target:  # inside update `target`, before its optimizer step: as a kill -9 would land
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _real(self, *args, **kwargs)
+    cls.step = step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_cli(argv: list[str], kill_at_update: int | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """``speechprompt ARGV`` in a fresh process (one torch thread); ``kill_at_update``: SIGKILL it inside that
+    update (counted in this process, from 1); ``torchrun``: run it as that many gloo processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_at_update is not None:
+        cmd = [sys.executable, "-c", _KILLER, str(kill_at_update), *argv]
+    elif torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
+               "-m", "speechprompt.cli", *argv]
+    else:
+        cmd = [sys.executable, "-m", "speechprompt.cli", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(argv, kill_at_update=None, torchrun=0)``: see :func:`_run_cli`."""
+    return _run_cli

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from speechprompt.audio import load_audio
 from speechprompt.config import option, to_dict
@@ -41,6 +40,7 @@ from speechprompt.data_prep.features import (
 from speechprompt.data_prep.manifest import read_manifest
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import atomic_open
+from speechprompt.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -297,16 +297,18 @@ def collect_features(
     n_sample = min(n, max(1, math.ceil(n * percent)))
     rows = np.sort(np.random.default_rng(seed).choice(n, n_sample, replace=False))
     feats, skipped = [], []
-    for row in tqdm(rows.tolist(), desc="features", unit="utt", dynamic_ncols=True):
-        path = manifest.path(row)
-        try:
-            f = reader.read(load_audio(path))
-        except Exception as e:  # any unreadable file is skipped: one bad file must not sink a corpus
-            reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # AudioError: without the path
-            skipped.append({"row": row, "path": str(path), "reason": reason})
-            logger.warning("skipped %s: %s", path, reason)
-            continue
-        feats.append(f.float().cpu().numpy())
+    with Progress(len(rows), "kmeans features", unit="utt") as bar:
+        for row in rows.tolist():
+            bar.update()
+            path = manifest.path(row)
+            try:
+                f = reader.read(load_audio(path))
+            except Exception as e:  # any unreadable file is skipped: one bad file must not sink a corpus
+                reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # AudioError: without the path
+                skipped.append({"row": row, "path": str(path), "reason": reason})
+                logger.warning("skipped %s: %s", path, reason)
+                continue
+            feats.append(f.float().cpu().numpy())
     if not feats:
         raise QuantizerError(f"no readable audio among the {n_sample} sampled utterances of {manifest_path}")
     data = np.concatenate(feats)  # (N, D)

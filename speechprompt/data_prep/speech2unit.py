@@ -13,7 +13,9 @@ after all ranks have finished, one call with --nshard N --merge joins them into 
 identical to a single run.
 
 Resuming: every utterance is appended to a .partial file as it is done, so a killed run continues where it
-stopped when started again with the same options. Final files are moved into place atomically.
+stopped when started again with the same options. Final files are moved into place atomically. A second process
+converting the same manifest (or the same shard) into the same directory is refused while the first runs; other
+shards run side by side.
 
 Example:
     speechprompt prepare --manifest data/train.tsv --features hubert --checkpoint hubert_base_ls960.pt \\
@@ -29,14 +31,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from speechprompt.audio import SAMPLE_RATE, load_audio
 from speechprompt.data_prep.features import FeatureReader, add_feature_arguments, reader_from_args
 from speechprompt.data_prep.kmeans import Quantizer, QuantizerError, load_quantizer
 from speechprompt.data_prep.manifest import read_manifest, shard_range
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import atomic_open, read_json, write_json
+from speechprompt.lock import DirectoryLock
+from speechprompt.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,13 @@ def prepare(
         "features": reader.describe(),
         "quantizer": quantizer.describe(),
     }
+    with DirectoryLock(out_dir, command="speechprompt prepare", name=f".lock.{paths['units'].name}"):
+        return _prepare(manifest, paths, settings, reader, quantizer, deduplicate, nshard, rank)
+
+
+def _prepare(manifest: Any, paths: dict[str, Path], settings: dict[str, Any], reader: FeatureReader,
+             quantizer: Quantizer, deduplicate: bool, nshard: int | None, rank: int) -> dict[str, Any]:
+    start, end = settings["rows"]
     records = _read_partial(paths["partial"], settings, start)
     if records:
         logger.info("resuming %s: %d of %d rows already done", paths["partial"], len(records), end - start)
@@ -160,9 +169,10 @@ def prepare(
     with atomic_open(paths["partial"], "w", encoding="utf-8") as f:
         f.write(json.dumps({"settings": settings}) + "\n")
         f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(paths["partial"], "a", encoding="utf-8") as f:
-        for row in tqdm(range(start + len(records), end), initial=len(records), total=end - start,
-                        desc=paths["units"].name, unit="utt", dynamic_ncols=True, disable=None):
+    with open(paths["partial"], "a", encoding="utf-8") as f, \
+            Progress(end - start, f"prepare {paths['units'].name}", unit="utt", initial=len(records)) as bar:
+        for row in range(start + len(records), end):
+            bar.update()
             path = manifest.path(row)
             try:
                 rec = {"row": row, **_convert(path, reader, quantizer, deduplicate)}
@@ -219,8 +229,8 @@ def merge_shards(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, n
             raise PrepareError(f"{p['units']}: {len(shard_lines)} lines, expected {expected}")
         lines.extend(shard_lines)
     final = output_paths(out_dir, stem)
-    with atomic_open(final["units"], "w", encoding="utf-8") as f:
-        f.writelines(lines)
+    lock = DirectoryLock(out_dir, command="speechprompt prepare --merge", name=f".lock.{final['units'].name}")
+    lock.acquire()  # held until the summary is written: the pair appears together
     samples = sum(s["samples"] for s in summaries)
     units = sum(s["units"] for s in summaries)
     seconds = samples / SAMPLE_RATE
@@ -237,7 +247,12 @@ def merge_shards(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, n
         "shard": None,
         "merged_from": nshard,
     }
-    write_json(final["summary"], summary)
+    try:
+        with atomic_open(final["units"], "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        write_json(final["summary"], summary)
+    finally:
+        lock.release()
     return summary
 
 

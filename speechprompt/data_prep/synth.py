@@ -43,7 +43,6 @@ from typing import Any, ClassVar
 import numpy as np
 import soundfile as sf
 import soxr
-from tqdm import tqdm
 
 from speechprompt.config import ConfigError, apply_overrides, describe, from_dict, option, to_dict
 from speechprompt.data_prep.augment import (
@@ -66,6 +65,7 @@ from speechprompt.data_prep.manifest import (
 from speechprompt.data_prep.voices import SYNTHESIZERS, Request, Voice, get_synthesizer, synthesize
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import atomic_open, read_json, write_json
+from speechprompt.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -692,7 +692,7 @@ def build_corpus(cfg: SynthConfig, overwrite: bool = False, progress: bool = Tru
     all_utts = [u for split in SPLITS for u in plans[split]]
     results: dict[str, dict[str, Any]] = {}
     batches = list(_batches(all_utts))
-    with tqdm(total=len(all_utts), desc=f"synth {cfg.task}", unit="utt", disable=not progress) as bar:
+    with Progress(len(all_utts), f"synth {cfg.task}", unit="utt", enabled=progress) as bar:
         if cfg.workers == 1:
             _init_worker(babble_sources)
             outputs: Iterator[list[dict[str, Any]]] = (
@@ -702,7 +702,8 @@ def build_corpus(cfg: SynthConfig, overwrite: bool = False, progress: bool = Tru
                 results.update({u.uid: r for u, r in zip(batch, res)})
                 bar.update(len(batch))
         else:
-            # spawn, not fork: the parent may hold threads (torch, tqdm) that a forked child would inherit locked.
+            # spawn, not fork: the parent may hold threads (torch, a progress bar) that a forked child would inherit
+            # locked.
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(babble_sources,)) as pool:  # fmt: skip

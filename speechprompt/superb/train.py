@@ -49,6 +49,7 @@ from speechprompt.devices import torch_threads
 from speechprompt.errors import CheckpointError
 from speechprompt.fileio import write_json
 from speechprompt.models.transformer import set_activation_checkpointing
+from speechprompt.rng import seed_everything
 from speechprompt.superb.data import epoch_order, load_audio_split, read_batches
 from speechprompt.superb.evaluation import evaluate_superb
 from speechprompt.superb.model import TASK_TYPE, HeadKind, SuperbModel, build_superb, check_method
@@ -150,7 +151,7 @@ def _trainable_tensors(model: SuperbModel) -> dict[str, torch.Tensor]:
 
 
 def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tuple[SuperbModel, dict[str, Any]]:
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     train_split = load_audio_split(cfg.data.train_manifest, cfg.data.train_labels)
     dev_split = load_audio_split(cfg.data.dev_manifest, cfg.data.dev_labels) if cfg.data.dev_manifest else None
     model, fingerprint = build_superb(cfg.upstream, cfg.method.resolved(), cfg.head, train_split.labels,
