@@ -56,6 +56,7 @@ __all__ = [
     "HubertModel",
     "SamePad",
     "WeightNormConv1d",
+    "hubert_from_checkpoint",
     "load_hubert",
     "normalize_waveform",
     "parse_conv_layers",
@@ -185,7 +186,12 @@ def load_hubert(path: str | os.PathLike) -> tuple[HubertModel, dict[str, Any]]:
             the architecture its config describes (the message lists them).
         UnsafeCheckpointError: the pickle asks for anything outside the allow-list.
     """
-    ckpt = load_fairseq_checkpoint(path)
+    return hubert_from_checkpoint(load_fairseq_checkpoint(path), path)
+
+
+def hubert_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> tuple[HubertModel, dict[str, Any]]:
+    """:func:`load_hubert` on a checkpoint already read by ``load_fairseq_checkpoint`` (``path`` is named in
+    errors)."""
     cfg = ckpt["cfg"]
     try:
         model_cfg = HubertConfig.from_fairseq(cfg.get("model") or {})

@@ -511,15 +511,19 @@ class Wav2Vec2Model(nn.Module):
             for i, part in enumerate(parents):
                 child = node._modules.get(part)
                 if child is None:
-                    if hasattr(node, part):
+                    if getattr(node, part, None) is not None:
                         raise ValueError(f"pretraining tensor {key!r} clashes with {part!r}")
+                    if hasattr(node, part):  # an empty slot (a head set to None)
+                        delattr(node, part)
                     child = nn.Module()
                     node.add_module(part, child)
                     if i == 0:
                         self._pretraining_roots.append(part)
                 node = child
-            if hasattr(node, name) and name not in node._buffers:
+            if name not in node._buffers and getattr(node, name, None) is not None:
                 raise ValueError(f"pretraining tensor {key!r} clashes with an attribute of the model")
+            if hasattr(node, name) and name not in node._buffers:
+                delattr(node, name)
             node.register_buffer(name, tensor.detach().clone())
             if not parents:
                 self._pretraining_roots.append(name)
