@@ -502,14 +502,16 @@ class Wav2Vec2Model(nn.Module):
     def keep_pretraining_tensors(self, state: Mapping[str, Tensor]) -> None:
         """Keep checkpoint tensors that feature extraction never uses as frozen buffers under their own names.
 
-        Their top-level names must not clash with the model's modules. :meth:`remove_pretraining_modules` drops
-        them again.
+        Their top-level names must not be the model's own modules (an empty head slot is fine).
+        :meth:`remove_pretraining_modules` drops them again.
         """
         for key, tensor in state.items():
             *parents, name = key.split(".")
             node: nn.Module = self
             for i, part in enumerate(parents):
                 child = node._modules.get(part)
+                if i == 0 and child is not None and part not in self._pretraining_roots:
+                    raise ValueError(f"pretraining tensor {key!r} clashes with the model's {part!r}")
                 if child is None:
                     if getattr(node, part, None) is not None:
                         raise ValueError(f"pretraining tensor {key!r} clashes with {part!r}")
