@@ -7,6 +7,7 @@ Every model here has 2-3 layers of width 32 and a conv stack of stride 80, so a 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,52 @@ def build_hf(name: str, head: str = "none", seed: int = 0, **overrides: Any) -> 
     model = model_cls(config)
     randomize(model, seed + 11)
     return model.eval()
+
+
+# Our names -> Hugging Face's for the tiny post-LN wav2vec2 (the key table read backwards, written out here so
+# that the table is checked against an independent statement of it).
+TO_HF = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
+    (r"feature_extractor\.conv_layers\.0\.2\.", "feature_extractor.conv_layers.0.layer_norm."),
+    (r"^layer_norm\.", "feature_projection.layer_norm."),
+    (r"^post_extract_proj\.", "feature_projection.projection."),
+    (r"^mask_emb$", "masked_spec_embed"),
+    (r"encoder\.pos_conv\.0\.weight_g", "encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+    (r"encoder\.pos_conv\.0\.weight_v", "encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
+    (r"encoder\.pos_conv\.0\.bias", "encoder.pos_conv_embed.conv.bias"),
+    (r"\.self_attn\.(q|k|v|out)_proj\.", r".attention.\1_proj."),
+    (r"\.self_attn_layer_norm\.", ".layer_norm."),
+    (r"\.fc1\.", ".feed_forward.intermediate_dense."),
+    (r"\.fc2\.", ".feed_forward.output_dense."),
+]
+TINY_HF_CONFIG = {
+    "model_type": "wav2vec2", "architectures": ["Wav2Vec2Model"], "hidden_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "intermediate_size": 64, "conv_dim": [16] * 5, "conv_kernel": [10, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2], "feat_extract_norm": "group", "do_stable_layer_norm": False,
+    "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4, "hidden_act": "gelu",
+}
+
+
+def to_hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in TO_HF:
+            key = re.sub(pattern, repl, key)
+        out[key] = value.contiguous()
+    return out
+
+
+def write_hf_directory(model: nn.Module, directory: Path, preprocessor: dict | None = None) -> Path:
+    """The tiny post-LN ``our_tiny("wav2vec2")`` as a Hugging Face directory written by hand (no transformers):
+    ``config.json`` and ``model.safetensors`` under HF's names (and ``preprocessor_config.json`` if given)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
+    save_file(to_hf_names(model.state_dict()), directory / "model.safetensors")
+    if preprocessor is not None:
+        (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return directory
 
 
 CTC_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5, "B": 6, "C": 7}

@@ -256,7 +256,7 @@ def wav2vec2_config(cfg: Mapping[str, Any], model_type: str, path: Path) -> Wav2
         "activation_dropout": f.get("activation_dropout", float, 0.1),
         "dropout_input": f.get("feat_proj_dropout", float, 0.0),
         "layer_norm_eps": f.get("layer_norm_eps", float, 1e-5),
-        "frame_padding": FramePadding.LENGTHS,
+        "frame_padding": FramePadding.LENGTHS.value,
         "always_project": True,
         "feature_layer_norm": f.get("feat_proj_layer_norm", bool, True) if model_type == "hubert" else True,
     }

@@ -76,7 +76,7 @@ class HubertConfig(Wav2Vec2Config):
     fairseq HuBERT's rule.
     """
 
-    frame_padding: FramePadding = option(FramePadding.CHUNKS, help="sample -> frame padding rule: 'chunks' "
+    frame_padding: str = option(FramePadding.CHUNKS.value, help="sample -> frame padding rule: 'chunks' "
                                          "(fairseq HuBERT) or 'lengths' (HF HuBERT)")
     final_dim: int = option(0, help="pretraining projection size; <= 0 means encoder_embed_dim")
     untie_final_proj: bool = option(False, help="one pretraining projection per label set")

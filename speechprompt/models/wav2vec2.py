@@ -58,7 +58,10 @@ class ExtractorMode(str, enum.Enum):
 
 
 class FramePadding(str, enum.Enum):
-    """How a sample-level padding mask becomes a frame-level one; each original implementation has its own rule."""
+    """How a sample-level padding mask becomes a frame-level one; each original implementation has its own rule.
+
+    The config stores the plain string (a checkpoint that pickles a config's fields then holds no foreign class).
+    """
 
     LENGTHS = "lengths"  # fairseq wav2vec 2.0/data2vec and every HF model: frames past the conv output length
     CHUNKS = "chunks"  # fairseq HuBERT: a frame is padding iff its whole chunk of ``T // frames`` samples is
@@ -165,7 +168,7 @@ class Wav2Vec2Config:
     num_buckets: int = option(320, help="relative position buckets (WavLM)")
     max_distance: int = option(800, help="largest distinguished relative distance, in frames (WavLM)")
     gru_rel_pos: bool = option(True, help="gate the relative position bias by the attention input (WavLM)")
-    frame_padding: FramePadding = option(FramePadding.LENGTHS, help="sample -> frame padding rule: 'lengths' "
+    frame_padding: str = option(FramePadding.LENGTHS.value, help="sample -> frame padding rule: 'lengths' "
                                          "(wav2vec 2.0, data2vec, every HF model) or 'chunks' (fairseq HuBERT)")
     feature_layer_norm: bool = option(True, help="LayerNorm the conv features (HF HuBERT's feat_proj_layer_norm)")
     always_project: bool = option(False, help="build post_extract_proj even when the conv and encoder widths match "
@@ -174,7 +177,9 @@ class Wav2Vec2Config:
 
     def __post_init__(self) -> None:
         self.extractor_mode = ExtractorMode(self.extractor_mode)
-        self.frame_padding = FramePadding(self.frame_padding)
+        if self.frame_padding not in {m.value for m in FramePadding}:
+            raise ConfigError(f"frame_padding {self.frame_padding!r} is not one of {[m.value for m in FramePadding]}")
+        self.frame_padding = FramePadding(self.frame_padding).value
         parse_conv_layers(self.conv_feature_layers)  # a bad string fails here, not at model construction
         if self.activation_fn not in ACTIVATIONS:
             raise ConfigError(f"activation_fn {self.activation_fn!r} is not one of {sorted(ACTIVATIONS)}")
@@ -547,7 +552,7 @@ class Wav2Vec2Model(nn.Module):
         ``num_frames`` equal chunks, and call a frame padding only if its whole chunk is.
         """
         B, T = padding_mask.shape
-        if self.cfg.frame_padding is FramePadding.CHUNKS:
+        if self.cfg.frame_padding == FramePadding.CHUNKS:
             extra = T % num_frames
             if extra:
                 padding_mask = padding_mask[:, : T - extra]

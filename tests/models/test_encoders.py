@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_encoders import build_hf, our_tiny, save_hf, waveforms
+from tiny_encoders import TINY_HF_CONFIG, build_hf, our_tiny, save_hf, to_hf_names, waveforms, write_hf_directory
 
 from speechprompt.config import to_dict
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
@@ -26,48 +26,11 @@ from speechprompt.models.hubert import load_hubert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Our names -> Hugging Face's for the tiny post-LN wav2vec2 (the key table read backwards, written out here so
-# that the table is checked against an independent statement of it).
-TO_HF = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.0\.", r"feature_extractor.conv_layers.\1.conv."),
-    (r"feature_extractor\.conv_layers\.0\.2\.", "feature_extractor.conv_layers.0.layer_norm."),
-    (r"^layer_norm\.", "feature_projection.layer_norm."),
-    (r"^post_extract_proj\.", "feature_projection.projection."),
-    (r"^mask_emb$", "masked_spec_embed"),
-    (r"encoder\.pos_conv\.0\.weight_g", "encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv\.0\.weight_v", "encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
-    (r"encoder\.pos_conv\.0\.bias", "encoder.pos_conv_embed.conv.bias"),
-    (r"\.self_attn\.(q|k|v|out)_proj\.", r".attention.\1_proj."),
-    (r"\.self_attn_layer_norm\.", ".layer_norm."),
-    (r"\.fc1\.", ".feed_forward.intermediate_dense."),
-    (r"\.fc2\.", ".feed_forward.output_dense."),
-]
-TINY_HF_CONFIG = {
-    "model_type": "wav2vec2", "architectures": ["Wav2Vec2Model"], "hidden_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "intermediate_size": 64, "conv_dim": [16] * 5, "conv_kernel": [10, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2], "feat_extract_norm": "group", "do_stable_layer_norm": False,
-    "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 4, "hidden_act": "gelu",
-}
-
-
-def _to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in TO_HF:
-            key = re.sub(pattern, repl, key)
-        out[key] = value.contiguous()
-    return out
-
-
 @pytest.fixture
 def tiny_dir(tmp_path) -> tuple[Path, torch.nn.Module]:
     """A tiny wav2vec2 directory written by hand: config.json + model.safetensors."""
     model = our_tiny("wav2vec2")  # conv width 16 != D 32: it has post_extract_proj, as every HF model
-    directory = tmp_path / "w2v"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
-    save_file(_to_hf(model.state_dict()), directory / "model.safetensors")
-    return directory, model
+    return write_hf_directory(model, tmp_path / "w2v"), model
 
 
 def _same_features(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -87,7 +50,7 @@ def test_hand_written_directory_loads(tiny_dir):
 
 def test_sharded_safetensors_and_torch_bin(tiny_dir, tmp_path):
     directory, model = tiny_dir
-    state = _to_hf(model.state_dict())
+    state = to_hf_names(model.state_dict())
     keys = sorted(state)
     for kind in ("safetensors", "bin"):
         shard_dir = tmp_path / kind
@@ -134,7 +97,7 @@ def test_refusals_are_one_line(tiny_dir, tmp_path):
             save_file(weights, d / "model.safetensors")
         return d
 
-    state = _to_hf(model.state_dict())
+    state = to_hf_names(model.state_dict())
     refused(variant("gpt2", {**TINY_HF_CONFIG, "model_type": "gpt2"}, state), "model_type 'gpt2'", "wav2vec2, hubert")
     refused(variant("xvec", {**TINY_HF_CONFIG, "architectures": ["Wav2Vec2ForXVector"]}, state),
             "Wav2Vec2ForXVector", "Wav2Vec2ForCTC")

@@ -79,8 +79,8 @@ def test_data2vec_positional_convs_follow_fairseq_kernel_rule():
 def test_frame_padding_rules():
     lengths_model = our_tiny("wav2vec2")
     chunks_model = our_tiny("hubert")
-    assert chunks_model.cfg.frame_padding is FramePadding.CHUNKS
-    assert lengths_model.cfg.frame_padding is FramePadding.LENGTHS
+    assert chunks_model.cfg.frame_padding == FramePadding.CHUNKS == "chunks"
+    assert lengths_model.cfg.frame_padding == FramePadding.LENGTHS == "lengths"
     pad = torch.zeros(2, 1000, dtype=torch.bool)
     pad[1, 500:] = True  # 500 real samples: 99, 49, 24, 12, then 6 frames through the convs
     by_lengths = lengths_model.frame_padding_mask(pad, 12)
