@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class LoadedEncoder:
     head: nn.Module | None
     source: str
     path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
