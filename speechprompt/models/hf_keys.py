@@ -340,10 +340,10 @@ def _ctc_vocab(directory: Path, cfg: Mapping[str, Any], size: int) -> tuple[list
                                       f"target_lang in tokenizer_config.json")
             tokens = tokens[lang]
         for token, idx in tokens.items():
-            if not isinstance(idx, int) or not 0 <= idx < size:
-                raise CheckpointError(f"{directory / 'vocab.json'}: token {token!r} has id {idx!r}, outside the "
-                                      f"{size} CTC outputs")
-            vocab[idx] = token
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise CheckpointError(f"{directory / 'vocab.json'}: token {token!r} has id {idx!r}, not an index")
+            if idx < size:  # tokens past the CTC outputs (added specials) can never be emitted
+                vocab[idx] = token
     if not 0 <= blank < size:
         raise CheckpointError(f"{directory / 'config.json'}: pad_token_id {blank} (the CTC blank) is outside the "
                               f"{size} outputs")
