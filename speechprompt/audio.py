@@ -201,6 +201,14 @@ def povey_window(length: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.hann_window(length, periodic=False, dtype=torch.float64).pow(0.85).to(dtype)
 
 
+def hanning_window(length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Kaldi's ``hanning`` window: a symmetric Hann window."""
+    return torch.hann_window(length, periodic=False, dtype=torch.float64).to(dtype)
+
+
+_WINDOWS = {"povey": povey_window, "hanning": hanning_window}
+
+
 def _frames(wav: Tensor, frame_length: int, frame_shift: int) -> Tensor:
     """Kaldi framing with ``snip_edges=True``: only whole frames, ``1 + (T - frame_length) // frame_shift``."""
     if wav.shape[-1] < frame_length:
@@ -225,6 +233,7 @@ def fbank(
     preemphasis: float = 0.97,
     low_freq: float = 20.0,
     high_freq: float = 0.0,
+    window: str = "povey",
 ) -> Tensor:
     """Kaldi log mel filterbank energies.
 
@@ -246,10 +255,13 @@ def fbank(
         preemphasis: pre-emphasis coefficient.
         low_freq: lower edge of the mel filters, Hz.
         high_freq: upper edge, Hz; ``<= 0`` is an offset below Nyquist.
+        window: ``povey`` (Kaldi's default) or ``hanning`` (a symmetric Hann window, what AST's front end uses).
 
     Returns:
         (frames, n_mels) with ``frames = 1 + (T - frame_length) // frame_shift`` (0 if T is shorter than a frame).
     """
+    if window not in _WINDOWS:
+        raise ValueError(f"window {window!r} is not one of {sorted(_WINDOWS)}")
     x = _as_waveform(wav)
     frame_length = int(sample_rate * frame_length_ms / 1000)
     frame_shift = int(sample_rate * frame_shift_ms / 1000)
@@ -260,7 +272,7 @@ def fbank(
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # (N, L): x[i-1], x[0] for i = 0
     frames = frames - preemphasis * previous
-    frames = frames * povey_window(frame_length, x.dtype)
+    frames = frames * _WINDOWS[window](frame_length, x.dtype)
     power = torch.fft.rfft(frames, n=n_fft).abs().pow(2)  # (N, n_fft // 2 + 1)
     banks = mel_banks(n_mels, n_fft, sample_rate, low_freq, high_freq, x.dtype)  # (M, n_fft // 2 + 1)
     energies = power @ banks.T  # (N, M)

@@ -237,7 +237,12 @@ def load_fairseq_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ``task`` sections, built from legacy ``args`` when the checkpoint has no ``cfg``) and ``task_state`` (with
     fairseq ``Dictionary`` objects turned into :class:`Dictionary`). Other top-level entries are kept as read.
     """
-    raw = safe_torch_load(path)
+    return fairseq_checkpoint_from_raw(safe_torch_load(path), path)
+
+
+def fairseq_checkpoint_from_raw(raw: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_fairseq_checkpoint` on what :func:`safe_torch_load` already read (a loader that looks at the
+    file first to tell formats apart reads it once); ``path`` is named in errors."""
     if not isinstance(raw, dict) or "model" not in raw:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     out = dict(raw)

@@ -6,6 +6,10 @@ Readers are chosen by name through a small registry, so that a new one is one cl
     reader = build_feature_reader("hubert", checkpoint="hubert_base_ls960.pt", layer=6)
     feats = reader.read(wav)  # (frames, 768) at 50 Hz
 
+``hubert`` (and its general name ``ssl``) reads a layer of any frame-level encoder that
+:func:`~speechprompt.models.encoders.load_encoder` loads: fairseq HuBERT/wav2vec 2.0/data2vec checkpoints (CTC
+fine-tuned ones too), official WavLM files, and Hugging Face directories.
+
 Every reader can :meth:`~FeatureReader.describe` itself (name, dimension, layer, checkpoint and its sha256). A
 quantizer stores that description when it is learned, and ``speechprompt prepare`` refuses features that do not
 match it: units from the wrong layer or checkpoint are silently meaningless otherwise.
@@ -25,7 +29,8 @@ import torch
 
 from speechprompt.audio import SAMPLE_RATE, log_mel, mfcc
 from speechprompt.errors import SpeechPromptError
-from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
+from speechprompt.models.encoders import load_encoder
+from speechprompt.models.wav2vec2 import Wav2Vec2Model, normalize_waveform
 
 
 class FeatureError(SpeechPromptError):
@@ -42,7 +47,7 @@ class FeatureReader(abc.ABC):
     """
 
     name: ClassVar[str]
-    frame_rate: ClassVar[float]
+    frame_rate: float  # a class attribute, or set per instance (an encoder's conv stack decides it)
     dim: int
 
     @classmethod
@@ -124,16 +129,33 @@ def feature_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> str | 
 
 def _no_model_options(name: str, checkpoint: str | None, layer: int | None) -> None:
     if checkpoint is not None or layer is not None:
-        raise FeatureError(f"--checkpoint and --layer are for the hubert reader; the {name} reader takes neither")
+        raise FeatureError(f"--checkpoint and --layer are for the hubert/ssl reader; the {name} reader takes "
+                           "neither")
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a checkpoint file, or of a Hugging Face directory's ``config.json`` and weight files
+    (in name order: a sharded model is one fingerprint)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    names = ["config.json"] + sorted(p.name for p in path.iterdir()
+                                     if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    for name in names:
+        h.update(name.encode() + b"\0" + bytes.fromhex(file_sha256(path / name).split(":")[1]))
+    return f"sha256:{h.hexdigest()}"
 
 
 class HubertFeatureReader(FeatureReader):
-    """Layer ``layer`` (1-based, fairseq's ``output_layer``) of a HuBERT checkpoint, at 50 Hz.
+    """Layer ``layer`` (1-based, fairseq's ``output_layer``) of a speech encoder checkpoint: HuBERT (50 Hz, or 25 Hz
+    for mHuBERT-25Hz), wav2vec 2.0, data2vec-audio, WavLM, from fairseq, WavLM or Hugging Face files.
 
-    Matches fairseq's GSLM ``HubertFeatureReader``: the whole waveform is layer-normed iff the checkpoint's task
-    config says ``normalize``; then it is cut into chunks of at most ``max_chunk`` samples, each chunk is encoded
-    on its own (no padding mask) and the frames are concatenated. One difference: a last chunk shorter than the
-    conv front end's receptive field (400 samples) gives no frame here, where fairseq fails in the conv.
+    Matches fairseq's GSLM ``HubertFeatureReader``: the whole waveform is normalised iff the checkpoint says so
+    (fairseq's task ``normalize``, HF's ``do_normalize``); then it is cut into chunks of at most ``max_chunk``
+    samples, each chunk is encoded on its own (no padding mask) and the frames are concatenated. One difference: a
+    last chunk shorter than the conv front end's receptive field (400 samples) gives no frame here, where fairseq
+    fails in the conv.
     """
 
     frame_rate = 50.0
@@ -141,13 +163,18 @@ class HubertFeatureReader(FeatureReader):
 
     def __init__(
         self,
-        model: HubertModel,
+        model: Wav2Vec2Model,
         task_cfg: dict[str, Any],
         layer: int,
         device: str = "cpu",
         checkpoint: str | None = None,
         fingerprint: str | None = None,
     ) -> None:
+        if getattr(model, "frame_rate", None) is None:
+            raise FeatureError(f"{checkpoint or 'the model'} is a {getattr(model, 'architecture', '?')} model: its "
+                               "tokens are patches of a fixed-length spectrogram, not frames in time; units need a "
+                               "frame-level encoder (wav2vec2, hubert, data2vec-audio, wavlm)")
+        self.frame_rate = float(model.frame_rate)
         if not 1 <= layer <= model.num_layers:
             raise FeatureError(f"--layer {layer} is out of range: {checkpoint or 'the model'} has layers "
                                f"1..{model.num_layers}")
@@ -161,17 +188,20 @@ class HubertFeatureReader(FeatureReader):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, layer: int, device: str = "cpu") -> HubertFeatureReader:
-        """Load a fairseq HuBERT checkpoint (safely, without fairseq) and fingerprint the file."""
+        """Load an encoder with :func:`load_encoder` (safely, without fairseq or transformers) and fingerprint it."""
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FeatureError(f"HuBERT checkpoint {checkpoint} does not exist")
-        model, task_cfg = load_hubert(path)
-        return cls(model, task_cfg, layer, device, checkpoint=str(path.resolve()), fingerprint=file_sha256(path))
+        if not path.exists():
+            raise FeatureError(f"encoder checkpoint {checkpoint} does not exist")
+        enc = load_encoder(path)
+        enc.model.remove_pretraining_modules()  # never used for features
+        return cls(enc.model, enc.task_cfg, layer, device, checkpoint=str(path.resolve()),
+                   fingerprint=checkpoint_fingerprint(path))
 
     @classmethod
     def from_options(cls, checkpoint: str | None, layer: int | None, device: str) -> HubertFeatureReader:
         if checkpoint is None or layer is None:
-            raise FeatureError("the hubert reader needs --checkpoint (a fairseq HuBERT .pt) and --layer (1-based)")
+            raise FeatureError(f"the {cls.name} reader needs --checkpoint (a fairseq/WavLM .pt or a Hugging Face "
+                               "directory) and --layer (1-based)")
         return cls.from_checkpoint(checkpoint, layer, device)
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
@@ -194,7 +224,12 @@ class HubertFeatureReader(FeatureReader):
             "fingerprint": self.fingerprint,
             "normalize": bool(self.task_cfg.get("normalize", False)),
             "max_chunk": self.max_chunk,
+            "architecture": getattr(self.model, "architecture", "hubert"),
         }
+
+
+class SslFeatureReader(HubertFeatureReader):
+    """The same reader under a name that does not say HuBERT: ``--features ssl`` for any supported encoder."""
 
 
 class MfccFeatureReader(FeatureReader):
@@ -260,6 +295,7 @@ class LogMelFeatureReader(FeatureReader):
 
 
 register_feature_reader("hubert", HubertFeatureReader)
+register_feature_reader("ssl", SslFeatureReader)
 register_feature_reader("mfcc", MfccFeatureReader)
 register_feature_reader("mfcc_cmn", MfccCmnFeatureReader)
 register_feature_reader("logmel", LogMelFeatureReader)
@@ -268,10 +304,12 @@ register_feature_reader("logmel", LogMelFeatureReader)
 def add_feature_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that choose a feature reader, shared by ``kmeans`` and ``prepare``."""
     parser.add_argument("--features", required=required, choices=feature_reader_names(),
-                        help="feature reader: hubert (a HuBERT checkpoint's layer, 50 Hz), mfcc (39-d, 100 Hz), "
-                        "mfcc_cmn (mfcc minus its per-utterance mean) or logmel (80-d, 100 Hz)")
-    parser.add_argument("--checkpoint", default=None, help="fairseq HuBERT checkpoint (hubert only)")
-    parser.add_argument("--layer", type=int, default=None, help="1-based transformer layer to read (hubert only)")
+                        help="feature reader: hubert or ssl (a layer of a HuBERT, wav2vec 2.0, data2vec-audio or WavLM "
+                        "checkpoint, 50 Hz), mfcc (39-d, 100 Hz), mfcc_cmn (mfcc minus its per-utterance mean) or "
+                        "logmel (80-d, 100 Hz)")
+    parser.add_argument("--checkpoint", default=None, help="encoder checkpoint: a fairseq or WavLM .pt, or a Hugging "
+                        "Face directory (hubert/ssl only)")
+    parser.add_argument("--layer", type=int, default=None, help="1-based transformer layer to read (hubert/ssl only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device that runs the feature reader and the quantizer")
 

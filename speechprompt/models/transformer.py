@@ -12,7 +12,9 @@ implementation serves both backbones, and every tuning method attaches to both t
 * adapter slots on :class:`TransformerLayer` (``post_attn``, ``post_ffn``, ``parallel_ffn``), empty by default;
 * the ``nn.Linear`` children themselves, which LoRA and S3-Router masks wrap in place.
 
-With nothing attached, the forward is exactly fairseq's.
+With nothing attached, the forward is exactly fairseq's. Two optional arguments serve other encoders: ``attn_bias``
+adds a float bias to the attention scores (WavLM's gated relative position bias), and ``layer_norm_eps`` sets the
+LayerNorms' epsilon (1e-12 in AST's ViT layers).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class MultiheadAttention(nn.Module):
     """fairseq-compatible multi-head attention on ``scaled_dot_product_attention``.
 
     Input ``x`` is ``(B, T, D)``. ``attn_mask`` is boolean ``(B, 1, T, S)`` with True where attention is allowed, where
-    ``S = prefix/cache length + T``; ``None`` means full attention.
+    ``S = prefix/cache length + T``; ``None`` means full attention. ``attn_bias`` (float, ``(B or 1, H, T, S')`` with
+    ``S' <= S``) is added to the scores of the *last* ``S'`` keys: a bias computed over the real positions leaves the
+    prefix keys in front of them unbiased.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
@@ -118,6 +122,7 @@ class MultiheadAttention(nn.Module):
         prefix: LayerKV | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        attn_bias: Tensor | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` (B, T, D), optionally with the tuning hooks (see the module docstring).
 
@@ -126,6 +131,7 @@ class MultiheadAttention(nn.Module):
             prefix: projected keys/values prepended before everything else (not used together with ``cache``:
                 a cache is seeded with the prefix instead).
             cache: when given, this step's keys/values are appended to it and attention runs over all of it.
+            attn_bias: float scores added before the softmax, ``(B or 1, H, T, S')`` over the last ``S'`` keys.
         """
         B, T, D = x.shape
         k_in = v_in = x
@@ -142,10 +148,22 @@ class MultiheadAttention(nn.Module):
         elif prefix is not None:
             k = torch.cat([prefix.key.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([prefix.value.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+        if attn_bias is not None:
+            attn_mask = _merge_bias(attn_mask, attn_bias.to(q.dtype), k.shape[2])
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+def _merge_bias(attn_mask: Tensor | None, bias: Tensor, num_keys: int) -> Tensor:
+    """One float mask for SDPA: ``bias`` over the last keys (zeros in front, for prefixes), ``-inf`` where
+    ``attn_mask`` (boolean, True = may attend) forbids."""
+    if bias.shape[-1] < num_keys:
+        bias = F.pad(bias, (num_keys - bias.shape[-1], 0))  # (B, H, T, S)
+    if attn_mask is None:
+        return bias
+    return bias.masked_fill(~attn_mask, float("-inf"))
 
 
 class TransformerLayer(nn.Module):
@@ -175,6 +193,7 @@ class TransformerLayer(nn.Module):
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
         bias: bool = True,
+        layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -182,10 +201,10 @@ class TransformerLayer(nn.Module):
         self.normalize_before = normalize_before
         self.activation = activation
         self.self_attn = MultiheadAttention(embed_dim, num_heads, attention_dropout, bias)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.activation_dropout = nn.Dropout(activation_dropout)
         self.post_attn = self.post_ffn = self.parallel_ffn = None
@@ -200,6 +219,7 @@ class TransformerLayer(nn.Module):
         prefix: LayerKV | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        attn_bias: Tensor | None = None,
     ) -> Tensor:
         if self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays dropout with the saved RNG state: the same outputs and gradients.
@@ -220,7 +240,7 @@ class TransformerLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx)
+        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias)
         if self.post_attn is not None:
             x = self.post_attn(x)
         x = residual + self.dropout(x)
