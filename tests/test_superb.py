@@ -406,3 +406,22 @@ def test_resume_refuses_a_changed_run(corpus, tmp_path):
     upstream.write_bytes(corpus["other_upstream"].read_bytes())  # the same path, other weights
     with pytest.raises(CheckpointError, match="fingerprint"):
         train_superb(_config(corpus, tmp_path / "b", upstream=str(upstream), max_steps=4, eval_every=1))
+
+
+def test_any_encoder_is_an_upstream_hugging_face_directory_included(corpus, tmp_path, capsys):
+    from tiny_encoders import our_tiny, write_hf_directory
+
+    from speechprompt.cli import main
+
+    upstream = write_hf_directory(our_tiny("wav2vec2"), tmp_path / "w2v2_hf")
+    summary = train_superb(_config(corpus, tmp_path / "w2v2", method="lora", options={"rank": 2},
+                                   upstream=str(upstream), max_steps=2, eval_every=2))
+    ckpt = load_checkpoint(tmp_path / "w2v2" / "best")
+    assert ckpt.meta["base"]["kind"] == "wav2vec2" and ckpt.meta["base"]["path"] == str(upstream)
+    model = load_superb(tmp_path / "w2v2" / "best")
+    assert type(model.upstream).__name__ == "Wav2Vec2Model"
+    metrics, _ = evaluate_superb(model, load_audio_split(corpus["dev"]))
+    assert metrics["accuracy"] == summary["dev"]["accuracy"]
+    wav = str(load_audio_split(corpus["dev"]).paths[0])
+    assert main(["infer", "--checkpoint", str(tmp_path / "w2v2" / "best.safetensors"), wav]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["prediction"] in ("low", "high")

@@ -224,9 +224,9 @@ class TransformerLayer(nn.Module):
         if self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays dropout with the saved RNG state: the same outputs and gradients.
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, use_reentrant=False
+                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, attn_bias, use_reentrant=False
             )
-        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx)
+        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias)
 
     def _forward(
         self,
@@ -236,6 +236,7 @@ class TransformerLayer(nn.Module):
         prefix: LayerKV | None,
         cache: KVCache | None,
         layer_idx: int,
+        attn_bias: Tensor | None,
     ) -> Tensor:
         residual = x
         if self.normalize_before:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from speechprompt.checkpoint import base_fingerprint, load_base, load_checkpoint, load_into
 from speechprompt.config import ConfigError
 from speechprompt.errors import CheckpointError
-from speechprompt.models.hubert import HubertModel, load_hubert, normalize_waveform
+from speechprompt.models.encoders import EncoderModel, load_encoder
+from speechprompt.models.wav2vec2 import normalize_waveform
 from speechprompt.tasks.ctc import CharVocabulary, ctc_loss, greedy_decode, normalize_text
 from speechprompt.tasks.metrics import accuracy, cer, wer
 from speechprompt.tuning import TuningMethod, build_method, freeze_except, method_config, method_name
@@ -181,10 +182,10 @@ HEADS: dict[HeadKind, type[ClassificationHead] | type[CTCHead]] = {
 
 
 class SuperbModel(nn.Module):
-    """A (tuned) HuBERT upstream, the weighted layer sum and a head.
+    """A (tuned) upstream encoder, the weighted layer sum and a head.
 
     Args:
-        upstream: the HuBERT model, with ``method`` attached to it.
+        upstream: the encoder (any architecture of :mod:`speechprompt.models.encoders`), with ``method`` attached.
         method: the tuning method (its :meth:`~TuningMethod.forward_kwargs` go to the upstream).
         featurizer: the weighted sum over ``upstream.num_layers + 1`` hidden states.
         head: a :class:`ClassificationHead` or :class:`CTCHead`.
@@ -196,7 +197,7 @@ class SuperbModel(nn.Module):
     mask (True at padding).
     """
 
-    def __init__(self, upstream: HubertModel, method: TuningMethod, featurizer: WeightedLayerSum, head: nn.Module,
+    def __init__(self, upstream: EncoderModel, method: TuningMethod, featurizer: WeightedLayerSum, head: nn.Module,
                  task_cfg: dict[str, Any], upstream_dropout: bool = False) -> None:
         super().__init__()
         self.upstream, self.method, self.featurizer, self.head = upstream, method, featurizer, head
@@ -259,15 +260,18 @@ class SuperbModel(nn.Module):
 def check_method(name: str) -> None:
     """Refuse a method that cannot tune an encoder (the unit LM's input prompt)."""
     if name == "prompt":
-        raise ConfigError("method.name=prompt tunes the unit LM's input; on HuBERT use prefix (deep key/value "
+        raise ConfigError("method.name=prompt tunes the unit LM's input; on an encoder use prefix (deep key/value "
                           "prefixes), adapter, lora, bitfit, mask, linear_probe (frozen) or full_finetune")
 
 
-def load_upstream(path: str | os.PathLike) -> tuple[HubertModel, dict[str, Any]]:
-    """The upstream as stored (what its fingerprint is taken of) and its task config."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"upstream HuBERT checkpoint {path} does not exist")
-    return load_hubert(path)
+def load_upstream(path: str | os.PathLike) -> tuple[EncoderModel, dict[str, Any]]:
+    """The upstream as stored (what its fingerprint is taken of) and its task config: any encoder that
+    :func:`~speechprompt.models.encoders.load_encoder` reads (fairseq or Hugging Face; a fine-tuned checkpoint's own
+    head is not used)."""
+    if not Path(path).exists():
+        raise CheckpointError(f"upstream checkpoint {path} does not exist")
+    loaded = load_encoder(path)
+    return loaded.model, loaded.task_cfg
 
 
 def build_superb(
@@ -282,7 +286,7 @@ def build_superb(
     """A fresh model for training.
 
     Args:
-        upstream_path: a fairseq HuBERT checkpoint.
+        upstream_path: an encoder checkpoint (fairseq file or Hugging Face directory).
         method: a registered method name or config (not ``prompt``).
         head: ``classification`` or ``ctc``.
         train_labels: the training labels or transcripts (they size the head).
@@ -313,7 +317,7 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
 
     Args:
         path: ``NAME.safetensors``, ``NAME.json`` or ``NAME``.
-        upstream: the HuBERT checkpoint (default: the path recorded at training time, as given, else absolute;
+        upstream: the encoder checkpoint (default: the path recorded at training time, as given, else absolute;
             see :func:`speechprompt.checkpoint.load_base`).
         device: where the model goes.
 

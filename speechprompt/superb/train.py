@@ -88,7 +88,8 @@ class SuperbConfig(RunOptions):
     """A SUPERB-style run on an upstream encoder."""
 
     data: SuperbDataConfig = option(help="audio and labels")
-    upstream: str = option(help="the HuBERT checkpoint (fairseq .pt), frozen except for what the method trains")
+    upstream: str = option(help="the upstream encoder: a fairseq checkpoint (HuBERT, wav2vec 2.0, data2vec-audio, "
+                           "WavLM) or a Hugging Face directory (also AST), frozen except for what the method trains")
     head: HeadKind = option(HeadKind.CLASSIFICATION, help="classification (mean-pool + linear; accuracy) or ctc "
                             "(characters; WER/CER)")
     method: MethodConfig = option(
@@ -193,7 +194,7 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
         "method": {"name": cfg.method.name, "config": C.to_dict(cfg.method.resolved())},
         "head": f"superb_{head_kind}",
         "verbalizer": None,
-        "base": base_record(cfg.upstream, fingerprint, kind="hubert"),
+        "base": base_record(cfg.upstream, fingerprint, kind=model.upstream.architecture),
         "superb": {"head": head_kind, "layer_norm": cfg.layer_norm, "upstream_dropout": cfg.upstream_dropout},
     }
 
