@@ -168,8 +168,13 @@ def load_encoder(path: str | os.PathLike) -> LoadedEncoder:
 # fairseq
 
 
-def _model_name(model_cfg: Mapping[str, Any]) -> str | None:
-    return model_cfg.get("_name") or model_cfg.get("arch")
+def _model_name(model_cfg: Mapping[str, Any], state: Mapping[str, Tensor] | None = None) -> str | None:
+    """The fairseq model name a config records; a config saved without one (a model built and saved by hand, not
+    by fairseq's trainer) is named by the tensors only HuBERT has."""
+    name = model_cfg.get("_name") or model_cfg.get("arch")
+    if name is None and state is not None and "label_embs_concat" in state:
+        return "hubert"
+    return name
 
 
 def _encoder_config(model_cfg: Mapping[str, Any], name: str | None, path: Path) -> Wav2Vec2Config:
@@ -197,8 +202,8 @@ def _build(cfg: Wav2Vec2Config, name: str, state: Mapping[str, Tensor]) -> Wav2V
 def _load_fairseq(ckpt: dict[str, Any], path: Path) -> LoadedEncoder:
     cfg = ckpt["cfg"]
     model_cfg = cfg.get("model") or {}
-    name = _model_name(model_cfg)
     state: dict[str, Tensor] = {k: v for k, v in ckpt["model"].items() if k != "_ema"}  # data2vec's EMA teacher
+    name = _model_name(model_cfg, state)
     if name == "hubert":  # its pretraining heads are real modules, sized by the label dictionaries
         model, task_cfg = hubert_from_checkpoint(ckpt, path)
         return LoadedEncoder(model, task_cfg, None, "fairseq", path)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from tiny_encoders import OUR_TINY, our_tiny, waveforms
 
-import speechprompt.baselines  # noqa: F401  (registers full_finetune and linear_probe)
 from speechprompt.config import to_dict
 from speechprompt.tuning import METHODS, build_method, freeze_except, method_config
 
