@@ -15,20 +15,10 @@ from speechprompt.cli import main
 from speechprompt.config import ConfigError
 from speechprompt.data_prep.augment import AugmentConfig
 from speechprompt.data_prep.manifest import read_labels, read_manifest
-from speechprompt.data_prep.synth import (
-    COMMAND_WORDS,
-    FSC_INTENTS,
-    SPLITS,
-    TASKS,
-    UNKNOWN_WORDS,
-    SynthConfig,
-    assign_speakers,
-    build_corpus,
-    intent_phrasings,
-    plan_split,
-    trim_silence,
-    validate_corpus,
-)
+from speechprompt.data_prep.synth import build_corpus, validate_corpus
+from speechprompt.data_prep.synth_plan import SPLITS, SynthConfig, assign_speakers, plan_split
+from speechprompt.data_prep.synth_render import trim_silence
+from speechprompt.data_prep.synth_tasks import COMMAND_WORDS, FSC_INTENTS, TASKS, UNKNOWN_WORDS, intent_phrasings
 from speechprompt.data_prep.voices import Voice
 from speechprompt.errors import SpeechPromptError
 
