@@ -7,9 +7,9 @@ still running would interleave checkpoints, logs and training states. :class:`Di
         ...  # only this process writes here
 
 The lock is ``fcntl.flock`` on a file in the directory (``.lock`` by default). The kernel releases it when the
-holding process exits, however it exits (``kill -9`` included), so a stale lock never blocks a rerun; the file
-itself stays behind and is simply locked again. The file records who holds it (pid, host, command, start time),
-which the refusal message quotes.
+holding process exits, however it exits (``kill -9`` included), so a stale lock never blocks a rerun: a killed
+holder's file is simply locked again. A holder that finishes removes the file. The file records who holds it (pid,
+host, command, start time), which the refusal message quotes.
 
 On a filesystem without working ``flock`` (some network mounts) the lock is not taken and a warning says so: the
 toolkit still runs, without the protection.
@@ -17,6 +17,7 @@ toolkit still runs, without the protection.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -66,18 +67,28 @@ class DirectoryLock:
         if self._fd is not None:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise LockError(f"{self.directory} is in use by another process ({holder}); wait for it to "
+                                    "finish or stop it, or choose another directory") from None
+                logger.warning("%s: cannot lock (%s); running without protection against a second writer",
+                               self.path, e.strerror)
+                return self
+            # The previous holder may have removed the file between our open and our lock: then we hold a lock on
+            # a file nobody else will open. Lock the file that is there now instead.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockError(f"{self.directory} is in use by another process ({holder}); wait for it to finish "
-                                "or stop it, or choose another directory") from None
-            logger.warning("%s: cannot lock (%s); running without protection against a second writer", self.path,
-                           e.strerror)
-            return self
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(_holder_record(self.command)).encode() + b"\n")
         os.fsync(fd)
@@ -85,10 +96,12 @@ class DirectoryLock:
         return self
 
     def release(self) -> None:
-        """Give the lock up (the file stays: the next holder rewrites it)."""
+        """Give the lock up and remove its file (removed first, so that no one locks it after us)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

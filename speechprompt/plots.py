@@ -78,20 +78,27 @@ def plot_learning_curves(
     metric_keys: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
+    """:func:`learning_curves_figure` written to ``out_png`` (returned as a path)."""
+    return _save(learning_curves_figure(csv_or_rows, x, loss_keys, metric_keys, title), out_png)
+
+
+def learning_curves_figure(
+    csv_or_rows: str | os.PathLike | Iterable[Mapping[str, Any]],
+    x: str = "step",
+    loss_keys: Sequence[str] | None = None,
+    metric_keys: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
     """Losses (left panel) and dev metrics (right panel) against the training step.
 
     Args:
         csv_or_rows: A run's ``log.csv`` (long form, as :class:`speechprompt.runlog.RunLogger` writes it), a
             wide CSV with one column per metric, or rows as mappings. Empty cells are skipped, so a dev metric
             logged every N steps and a loss logged every step can share one table.
-        out_png: Where to write the PNG.
         x: The column of the x axis.
         loss_keys: Columns of the left panel; default: every column whose name contains ``loss``.
         metric_keys: Columns of the right panel; default: every other column starting with ``dev``.
         title: Figure title.
-
-    Returns:
-        ``out_png`` as a path.
     """
     rows = _read_rows(csv_or_rows)
     if not rows:
@@ -126,7 +133,7 @@ def plot_learning_curves(
             ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, out_png)
+    return fig
 
 
 def plot_confusion_matrix(
@@ -136,12 +143,21 @@ def plot_confusion_matrix(
     normalize: bool = True,
     title: str | None = None,
 ) -> Path:
+    """:func:`confusion_figure` written to ``out_png`` (returned as a path)."""
+    return _save(confusion_figure(matrix, labels, normalize, title), out_png)
+
+
+def confusion_figure(
+    matrix: np.ndarray | Sequence[Sequence[float]],
+    labels: Sequence[str],
+    normalize: bool = True,
+    title: str | None = None,
+) -> Figure:
     """A confusion matrix as a heat map (rows: reference, columns: prediction).
 
     Args:
         matrix: ``(C, C)`` counts, as :func:`speechprompt.tasks.metrics.confusion_matrix` returns.
         labels: The ``C`` class names.
-        out_png: Where to write the PNG.
         normalize: Divide each row by its total, so cells are recall fractions (a row with no reference stays 0).
         title: Figure title.
     """
@@ -169,7 +185,7 @@ def plot_confusion_matrix(
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] > threshold else "black")
     ax.set_title(title or ("confusion matrix (row-normalized)" if normalize else "confusion matrix"))
-    return _save(fig, out_png)
+    return fig
 
 
 def plot_metric_vs_params(
@@ -180,12 +196,22 @@ def plot_metric_vs_params(
     label_key: str = "method",
     title: str | None = None,
 ) -> Path:
+    """:func:`metric_vs_params_figure` written to ``out_png`` (returned as a path)."""
+    return _save(metric_vs_params_figure(rows, metric, params_key, label_key, title), out_png)
+
+
+def metric_vs_params_figure(
+    rows: Iterable[Mapping[str, Any]],
+    metric: str = "accuracy",
+    params_key: str = "trainable_params",
+    label_key: str = "method",
+    title: str | None = None,
+) -> Figure:
     """Each method's metric (mean with a std error bar over seeds) against its trainable parameters, log x.
 
     Args:
         rows: Result rows as the demo's ``results.json`` holds them: ``{"method", "trainable_params",
             "<metric>_mean", "<metric>_std", ...}``; a plain ``"<metric>"`` is read as the mean with no error bar.
-        out_png: Where to write the PNG.
         metric: The metric's name.
         params_key: The key of the parameter count.
         label_key: The key that names each point.
@@ -214,4 +240,4 @@ def plot_metric_vs_params(
     ax.grid(alpha=0.3, which="both")
     if title:
         ax.set_title(title)
-    return _save(fig, out_png)
+    return fig

@@ -190,13 +190,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finished(cfg: TrainConfig, saved: dict[str, Any]) -> bool:
-    """A finished run is only continued by a longer budget (or more patience)."""
+    """Whether a finished run is still finished under ``cfg``: only a longer budget or more patience continues it."""
     pos, best = saved["position"], saved["best"]
-    more_steps = cfg.max_steps is not None and pos["step"] < cfg.max_steps
-    more_epochs = saved["summary"]["stopped"] == "max_epochs" and pos["epoch"] < cfg.max_epochs
-    more_patience = saved["summary"]["stopped"] == "early_stopping" and (
-        cfg.patience == 0 or best["bad_evals"] < cfg.patience)
-    return not (more_steps or more_epochs or more_patience)
+    if cfg.patience > 0 and best["bad_evals"] >= cfg.patience:
+        return True
+    if cfg.max_steps is not None:
+        return pos["step"] >= cfg.max_steps
+    return pos["epoch"] >= cfg.max_epochs
 
 
 def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict[str, Any]:
@@ -300,11 +300,14 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
     session_start = time.perf_counter()
     with run.logger(pos.step if run.saved is not None else None) as log, \
             run.progress(total_steps, pos.step, every=cfg.log_every) as bar:
-        done = pos.step >= total_steps
+        done = False
         while pos.epoch < cfg.max_epochs and not done:
             generator = torch.Generator().manual_seed(cfg.seed * 100_003 + pos.epoch)  # the same order on resume
             groups = batch_indices(train_split, global_batch, shuffle=True, generator=generator)
             for i in range(pos.batch_in_epoch, len(groups)):
+                if pos.step >= total_steps:  # max_steps, checked before an update so a finished epoch counts
+                    stopped, done = "max_steps", True
+                    break
                 model.train(cfg.dropout)
                 method.train()
                 if head is not None:
@@ -328,9 +331,6 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
                     log.log(pos.step, train_loss=stats.loss, lr=lr, grad_norm=stats.grad_norm)
                 if cfg.eval_every and pos.step % cfg.eval_every == 0 and evaluate_and_save():
                     stopped, done = "early_stopping", True
-                    break
-                if pos.step >= total_steps:
-                    stopped, done = ("max_steps" if cfg.max_steps else "max_epochs"), True
                     break
             else:
                 pos.epoch += 1

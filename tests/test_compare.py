@@ -73,3 +73,71 @@ def test_config_errors(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, ["a"])
     with pytest.raises(ConfigError, match="primary split"):
         CompareConfig(conf_dir=cfg.conf_dir, methods=["a"], eval=cfg.eval, primary="dev")
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_a_tiny_task(tmp_path: Path, save_tiny_unit_lm, capsys) -> None:
+    """Two methods x two seeds trained for real on a separable unit task: every file compare promises, and what
+    each holds."""
+    import csv
+    import json
+    import random
+
+    from speechprompt.cli import main
+
+    classes = {"yes": [1, 2], "no": [5, 6]}
+
+    def split(name: str, n: int, seed: int) -> tuple[Path, Path]:
+        rng = random.Random(seed)
+        labels = [rng.choice(list(classes)) for _ in range(n)]
+        units = [" ".join(str(rng.choice(classes[y])) for _ in range(5)) for y in labels]
+        (tmp_path / f"{name}.units").write_text("\n".join(units) + "\n")
+        (tmp_path / f"{name}.labels").write_text("\n".join(labels) + "\n")
+        return tmp_path / f"{name}.units", tmp_path / f"{name}.labels"
+
+    lm = save_tiny_unit_lm(tmp_path / "lm.pt", n_units=8)
+    (tr_u, tr_l), (dev_u, dev_l), (te_u, te_l) = split("train", 32, 0), split("dev", 12, 1), split("test", 12, 2)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    common = (f"data: {{train_units: {tr_u}, train_labels: {tr_l}, dev_units: {dev_u}, dev_labels: {dev_l}}}\n"
+              f"base: {lm}\nbatch_size: 8\nmax_epochs: 8\npatience: 0\ndevice: cpu\n")
+    (conf / "probe.yaml").write_text(common + "method: {name: linear_probe}\noptim: {lr: 0.05}\n")
+    (conf / "prompt.yaml").write_text(common + "method: {name: prompt, options: {length: 2}}\n"
+                                      "verbalizer: {kind: learnable}\noptim: {lr: 0.05}\n")
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(f"conf_dir: {conf}\nmethods: [prompt, probe]\nseeds: 2\nout: {tmp_path / 'out'}\njobs: 2\n"
+                   f"threads: 1\neval: {{test: {{units: {te_u}, labels: {te_l}}}}}\n")
+    assert main(["compare", "--config", str(cfg)]) == 0
+    out = tmp_path / "out"
+    printed = capsys.readouterr().out
+    assert "| prompt |" in printed and f"results: {out / 'results.json'}" in printed
+
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["prompt", "probe"]
+    for row in rows:
+        assert row["seeds"] == [1, 2] and row["metric"] == "argmax.accuracy"
+        values = row["splits"]["test"]["values"]
+        assert len(values) == 2 and row["accuracy_mean"] == pytest.approx(sum(values) / 2)
+        assert row["accuracy_mean"] > 0.75  # two separable classes: well above chance (0.5)
+        run = Path(row["checkpoint"])
+        assert run.is_file() and run.parent.parent.name == row["method"]
+        assert row["checkpoint_bytes"] == run.stat().st_size
+        # Each run's test report is beside its checkpoint, and its accuracy is one of the aggregated values.
+        report = json.loads((run.parent / "test.metrics.json").read_text())
+        assert report["argmax.accuracy"] in values
+    assert rows[1]["trainable_params"] == 64 * 2 + 2  # the probe: Linear(64, 2)
+
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| prompt | ") and table[3].startswith("| probe | ")
+    with open(out / "results.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert [(r["method"], r["split"]) for r in records] == [("prompt", "test"), ("probe", "test")]
+    assert float(records[1]["mean"]) == pytest.approx(rows[1]["accuracy_mean"], abs=1e-6)
+    assert (out / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.yaml").is_file()
+
+    # Started again, nothing is trained again: every run is finished, the results are the same.
+    assert main(["compare", "--config", str(cfg)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    for a, b in zip(again, rows):
+        assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}

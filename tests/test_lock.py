@@ -51,10 +51,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     proc = _holder(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (tmp_path / ".lock").exists()  # the file stays behind...
+    assert (tmp_path / ".lock").exists()  # the killed holder's file stays behind...
     with DirectoryLock(tmp_path) as lock:  # ...and is simply locked again
         assert lock.held
-    assert not lock.held
+    assert not lock.held and not (tmp_path / ".lock").exists()  # a holder that finishes removes it
 
 
 def test_one_process_cannot_hold_a_directory_twice(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_a_second_trainer_on_a_run_dir_exits_2_with_one_line(tmp_path: Path,
         assert code == 2 and time.monotonic() - start < 30  # refused at once, not after loading anything
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"is in use by another process (pid {proc.pid}" in err[0]
-        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the refused run was written
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # only the holder's: nothing of the refused run
     finally:
         proc.kill()
         proc.wait()

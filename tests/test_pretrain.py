@@ -63,7 +63,7 @@ def test_loss_decreases_and_checkpoints_load(tmp_path: Path) -> None:
     metrics = pretrain(cfg)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".lock", "checkpoint_best.pt", "checkpoint_last.pt", "config.yaml", "dict.txt", "learning_curves.png",
+        "checkpoint_best.pt", "checkpoint_last.pt", "config.yaml", "dict.txt", "learning_curves.png",
         "log.csv", "metrics.json", "train_state.pt",
     ]
     log = read_log(run_dir / "log.csv")

@@ -1,5 +1,6 @@
 """Hugging Face encoder directories -> our models: ``config.json`` translated field by field, weights renamed by
-explicit per-architecture key tables. transformers is never imported.
+explicit per-architecture key tables. transformers is never imported. (Over 400 lines on purpose: it is mostly
+those tables, and one file is where a reader finds every key map.)
 
 Supported (``model_type`` -> ``architectures``)::
 
