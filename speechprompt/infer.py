@@ -2,13 +2,16 @@
 
     speechprompt infer --checkpoint exp/synthetic_commands/prompt/best.safetensors a.wav b.flac
     speechprompt infer --checkpoint exp/superb/ks_lora/best.safetensors a.wav b.flac
+    speechprompt infer --checkpoint wav2vec2-base-960h/ a.wav          # a fine-tuned encoder with its own head
 
 The checkpoint's sidecar says how audio reaches it. A unit-LM checkpoint (``speechprompt train``): each file goes
 through the unit pipeline recorded in the checkpoint (the feature reader and k-means quantizer the training units
 were made with, and their deduplication), then through the frozen unit LM with the trained task parameters. A
 SUPERB checkpoint (``speechprompt superb``): the waveforms go straight into the HuBERT upstream with its tuning
-method, the weighted layer sum and the head (a class label, or the CTC head's greedy transcript). Printed on
-stdout, in input order::
+method, the weighted layer sum and the head (a class label, or the CTC head's greedy transcript). A fine-tuned
+encoder checkpoint with its own head (a fairseq CTC ``.pt``, a Hugging Face ``...ForCTC`` or
+``...ForSequenceClassification`` directory) gives its transcript or label directly. Printed on stdout, in input
+order::
 
     {"path": "a.wav", "prediction": "yes"}
     {"path": "bad.wav", "error": "bad.wav: empty file (0 bytes)"}
@@ -41,6 +44,8 @@ from speechprompt.data_prep.features import build_feature_reader, file_sha256
 from speechprompt.data_prep.kmeans import load_quantizer
 from speechprompt.devices import resolve_device
 from speechprompt.errors import AudioError, CheckpointError, SpeechPromptError
+from speechprompt.models.encoders import load_encoder
+from speechprompt.models.heads import CTCOutput
 from speechprompt.superb import load_superb
 from speechprompt.tasks.data import collate
 from speechprompt.tasks.loading import load_task
@@ -177,12 +182,38 @@ def _superb(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[l
     return load_audio, predict
 
 
-# Checkpoint family (see :func:`speechprompt.checkpoint.checkpoint_kind`) -> (read one file, predict a batch).
-PREDICTORS = {"unit_lm": _unit_lm, "superb": _superb}
+def _encoder(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[list[Any]], list[str]]]:
+    """A fine-tuned encoder with its own head (fairseq ``wav2vec_ctc``/``hubert_ctc``, Hugging Face ``...ForCTC`` or
+    ``...ForSequenceClassification``): its transcript or its label, out of the box."""
+    unused = [flag for flag in ("base", "kmeans", "hubert", "decoder") if getattr(args, flag) is not None]
+    if unused:
+        raise SpeechPromptError(f"{args.checkpoint} is an encoder checkpoint with its own head: "
+                                f"{', '.join('--' + f for f in unused)} do not apply")
+    encoder = load_encoder(args.checkpoint).to(resolve_device(args.device))
+    if encoder.head is None:
+        raise SpeechPromptError(f"{args.checkpoint} is a bare {encoder.architecture} encoder with no output head: "
+                                "nothing to predict; train a task on it with `speechprompt superb`")
+    decode = encoder.transcribe if isinstance(encoder.head, CTCOutput) else encoder.classify
+
+    @torch.no_grad()
+    def predict(wavs: list[np.ndarray]) -> list[str]:
+        return decode(*encoder.batch(wavs))
+
+    return load_audio, predict
+
+
+# Checkpoint family -> (read one file, predict a batch): a task checkpoint says its family in its sidecar (see
+# :func:`speechprompt.checkpoint.checkpoint_kind`); an encoder checkpoint is a file of its own format or a directory.
+PREDICTORS = {"unit_lm": _unit_lm, "superb": _superb, "encoder": _encoder}
+
+
+def _kind(path: str) -> str:
+    p = Path(path)
+    return "encoder" if p.is_dir() or p.suffix in (".pt", ".bin") else checkpoint_kind(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    read, predict = PREDICTORS[checkpoint_kind(args.checkpoint)](args)
+    read, predict = PREDICTORS[_kind(args.checkpoint)](args)
     if not predict_files(args.audio, args.batch_size, read, predict):
         print(f"speechprompt infer: every one of the {len(args.audio)} files failed", file=sys.stderr)
         return 1

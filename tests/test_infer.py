@@ -143,3 +143,41 @@ def test_infer_refuses_another_upstream_and_unit_options_for_superb(superb_runs,
     code = main(["infer", "--checkpoint", checkpoint, "--kmeans", "km.st", "--decoder", "greedy", wav])
     err = capsys.readouterr().err
     assert code == 2 and "is a SUPERB checkpoint" in err and "--kmeans, --decoder do not apply" in err
+
+
+@pytest.mark.transformers
+def test_a_fine_tuned_encoder_predicts_with_its_own_head(tmp_path, capsys):
+    """A Hugging Face ``...ForCTC`` directory transcribes and a ``...ForSequenceClassification`` one classifies, out
+    of the box, with what transformers itself gives on the same audio."""
+    import soundfile as sf
+    import transformers
+    from tiny_encoders import CTC_VOCAB, build_hf, save_hf
+
+    from speechprompt.cli import main
+
+    wav = tmp_path / "a.wav"
+    audio = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 0.1
+    sf.write(wav, audio.numpy(), 16000)
+    ctc = save_hf(build_hf("wav2vec2_large", head="ctc", vocab_size=len(CTC_VOCAB), pad_token_id=0), tmp_path / "ctc",
+                  vocab=CTC_VOCAB)
+    tokenizer = transformers.Wav2Vec2CTCTokenizer(str(ctc / "vocab.json"), word_delimiter_token="|")
+    hf = transformers.Wav2Vec2ForCTC.from_pretrained(ctc).eval()
+    read = torch.from_numpy(sf.read(wav, dtype="float32")[0])[None]
+    with torch.no_grad():
+        expected = tokenizer.decode(hf(read).logits.argmax(-1)[0])
+    assert main(["infer", "--checkpoint", str(ctc), str(wav)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"path": str(wav), "prediction": expected}
+
+    labels = {0: "yes", 1: "no", 2: "up"}
+    cls = save_hf(build_hf("hubert_base", head="classification", num_labels=3, id2label=labels,
+                           label2id={v: k for k, v in labels.items()}), tmp_path / "cls")
+    hf_cls = transformers.HubertForSequenceClassification.from_pretrained(cls).eval()
+    with torch.no_grad():
+        expected = labels[int(hf_cls(read).logits.argmax(-1)[0])]
+    assert main(["infer", "--checkpoint", str(cls), str(wav), str(tmp_path / "missing.wav")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"path": str(wav), "prediction": expected} and "error" in lines[1]
+
+    bare = save_hf(build_hf("hubert_base"), tmp_path / "bare")
+    assert main(["infer", "--checkpoint", str(bare), str(wav)]) == 2
+    assert "no output head" in capsys.readouterr().err
