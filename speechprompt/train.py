@@ -298,7 +298,7 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
     # -- the loop -----------------------------------------------------------------------------------------------
     stopped = "max_epochs"
     session_start = time.perf_counter()
-    with run.logger(pos.step if run.saved is not None else None) as log, \
+    with run.logger(pos.step) as log, \
             run.progress(total_steps, pos.step, every=cfg.log_every) as bar:
         done = False
         while pos.epoch < cfg.max_epochs and not done:

@@ -34,6 +34,9 @@ def test_resume_drops_rows_after_the_saved_step_and_appends(tmp_path: Path) -> N
     with RunLogger(tmp_path, tensorboard=False) as log:  # resume_from=None keeps everything
         log.log(20, train_loss=-20.0)
     assert len(read_log(tmp_path / "log.csv")["train_loss"]) == 4
+    with RunLogger(tmp_path, resume_from=-1, tensorboard=False) as log:  # a fresh start: an earlier try's rows go
+        log.log(0, unigram_dev_loss=1.0)
+    assert read_log(tmp_path / "log.csv") == {"unigram_dev_loss": [(0, 1.0)]}
 
 
 class _FakeWriter:

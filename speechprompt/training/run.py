@@ -131,11 +131,13 @@ class RunDir:
 
     # -- logs, progress, plots -----------------------------------------------------------------------------------
 
-    def logger(self, resume_step: int | None) -> RunLogger | _NullLogger:
-        """``log.csv`` (+ TensorBoard) on the main process; rows past ``resume_step`` (replayed steps) are dropped."""
+    def logger(self, step: int) -> RunLogger | _NullLogger:
+        """``log.csv`` (+ TensorBoard) on the main process, holding only what this run has done: resumed at
+        ``step``, the rows a killed run logged after its saved step are dropped (they are replayed); started afresh,
+        an earlier attempt's rows are dropped."""
         if not self.dist.main:
             return _NullLogger()
-        return RunLogger(self.path, resume_from=resume_step)
+        return RunLogger(self.path, resume_from=step if self.saved is not None else -1)
 
     def progress(self, total: int, initial: int = 0, unit: str = "steps", every: int | None = None) -> Progress:
         return Progress(total, f"{self.kind} {self.path.name}", unit=unit, initial=initial, every=every,

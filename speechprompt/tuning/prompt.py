@@ -9,9 +9,7 @@
   (``embed_override``; the table itself is never copied or touched).
 * Init: normal (the papers), or from unit tokens (sampled, or a given unit string). An input prompt starts as
   their scaled embeddings; a deep prompt (``deep_init=activations``) as the k/v inputs the frozen LM computes for
-  them in every layer. On the demo's commands that start scored like the normal init (v2, 3 seeds, no averaging:
-  0.447 vs 0.428 on unseen voices, 0.371 vs 0.406 on the unseen synthesizer), so the papers' normal init stays the
-  default.
+  them in every layer. The papers' normal init stays the default (see docs/demo.md for how the two compared).
 
 For gslm_big (d=1024, 12 layers), L=5, deep, with the separator: ``25 * 1024 * 5 + 1024 = 129,024`` trainable
 parameters, the count SpeechPrompt reports.
