@@ -16,12 +16,30 @@ fairseq     ``SPEECHPROMPT_FAIRSEQ_PYTHON``         ``<repo>/.venv-fairseq/bin/p
 ==========  =====================================  ==============================================================
 
 A missing environment fails the test with the command that builds it: a parity test never skips silently.
+
+The rules, enforced by the pytest hooks below (``tests/conftest.py`` imports them) and by :func:`run_oracle`, so that
+``-m "not fairseq"`` deselects exactly the tests that need the oracle and no test uses it unmarked by accident:
+
+1. A test that uses an oracle carries its marker, ``@pytest.mark.fairseq``.
+2. A fixture that calls :func:`run_oracle` is named after the oracle, ``fairseq_*`` (``fairseq_hubert``,
+   ``fairseq_scores``...), and the prefix is kept for such fixtures. Collection fails for a test that has a
+   ``fairseq_*`` fixture anywhere in its fixture closure (directly, or through fixtures built on it) and lacks the
+   marker.
+3. :func:`run_oracle` fails unless the test being set up or run carries the marker and, when it is called while a
+   fixture is set up, unless that fixture is a ``fairseq_*`` one. A call hidden in a helper, in a fixture of
+   another name or at import time fails the first time it runs.
+4. No test module imports the reference library (a line ``import fairseq`` or ``from fairseq ...`` fails
+   collection): it runs only in its own environment.
+
+Oracle work is batched per test module: a module-scoped ``fairseq_*`` fixture asks one script for everything the
+module compares against, so that fairseq is imported once per module, not once per test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -31,6 +49,81 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ORACLES = REPO / "tests" / "oracles"
 _ENV_VARS = {"fairseq": "SPEECHPROMPT_FAIRSEQ_PYTHON"}
+NAMES = tuple(_ENV_VARS)  # each name is also the oracle's marker, and ``<name>_`` the prefix of its fixtures
+_IMPORTS = {name: re.compile(rf"^[ \t]*(?:import|from)[ \t]+{name}\b", re.MULTILINE) for name in NAMES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pytest hooks (rules 2 to 4)
+
+
+class _Running:
+    """What pytest is doing now, kept up to date by the hooks below: the test item being set up, run or torn down
+    (None outside one) and the stack of fixtures being set up (innermost last)."""
+
+    def __init__(self) -> None:
+        self.item: pytest.Item | None = None
+        self.fixtures: list[str] = []
+
+
+RUNNING = _Running()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Rules 2 and 4: fail collection, listing every offending test and module."""
+    problems, modules = [], set()
+    for item in items:
+        path = Path(item.path)
+        if path.suffix == ".py" and path not in modules:
+            modules.add(path)
+            source = path.read_text()
+            problems += [f"{path}: imports {name}, which runs only in its oracle environment (tests/oracle.py)"
+                         for name, pattern in _IMPORTS.items() if pattern.search(source)]
+        for name in NAMES:
+            used = sorted(f for f in item.fixturenames if f.startswith(f"{name}_"))
+            if used and item.get_closest_marker(name) is None:
+                problems.append(f"{item.nodeid}: uses {', '.join(used)} but is not marked @pytest.mark.{name}")
+    if problems:
+        raise pytest.UsageError("tests that break the oracle rules of tests/oracle.py:\n  " + "\n  ".join(problems))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Rule 3: which test is being set up, run or torn down."""
+    RUNNING.item = item
+    try:
+        return (yield)
+    finally:
+        RUNNING.item = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    """Rule 3: which fixture is being set up."""
+    RUNNING.fixtures.append(fixturedef.argname)
+    try:
+        return (yield)
+    finally:
+        RUNNING.fixtures.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running an oracle
+
+
+def _check_caller(oracle: str) -> None:
+    """Rule 3 of the module docstring: fail unless the running test is marked, and the fixture being set up (if
+    any) has the oracle's prefix."""
+    item = RUNNING.item
+    if item is None:
+        pytest.fail(f"run_oracle({oracle!r}) called outside a test (at import or collection time?); call it from a "
+                    f"{oracle}_* fixture or a test marked @pytest.mark.{oracle}", pytrace=False)
+    if item.get_closest_marker(oracle) is None:
+        pytest.fail(f"{item.nodeid} runs the {oracle} oracle but is not marked @pytest.mark.{oracle} (see "
+                    "tests/oracle.py)", pytrace=False)
+    if RUNNING.fixtures and not RUNNING.fixtures[-1].startswith(f"{oracle}_"):
+        pytest.fail(f"fixture {RUNNING.fixtures[-1]!r} runs the {oracle} oracle; name it {oracle}_... so that every "
+                    f"test using it must be marked @pytest.mark.{oracle} (see tests/oracle.py)", pytrace=False)
 
 
 def oracle_python(oracle: str) -> Path:
@@ -45,9 +138,10 @@ def run_oracle(oracle: str, script: str, out_dir: str | os.PathLike, timeout: fl
     Returns:
         ``out_dir`` (created), where the script wrote its files.
 
-    Fails the calling test (``pytest.fail``) when the environment is missing or the script fails, with the
-    script's stderr.
+    Fails the calling test (``pytest.fail``) when the environment is missing, when the script fails (with its
+    stderr), or when the caller breaks the marking rules of the module docstring.
     """
+    _check_caller(oracle)
     python = oracle_python(oracle)
     if not python.is_file():
         pytest.fail(f"the {oracle} oracle environment is missing ({python}); build it with `make oracle-env`, or "
