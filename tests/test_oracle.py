@@ -1,6 +1,6 @@
-"""The oracle rules of tests/oracle.py, checked on small test suites run by a separate pytest: collection fails for an
-unmarked test that uses a ``fairseq_*`` fixture and for a test module that imports fairseq, and ``run_oracle`` fails
-(never skips) when called against the rules or without its environment."""
+"""tests/oracle.py: its rules, checked on small test suites run by a separate pytest (collection fails for an unmarked
+test that uses a ``fairseq_*`` fixture and for a test module that imports fairseq; ``run_oracle`` fails, never skips,
+when called against the rules or without its environment), and what a failing oracle script reports."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import textwrap
 from pathlib import Path
 
 import oracle
+import pytest
+import torch
+from oracle import run_oracle
 
 LIB = "fairseq"  # spelled apart so that this module's own source does not import it, by the rule it tests
 CONFTEST = "from oracle import pytest_collection_modifyitems, pytest_fixture_setup, pytest_runtest_protocol\n"
@@ -94,3 +97,17 @@ def test_run_oracle_fails_against_the_rules_or_without_its_environment(tmp_path:
     assert "fixture 'misnamed' runs the fairseq oracle; name it fairseq_..." in out
     assert f"the fairseq oracle environment is missing ({tmp_path / 'no-such-env' / 'python'}); build it with " \
            "`make oracle-env`" in out
+
+
+@pytest.mark.fairseq
+def test_a_failing_script_fails_the_test_with_its_traceback_and_the_command(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_oracle("fairseq", "schedule", tmp_path, bad={"scheduler": "no_such_schedule", "updates": 1})
+    message = str(failure.value)
+    assert "oracle fairseq/schedule failed (exit 1)" in message
+    assert "KeyError: 'no_such_schedule'" in message  # the script's own traceback
+    assert f"run it by hand: cd {oracle.REPO} && " in message and "tests/oracles/fairseq/schedule.py" in message
+    # The next run is not disturbed by the failed one.
+    out = run_oracle("fairseq", "schedule", tmp_path / "again", good={"scheduler": "inverse_sqrt", "updates": 2,
+                                                                      "warmup_updates": 1, "lr": [1.0]})
+    assert torch.load(out / "rates.pt", weights_only=True)["good"] == pytest.approx([1.0, 0.5**0.5])
