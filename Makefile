@@ -22,7 +22,8 @@ ORACLE_VENV ?= .venv-fairseq
 ORACLE_PY := $(abspath $(ORACLE_VENV))/bin/python
 ORACLE_PIP := $(ORACLE_PY) -m pip --disable-pip-version-check -q
 ORACLE_REQS := tests/oracles/fairseq/requirements.txt
-ORACLE_STAMP := $(ORACLE_VENV)/.speechprompt-oracle-ok
+# Built once per torch and fairseq pin (and again when $(ORACLE_REQS) changes).
+ORACLE_STAMP := $(ORACLE_VENV)/.speechprompt-oracle-$(shell printf '%s' '$(TORCH_SPEC) $(FAIRSEQ_SPEC)' | cksum | cut -d' ' -f1)
 ifdef SPEECHPROMPT_FAIRSEQ_PYTHON
 ORACLE_FOR_TESTS :=
 else
