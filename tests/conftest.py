@@ -1,5 +1,6 @@
 """Fixtures that several test modules share: one torch thread, a tiny untrained unit LM saved to disk, a tiny random
-HuBERT and a two-tone audio corpus (the SUPERB tests), and two SUPERB checkpoints trained on them."""
+HuBERT and a two-tone audio corpus (the SUPERB tests), and two SUPERB checkpoints trained on them; and the hooks that
+enforce how tests use the reference oracles (tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+# The oracle rules of tests/oracle.py: these hooks fail collection for a test that uses an oracle's fixtures unmarked,
+# or for a test module that imports a reference library, and tell run_oracle which test and fixture are running.
+from oracle import pytest_collection_modifyitems, pytest_fixture_setup, pytest_runtest_protocol  # noqa: F401
 
 from speechprompt.config import from_dict, to_dict
 from speechprompt.devices import torch_threads

@@ -1,16 +1,23 @@
-"""The safe reader of fairseq/sklearn pickles: what it rebuilds, and what it refuses without running it."""
+"""The safe reader of fairseq/sklearn pickles: what it rebuilds, and what it refuses without running it.
+
+The artefacts of fairseq and of an older sklearn come from the fairseq oracle (tests/oracles/fairseq/artefacts.py),
+which writes them under numpy 1, as the official GSLM files were: their pickles name ``numpy.core.multiarray``, which
+numpy 2, the toolkit's, calls ``numpy._core``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 import torch
+from oracle import run_oracle
 from sklearn.cluster import MiniBatchKMeans
 
 from speechprompt.dictionary import Dictionary
@@ -63,28 +70,6 @@ def test_legacy_args_checkpoint(tmp_path: Path) -> None:
     assert float(ck["extra_state"]["best"]) == 1.5
 
 
-def test_omegaconf_cfg_and_fairseq_dictionary(tmp_path: Path) -> None:
-    """Older checkpoints pickle omegaconf containers and fairseq's Dictionary; both become plain data."""
-    from fairseq.data.dictionary import Dictionary as FairseqDictionary
-    from omegaconf import OmegaConf
-
-    fs_dict = FairseqDictionary()
-    for u in range(5):
-        fs_dict.add_symbol(str(u))
-    cfg = OmegaConf.create(
-        {"model": {"_name": "hubert", "encoder_layers": 3, "conv": [[512, 10, 5]]},
-         "task": {"normalize": True, "label_rate": 50.0, "labels": ["km"]}}
-    )
-    path = tmp_path / "hubert_like.pt"
-    torch.save({"cfg": cfg, "model": {"x": torch.ones(1)}, "task_state": {"dictionaries": [fs_dict]}}, path)
-    ck = load_fairseq_checkpoint(path)
-    assert ck["cfg"]["model"] == {"_name": "hubert", "encoder_layers": 3, "conv": [[512, 10, 5]]}
-    assert ck["cfg"]["task"]["normalize"] is True
-    d = ck["task_state"]["dictionaries"][0]
-    assert isinstance(d, Dictionary)
-    assert d.symbols == fs_dict.symbols and d.index("3") == fs_dict.index("3")
-
-
 def test_plain_torch_save_loads_and_garbage_is_a_clear_error(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
     torch.save({"a": [1, 2.0, "x", (3,)], "t": torch.randn(3, 3)}, good)
@@ -132,17 +117,6 @@ def test_dictionary_layout_and_dict_txt(tmp_path: Path) -> None:
         Dictionary.load(tmp_path / "dup.txt")
 
 
-def test_dictionary_matches_fairseq(tmp_path: Path) -> None:
-    from fairseq.data.dictionary import Dictionary as FairseqDictionary
-
-    path = tmp_path / "dict.txt"
-    path.write_text("".join(f"{u} {100 - u}\n" for u in range(20)))
-    ours, theirs = Dictionary.load(path), FairseqDictionary.load(str(path))
-    assert ours.symbols == theirs.symbols
-    line = "3 7 19 0"
-    assert ours.encode_line(line).tolist() == theirs.encode_line(line, add_if_not_exist=False).tolist()
-
-
 @pytest.mark.parametrize("compress", [0, 3, ("gzip", 3), ("bz2", 3), ("xz", 3)])
 def test_km_bin_centroids_equal_sklearn(tmp_path: Path, compress) -> None:
     rng = np.random.default_rng(0)
@@ -169,3 +143,108 @@ def test_km_bin_plain_pickle_and_errors(tmp_path: Path) -> None:
     garbage.write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointError):
         read_kmeans_pickle(garbage)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Artefacts fairseq and sklearn wrote under numpy 1
+
+HUBERT_LIKE_CFG = {"model": {"_name": "hubert", "encoder_layers": 3, "conv": [[512, 10, 5]]},
+                   "task": {"normalize": True, "label_rate": 50.0, "labels": ["km"]}}
+DICT_LINES = ["3 7 19 0", "19 19 5", ""]
+# GSLM's km.bin is a joblib pickle of a MiniBatchKMeans, in any of joblib's compressions; and plain pickles, whose
+# arrays name numpy.core.multiarray (protocol 2 also carries their bytes through _codecs.encode).
+KMEANS = {
+    **{f"km_{i}": {"n": 600, "dim": 8, "seed": 0, "float32": True, "compress": compress,
+                   "params": {"n_clusters": 7, "batch_size": 100, "n_init": 2, "random_state": 0}}
+       for i, compress in enumerate([0, 3, ["gzip", 3], ["bz2", 3], ["xz", 3]])},
+    **{f"km_pickle{protocol}": {"n": 200, "dim": 4, "seed": 1, "compress": "pickle", "protocol": protocol,
+                                "params": {"n_clusters": 3, "n_init": 1, "random_state": 0}}
+       for protocol in (2, 4)},
+}
+
+
+@pytest.fixture(scope="module")
+def fairseq_artefacts(tmp_path_factory) -> Path:
+    """The oracle's files for this module: a dict.txt read by fairseq, an omegaconf checkpoint with a fairseq
+    Dictionary and numpy values, and :data:`KMEANS`, all written under numpy 1."""
+    out = tmp_path_factory.mktemp("fairseq_artefacts")
+    (out / "dict.txt").write_text("".join(f"{u} {100 - u}\n" for u in range(20)))
+    return run_oracle("fairseq", "artefacts", out, dictionary={"dict_txt": str(out / "dict.txt"), "lines": DICT_LINES},
+                      checkpoint={"n_units": 5, "cfg": HUBERT_LIKE_CFG}, kmeans=KMEANS)
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+@pytest.fixture(scope="module")
+def numpy1_to_numpy2(fairseq_artefacts: Path) -> None:
+    """What the tests below are about: the files come from numpy 1 and are read under numpy 2."""
+    oracle_numpy = torch.load(fairseq_artefacts / "versions.pt", weights_only=True)["numpy"]
+    assert _major(oracle_numpy) == 1, f"the fairseq oracle runs numpy {oracle_numpy}; make oracle-env gives it numpy<2"
+    assert _major(np.__version__) >= 2, f"the toolkit's test environment runs numpy {np.__version__}, not 2 (make test)"
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle stream of a torch zip checkpoint, or the file itself."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    return path.read_bytes()
+
+
+@pytest.mark.fairseq
+def test_omegaconf_cfg_fairseq_dictionary_and_numpy1_values(fairseq_artefacts: Path, numpy1_to_numpy2) -> None:
+    """Older checkpoints pickle omegaconf containers and fairseq's Dictionary; both become plain data. The numpy
+    values of the trainer's state, pickled under numpy 1, come back as numpy values."""
+    path = fairseq_artefacts / "checkpoint.pt"
+    ref = torch.load(fairseq_artefacts / "checkpoint.ref.pt", weights_only=True)
+    raw = _pickle_bytes(path)
+    assert b"numpy.core.multiarray" in raw and b"numpy._core" not in raw
+    ck = load_fairseq_checkpoint(path)
+    assert ck["cfg"]["model"] == HUBERT_LIKE_CFG["model"] == {"_name": "hubert", "encoder_layers": 3,
+                                                                "conv": [[512, 10, 5]]}
+    assert ck["cfg"]["task"]["normalize"] is True
+    d = ck["task_state"]["dictionaries"][0]
+    assert isinstance(d, Dictionary)
+    assert d.symbols == ref["symbols"] and d.index("3") == ref["symbols"].index("3")
+    assert sorted(ck["model"]) == sorted(ref["model"])
+    for key, value in ref["model"].items():
+        assert torch.equal(ck["model"][key], value)
+
+    extra, want = ck["extra_state"], ref["extra_state"]
+    assert isinstance(extra["best"], np.float64) and extra["best"] == want["best"] == 4.125
+    assert isinstance(extra["val_loss"], np.float64) and extra["val_loss"] == want["val_loss"]
+    (loss_name, loss), (n_name, n) = extra["metrics"]["train"]
+    assert (loss_name, n_name) == ("loss", "nupdates")
+    assert isinstance(loss, np.float32) and loss == want["metrics"]["train"][0][1]
+    assert isinstance(n, np.int64) and n == want["metrics"]["train"][1][1]
+    history = extra["loss_history"]
+    assert isinstance(history, np.ndarray) and history.dtype == np.float64
+    np.testing.assert_array_equal(history, want["loss_history"].numpy())
+    assert extra["train_iterator"] == want["train_iterator"]
+
+
+@pytest.mark.fairseq
+def test_dictionary_matches_fairseq(fairseq_artefacts: Path) -> None:
+    ref = torch.load(fairseq_artefacts / "dictionary.pt", weights_only=True)
+    ours = Dictionary.load(fairseq_artefacts / "dict.txt")
+    assert ours.symbols == ref["symbols"]
+    for line, theirs in zip(DICT_LINES, ref["encoded"], strict=True):
+        assert ours.encode_line(line).tolist() == theirs
+
+
+@pytest.mark.fairseq
+@pytest.mark.parametrize("name", sorted(KMEANS))
+def test_km_bin_from_numpy1_sklearn(fairseq_artefacts: Path, numpy1_to_numpy2, name: str) -> None:
+    """GSLM's km.bin as an older sklearn under numpy 1 writes it, read under numpy 2: the fitted centroids."""
+    compress = KMEANS[name]["compress"]
+    path = fairseq_artefacts / (f"{name}.pkl" if compress == "pickle" else f"{name}.bin")
+    if compress == "pickle":
+        assert b"numpy.core.multiarray" in path.read_bytes()
+    elif compress == 0:  # joblib, uncompressed: the arrays follow their wrappers in the stream
+        assert b"NumpyArrayWrapper" in path.read_bytes()
+    expected = torch.load(fairseq_artefacts / "kmeans.ref.pt", weights_only=True)[name].numpy()
+    centers = read_kmeans_pickle(path)
+    assert centers.dtype == np.float32 and centers.shape == expected.shape
+    np.testing.assert_array_equal(centers, expected)

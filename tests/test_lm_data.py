@@ -1,4 +1,5 @@
-"""Packed LM data: reading unit files, the token stream, blocks and targets, and the step-indexed batch order."""
+"""Packed LM data: reading unit files, the token stream, blocks and targets (against fairseq's TokenBlockDataset,
+run as an oracle in its own environment, see tests/oracle.py), and the step-indexed batch order."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import run_oracle
 
 from speechprompt.dictionary import Dictionary
 from speechprompt.lm_data import (
@@ -79,22 +81,27 @@ def test_from_unit_files_concatenates_files_in_order(tmp_path: Path) -> None:
     assert ds.token_counts(8).tolist() == [0, 0, 2, 0, 0, 1, 1, 1]
 
 
+@pytest.fixture(scope="module")
+def fairseq_blocks(tmp_path_factory) -> tuple[list[np.ndarray], dict]:
+    """40 utterances, and the blocks fairseq's TokenBlockDataset cuts them into (tests/oracles/fairseq/lm_data.py)
+    for 5 and 16 tokens per sample."""
+    utterances = _utterances(40, seed=3)
+    sentences = [(u + 4).tolist() + [EOS] for u in utterances]  # units + 4 specials, then </s>
+    out = run_oracle("fairseq", "lm_data", tmp_path_factory.mktemp("fairseq_blocks"), sentences=sentences,
+                     tokens_per_sample=[5, 16], pad=PAD, eos=EOS)
+    return utterances, torch.load(out / "blocks.pt", weights_only=True)
+
+
 @pytest.mark.fairseq
 @pytest.mark.parametrize("tokens_per_sample", [5, 16])
-def test_blocks_equal_fairseq_token_block_dataset(tokens_per_sample: int) -> None:
-    from fairseq.data import TokenBlockDataset
-
-    dictionary = Dictionary.for_units(10)
-    utterances = _utterances(40, seed=3)
-    sentences = [torch.cat([torch.from_numpy(u) + 4, torch.tensor([EOS])]) for u in utterances]
-    theirs = TokenBlockDataset(sentences, [len(s) for s in sentences], tokens_per_sample, pad=PAD, eos=EOS,
-                               break_mode="none", include_targets=True)
-    ours = PackedLMDataset(build_stream(utterances, dictionary), tokens_per_sample)
-    assert len(ours) == len(theirs)
+def test_blocks_equal_fairseq_token_block_dataset(fairseq_blocks, tokens_per_sample: int) -> None:
+    utterances, blocks = fairseq_blocks
+    theirs = blocks[str(tokens_per_sample)]
+    ours = PackedLMDataset(build_stream(utterances, Dictionary.for_units(10)), tokens_per_sample)
+    assert len(ours) == len(theirs["source"]) == len(theirs["target"])
     for i in range(len(ours)):
-        source, target, _ = theirs[i]
-        assert torch.equal(ours[i][0], source)
-        assert torch.equal(ours[i][1], target)
+        assert torch.equal(ours[i][0], theirs["source"][i])
+        assert torch.equal(ours[i][1], theirs["target"][i])
 
 
 def test_each_epoch_visits_every_block_once_in_a_seeded_order() -> None:

@@ -1,9 +1,11 @@
-"""LR schedules: warmup and decay values, the optimizer config's rate, and parity with fairseq's schedulers."""
+"""LR schedules: warmup and decay values, the optimizer config's rate, and parity with fairseq's schedulers (run as
+an oracle in its own environment, see tests/oracle.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from oracle import run_oracle
 
 from speechprompt.training.optim import OptimConfig
 from speechprompt.training.schedule import SCHEDULES, constant, cosine, get_schedule, inverse_sqrt, lr_at
@@ -52,39 +54,34 @@ def test_optim_config_rate_is_lr_at_with_decay_steps_over_the_run(name: str) -> 
     assert [fixed.lr_at(s, 999) for s in range(25)] == [lr_at(name, s, 0.5, 3, 20, 0.2) for s in range(25)]
 
 
-def _fairseq_rates(scheduler_cls: type, cfg: object, updates: int) -> list[float]:
-    """fairseq's rate for the update after ``n`` finished updates, for n = 1..updates."""
-    from fairseq.optim import FairseqOptimizer
+# fairseq's schedulers, as the oracle runs them (tests/oracles/fairseq/schedule.py): with warmup_init_lr=0 fairseq's
+# warmup is linear from 0 as ours (its default starts at min_lr instead).
+FAIRSEQ_SCHEDULES = {
+    "inverse_sqrt": dict(scheduler="inverse_sqrt", warmup_updates=8, warmup_init_lr=0.0, lr=[5e-4], updates=60),
+    "cosine": dict(scheduler="cosine", warmup_updates=5, warmup_init_lr=0.0, lr=[1e-3], min_lr=1e-4, max_update=50,
+                   updates=50),
+}
 
-    class _Optimizer(FairseqOptimizer):
-        def __init__(self) -> None:
-            super().__init__(None)
-            self._optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
 
-    opt = _Optimizer()
-    sched = scheduler_cls(cfg, opt)
-    return [sched.step_update(n) for n in range(1, updates + 1)]
+@pytest.fixture(scope="module")
+def fairseq_rates(tmp_path_factory) -> dict[str, list[float]]:
+    """fairseq's rate for the update after ``n`` finished updates, n = 1..updates, for each of
+    :data:`FAIRSEQ_SCHEDULES`."""
+    out = run_oracle("fairseq", "schedule", tmp_path_factory.mktemp("fairseq_rates"), **FAIRSEQ_SCHEDULES)
+    return torch.load(out / "rates.pt", weights_only=True)
 
 
 @pytest.mark.fairseq
-def test_inverse_sqrt_equals_fairseq_shifted_by_one_update() -> None:
-    from fairseq.optim.lr_scheduler.inverse_square_root_schedule import (
-        InverseSquareRootLRScheduleConfig,
-        InverseSquareRootSchedule,
-    )
-
-    cfg = InverseSquareRootLRScheduleConfig(warmup_updates=8, warmup_init_lr=0.0, lr=[5e-4])
-    theirs = _fairseq_rates(InverseSquareRootSchedule, cfg, 60)
+def test_inverse_sqrt_equals_fairseq_shifted_by_one_update(fairseq_rates) -> None:
+    theirs = fairseq_rates["inverse_sqrt"]
+    assert len(theirs) == 60
     ours = [lr_at("inverse_sqrt", s, 5e-4, warmup_steps=8) for s in range(60)]
     assert ours == pytest.approx(theirs, rel=1e-12)
 
 
 @pytest.mark.fairseq
-def test_cosine_equals_fairseq_after_warmup() -> None:
-    from fairseq.optim.lr_scheduler.cosine_lr_scheduler import CosineLRSchedule, CosineLRScheduleConfig
-
-    cfg = CosineLRScheduleConfig(warmup_updates=5, warmup_init_lr=0.0, lr=[1e-3], min_lr=1e-4, max_update=50)
-    theirs = _fairseq_rates(CosineLRSchedule, cfg, 50)
+def test_cosine_equals_fairseq_after_warmup(fairseq_rates) -> None:
+    theirs = fairseq_rates["cosine"]
+    assert len(theirs) == 50
     ours = [lr_at("cosine", s, 1e-3, warmup_steps=5, total_steps=50, min_ratio=0.1) for s in range(50)]
-    # With warmup_init_lr=0 fairseq's warmup is linear from 0 as ours (its default starts at min_lr instead).
     assert ours == pytest.approx(theirs, rel=1e-12)

@@ -1,4 +1,5 @@
-"""`speechprompt score`: eval_lm-style log-probabilities, checked against fairseq's own SequenceScorer."""
+"""`speechprompt score`: eval_lm-style log-probabilities, checked against fairseq's own SequenceScorer (run as an
+oracle in its own environment: tests/oracles/fairseq/unit_lm.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import run_oracle
 
 from speechprompt.cli import main
 from speechprompt.dictionary import Dictionary
@@ -16,15 +18,16 @@ N_UNITS = 12
 LINES = ["3 3 7 0 11", "", "5", "1 2 3 4 5 6 7 8 9 10 11 0 1 2", "8 8"]
 
 
-@pytest.fixture()
-def lm(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> Path:
+    """A tiny random unit LM saved by our code, with its dict.txt. Read only."""
     torch.manual_seed(0)
     model = UnitLM(UnitLMConfig.named("tiny", vocab_size=N_UNITS + 4, embed_dim=32, ffn_dim=64)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    path = tmp_path / "lm" / "checkpoint_best.pt"
+    path = tmp_path_factory.mktemp("lm") / "checkpoint_best.pt"
     save_unit_lm(model, Dictionary.for_units(N_UNITS), path)
     return path
 
@@ -34,29 +37,23 @@ def _score(capsys, *args: str) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.fairseq
-def test_matches_fairseq_sequence_scorer(tmp_path: Path, lm: Path, capsys) -> None:
-    from fairseq import checkpoint_utils
-    from fairseq.sequence_scorer import SequenceScorer
+@pytest.fixture(scope="module")
+def fairseq_scores(lm: Path, tmp_path_factory) -> list[dict]:
+    """fairseq loads :func:`lm` and scores :data:`LINES` with its SequenceScorer."""
+    out = run_oracle("fairseq", "unit_lm", tmp_path_factory.mktemp("fairseq_scores"), load={"lm": str(lm)},
+                     score={"lm": LINES})
+    return torch.load(out / "lm.ref.pt", weights_only=True)["scores"]
 
+
+@pytest.mark.fairseq
+def test_matches_fairseq_sequence_scorer(tmp_path: Path, lm: Path, fairseq_scores: list[dict], capsys) -> None:
     units = tmp_path / "test.units"
     units.write_text("\n".join(LINES) + "\n")
     ours = _score(capsys, "--checkpoint", str(lm), "--units", str(units), "--batch-size", "2")
-    assert len(ours) == len(LINES)
-
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(lm)])
-    fs_model = models[0].eval()
-    d = task.target_dictionary
-    scorer = SequenceScorer(d)
-    for line, result in zip(LINES, ours):
-        ids = [d.index(u) for u in line.split()] + [d.eos()]
-        src = torch.tensor([[d.eos(), *ids[:-1]]])
-        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(ids)])},
-                  "target": torch.tensor([ids])}
-        with torch.no_grad():
-            hypo = scorer.generate([fs_model], sample)[0][0]
-        assert result["tokens"] == len(ids)
-        assert result["logprob"] == pytest.approx(float(hypo["positional_scores"].sum()), abs=1e-4)
+    assert len(ours) == len(fairseq_scores) == len(LINES)
+    for result, theirs in zip(ours, fairseq_scores):
+        assert result["tokens"] == theirs["tokens"]
+        assert result["logprob"] == pytest.approx(theirs["logprob"], abs=1e-4)
 
 
 def test_batch_size_does_not_change_scores(tmp_path: Path, lm: Path, capsys) -> None:

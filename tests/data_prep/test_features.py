@@ -1,16 +1,16 @@
-"""Feature readers: the registry, descriptions, and the HuBERT reader against fairseq's GSLM reader."""
+"""Feature readers: the registry, descriptions, and the HuBERT reader against fairseq's GSLM reader (run as an oracle
+in its own environment, see tests/oracle.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from oracle import run_oracle
 
 from speechprompt.audio import load_audio
 from speechprompt.data_prep import features
@@ -160,46 +160,36 @@ def test_hubert_reader_errors_are_clear(tmp_path: Path) -> None:
         build_feature_reader("hubert", checkpoint=tmp_path / "h.pt", layer=3)
 
 
+@pytest.fixture(scope="module")
+def fairseq_gslm(tmp_path_factory) -> tuple[Path, dict[bool, tuple[Path, dict]]]:
+    """A 3-layer fairseq HuBERT saved by fairseq (with and without waveform normalisation in its task config), and the
+    features of fairseq's GSLM ``HubertFeatureReader.get_feats`` (layer 2, chunks of 1000 samples) for one wav file,
+    from one oracle run (tests/oracles/fairseq/hubert.py). Returns the wav and ``{normalize: (checkpoint, ref)}``."""
+    out = tmp_path_factory.mktemp("fairseq_gslm")
+    audio = out / "utt.wav"
+    sf.write(audio, _wav(3500, seed=3), 16000)  # PCM16: both readers see the same samples
+    model = dict(encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4,
+                 conv_pos=8, conv_pos_groups=4, final_dim=8,
+                 conv_feature_layers="[(16,10,5)] + [(16,3,2)] * 2 + [(16,2,2)] * 2")
+    gslm = {"audio": str(audio), "layer": 2, "max_chunk": 1000}
+    models = {f"normalize_{n}": {"model": model, "task": {"label_rate": 50.0, "normalize": n}, "dict_sizes": [10],
+                                 "checkpoint": "container", "gslm": gslm}
+              for n in (False, True)}
+    run_oracle("fairseq", "hubert", out, models=models)
+    return audio, {n: (out / f"normalize_{n}.pt", torch.load(out / f"normalize_{n}.ref.pt", weights_only=True))
+                   for n in (False, True)}
+
+
 @pytest.mark.fairseq
 @pytest.mark.parametrize("normalize", [False, True])
-def test_hubert_reader_matches_fairseq_gslm_reader(tmp_path: Path, normalize: bool) -> None:
+def test_hubert_reader_matches_fairseq_gslm_reader(fairseq_gslm, normalize: bool) -> None:
     """fairseq's own HubertModel and GSLM HubertFeatureReader.get_feats as the oracle, chunking included."""
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.examples.textless_nlp.gslm.speech2unit.pretrained.hubert_feature_reader import (
-        HubertFeatureReader as GslmReader,
-    )
-    from fairseq.models.hubert.hubert import HubertConfig as FsHubertConfig
-    from fairseq.models.hubert.hubert import HubertModel as FsHubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-    from omegaconf import OmegaConf
-
-    full = OmegaConf.create({
-        "model": FsHubertConfig(encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
-                                encoder_attention_heads=4, conv_pos=8, conv_pos_groups=4, final_dim=8,
-                                conv_feature_layers="[(16,10,5)] + [(16,3,2)] * 2 + [(16,2,2)] * 2"),
-        "task": HubertPretrainingConfig(data="/data", labels=["km"], label_rate=50.0, normalize=normalize),
-    })
-    dictionary = Dictionary()
-    for u in range(10):
-        dictionary.add_symbol(str(u))
-    torch.manual_seed(0)
-    fs_model = FsHubertModel(full.model, full.task, [dictionary]).eval()
-    ckpt = tmp_path / "hubert.pt"
-    torch.save({"args": None, "cfg": OmegaConf.to_container(full, resolve=True, enum_to_str=True),
-                "model": fs_model.state_dict(), "task_state": {"dictionaries": [dictionary]}}, ckpt)
-
-    # fairseq's checkpoint loader fails under this torch (see DESIGN.md), so the GSLM reader gets the model
-    # directly; get_feats, which does the reading, normalising and chunking, is fairseq's own code.
-    gslm = GslmReader.__new__(GslmReader)
-    gslm.model, gslm.layer, gslm.max_chunk, gslm.use_cuda = fs_model, 2, 1000, False
-    gslm.task = types.SimpleNamespace(cfg=types.SimpleNamespace(normalize=normalize, sample_rate=16000))
-
+    audio, models = fairseq_gslm
+    ckpt, ref = models[normalize]
     ours = HubertFeatureReader.from_checkpoint(ckpt, layer=2)
     ours.max_chunk = 1000
-    audio = tmp_path / "utt.wav"
-    sf.write(audio, _wav(3500, seed=3), 16000)  # PCM16: both readers see the same samples
-    expected = gslm.get_feats(str(audio))
+    assert ours.describe()["normalize"] is normalize
+    expected = ref["gslm_features"]
     got = ours.read(load_audio(audio))
     assert got.shape == expected.shape == (3 * 12 + 6, 32)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,13 +1,13 @@
 """Tests for speechprompt.models.hubert: config parsing, loading, tuning hooks, and parity with fairseq's HubertModel.
 
-The parity tests build tiny fairseq models with fairseq's own classes, save them in fairseq's checkpoint format
-(with a real fairseq ``Dictionary`` in ``task_state``) and load them with :func:`load_hubert`, which never imports
-fairseq.
+The parity tests have fairseq build tiny models with its own classes and save them in its checkpoint format (with
+real fairseq ``Dictionary`` objects in ``task_state``), in its own environment (tests/oracles/fairseq/hubert.py, run
+through tests/oracle.py); :func:`load_hubert`, which never imports fairseq, loads them here and must give fairseq's
+outputs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from oracle import run_oracle
 
 from speechprompt.config import ConfigError, to_dict
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
@@ -275,8 +275,10 @@ def test_load_hubert_refuses_malicious_pickle(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parity with fairseq
+# Parity with fairseq (tests/oracles/fairseq/hubert.py builds the models, saves them and encodes the inputs)
 
+MODEL_FIELDS = dict(encoder_layers=3, encoder_ffn_embed_dim=64, encoder_attention_heads=4, conv_pos_groups=4,
+                    final_dim=8)
 PARITY_CONFIGS = {
     # HuBERT base style: post-LN, GroupNorm on the first conv, conv dim != D (post_extract_proj), odd conv_pos.
     "post_ln_base": dict(
@@ -293,82 +295,52 @@ PARITY_CONFIGS = {
         normalize=True, n_dicts=2,
     ),
 }
+LAYERS = [1, 2, 3, None]
 
 
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Give every parameter a distinctive random value, so that a swapped or skipped one shows up."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g)
-                if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                    p.copy_((1.0 if name == "weight" else 0.0) + 0.3 * noise)
-                elif name == "weight_g":
-                    p.copy_(p * (1.0 + 0.3 * noise.abs()))
-                elif name == "bias":
-                    p.copy_(0.1 * noise)
-                else:
-                    fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-                    p.copy_(noise / fan_in**0.5)
+def _spec(name: str, checkpoint: str = "container") -> dict:
+    config = PARITY_CONFIGS[name]
+    return {"model": {**MODEL_FIELDS, **config["model"]},
+            "task": {"label_rate": 50.0, "normalize": config["normalize"]},
+            "dict_sizes": [10 + 5 * i for i in range(config["n_dicts"])], "randomize_seed": len(name),
+            "checkpoint": checkpoint}
 
 
-def _build_fairseq(name: str, path: Path, dictconfig: bool = False):
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert.hubert import HubertConfig as FsHubertConfig
-    from fairseq.models.hubert.hubert import HubertModel as FsHubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-    from omegaconf import OmegaConf
-
-    spec = PARITY_CONFIGS[name]
-    model_cfg = FsHubertConfig(encoder_layers=3, encoder_ffn_embed_dim=64, encoder_attention_heads=4,
-                               conv_pos_groups=4, final_dim=8, **spec["model"])
-    task_cfg = HubertPretrainingConfig(data="/data", labels=[f"km{i}" for i in range(spec["n_dicts"])],
-                                       label_rate=50.0, normalize=spec["normalize"])
-    full = OmegaConf.create({"common": {"seed": 1}, "model": model_cfg, "task": task_cfg})
-    dictionaries = []
-    for i in range(spec["n_dicts"]):
-        d = Dictionary()
-        for u in range(10 + 5 * i):
-            d.add_symbol(str(u))
-        dictionaries.append(d)
-    torch.manual_seed(0)
-    model = FsHubertModel(full.model, full.task, dictionaries)
-    _randomize(model, seed=len(name))
-    model.eval()
-    plain = OmegaConf.to_container(full, resolve=True, enum_to_str=True)  # what fairseq's trainer saves
-    cfg = OmegaConf.create(plain) if dictconfig else plain
-    torch.save({"args": None, "cfg": cfg, "model": model.state_dict(), "task_state": {"dictionaries": dictionaries},
-                "extra_state": {}, "optimizer_history": [], "last_optimizer_state": None}, path)
-    return model
-
-
-@pytest.fixture(scope="module")
-def fairseq_models(tmp_path_factory):
-    out = {}
-    for name in PARITY_CONFIGS:
-        path = tmp_path_factory.mktemp("hubert") / f"{name}.pt"
-        out[name] = (_build_fairseq(name, path), path)
-    return out
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     source = torch.randn(3, 2000, generator=g)
     padding = torch.zeros(3, 2000, dtype=torch.bool)
     padding[1, 1300:] = True
     padding[2, 777:] = True
     source[padding] = 0.0
-    return source, padding
+    return {"source": source, "padding": padding}
+
+
+@pytest.fixture(scope="module")
+def fairseq_hubert(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Every fairseq model of this module, from one oracle run: ``{name: (checkpoint or None, reference)}``.
+
+    The parity models, ``pre_ln_large`` once more with its config pickled as an omegaconf DictConfig, and the
+    base model (shapes and config only)."""
+    out = tmp_path_factory.mktemp("fairseq_hubert")
+    torch.save(_batch(), out / "inputs.pt")
+    models = {name: _spec(name) for name in PARITY_CONFIGS}
+    models["dictconfig"] = _spec("pre_ln_large", checkpoint="dictconfig")
+    # hubert_base_ls960: 500 units (+ 4 special symbols = 504 classes), fairseq's defaults otherwise.
+    models["base"] = {"model": dict(final_dim=256, untie_final_proj=True, dropout_input=0.1, feature_grad_mult=0.1),
+                      "task": {"label_rate": 50.0}, "dict_sizes": [500], "checkpoint": None}
+    run_oracle("fairseq", "hubert", out, models=models, inputs=str(out / "inputs.pt"), layers=LAYERS)
+    return {name: (out / f"{name}.pt" if spec["checkpoint"] else None,
+                   torch.load(out / f"{name}.ref.pt", weights_only=True))
+            for name, spec in models.items()}
 
 
 @pytest.mark.fairseq
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_state_dict_keys_match_fairseq(fairseq_models, name):
-    fs_model, path = fairseq_models[name]
+def test_state_dict_keys_match_fairseq(fairseq_hubert, name):
+    path, ref = fairseq_hubert[name]
     ours, _ = load_hubert(path)
-    fs_sd, our_sd = fs_model.state_dict(), ours.state_dict()
+    fs_sd, our_sd = ref["state_dict"], ours.state_dict()
     assert sorted(our_sd) == sorted(fs_sd)
     for key in fs_sd:
         assert our_sd[key].shape == fs_sd[key].shape, key
@@ -376,68 +348,57 @@ def test_state_dict_keys_match_fairseq(fairseq_models, name):
 
 
 @pytest.mark.fairseq
-def test_base_state_dict_keys_match_fairseq():
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.models.hubert.hubert import HubertConfig as FsHubertConfig
-    from fairseq.models.hubert.hubert import HubertModel as FsHubertModel
-    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-    from omegaconf import OmegaConf
-
-    d = Dictionary()
-    for u in range(500):  # + 4 special symbols = 504 classes, as hubert_base_ls960
-        d.add_symbol(str(u))
-    full = OmegaConf.create({
-        "model": FsHubertConfig(final_dim=256, untie_final_proj=True, dropout_input=0.1, feature_grad_mult=0.1),
-        "task": HubertPretrainingConfig(data="/data", labels=["km"], label_rate=50.0),
-    })
-    fs_shapes = {k: v.shape for k, v in FsHubertModel(full.model, full.task, [d]).state_dict().items()}
-    ours = HubertConfig.from_fairseq(OmegaConf.to_container(full.model, resolve=True, enum_to_str=True))
+def test_base_state_dict_keys_match_fairseq(fairseq_hubert):
+    _, ref = fairseq_hubert["base"]
+    ours = HubertConfig.from_fairseq(ref["model_cfg"])
     assert ours == HubertConfig.base()
-    our_shapes = {k: v.shape for k, v in HubertModel(ours, [504]).state_dict().items()}
-    assert our_shapes == fs_shapes
+    our_shapes = {k: list(v.shape) for k, v in HubertModel(ours, [504]).state_dict().items()}
+    assert our_shapes == ref["shapes"]
 
 
 @pytest.mark.fairseq
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_layer_outputs_match_fairseq(fairseq_models, name, padded):
-    fs_model, path = fairseq_models[name]
+def test_layer_outputs_match_fairseq(fairseq_hubert, name, padded):
+    """Our whole path (normalize_waveform, then the model) against fairseq's (HubertDataset's normalisation, then
+    its model), on every layer."""
+    path, ref = fairseq_hubert[name]
     ours, task_cfg = load_hubert(path)
     assert task_cfg["normalize"] is PARITY_CONFIGS[name]["normalize"]
-    source, padding = _batch()
+    batch = _batch()
+    source, padding = batch["source"], batch["padding"]
     source = torch.stack([normalize_waveform(s, task_cfg) for s in source])
+    torch.testing.assert_close(source, ref["input"], rtol=0, atol=1e-6)
     padding_mask = padding if padded else None
+    expected = ref["features"]["padded" if padded else "unpadded"]
     with torch.no_grad():
-        for layer in (1, 2, 3, None):
-            expected, fs_mask = fs_model.extract_features(source, padding_mask, mask=False, output_layer=layer)
+        for layer in LAYERS:
             got = ours.extract_features(source, padding_mask, output_layer=layer)
-            assert got.shape == expected.shape
+            want = expected["final" if layer is None else str(layer)]
+            assert got.shape == want.shape
             if padded:
                 frame_mask = ours.frame_padding_mask(padding, got.shape[1])
-                assert torch.equal(frame_mask, fs_mask)
+                assert torch.equal(frame_mask, ref["frame_padding"])
                 assert frame_mask.any() and not frame_mask.all()
                 real = ~frame_mask
-                torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+                torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-5)
             else:
-                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.fairseq
-def test_dictconfig_checkpoint_loads(tmp_path):
-    path = tmp_path / "dictconfig.pt"
-    fs_model = _build_fairseq("pre_ln_large", path, dictconfig=True)
+def test_dictconfig_checkpoint_loads(fairseq_hubert):
+    path, ref = fairseq_hubert["dictconfig"]
     ours, task_cfg = load_hubert(path)
     assert task_cfg["normalize"] is True and ours.cfg.layer_norm_first
-    source, _ = _batch()
     with torch.no_grad():
-        expected, _ = fs_model.extract_features(source, None, mask=False, output_layer=2)
-        torch.testing.assert_close(ours.extract_features(source, output_layer=2), expected, rtol=0, atol=1e-5)
+        got = ours.extract_features(ref["input"], output_layer=2)
+    torch.testing.assert_close(got, ref["features"]["unpadded"]["2"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.fairseq
-def test_loading_never_imports_fairseq(fairseq_models):
-    _, path = fairseq_models["post_ln_base"]
+def test_loading_never_imports_fairseq(fairseq_hubert):
+    path, _ = fairseq_hubert["post_ln_base"]
     code = textwrap.dedent(f"""
         import sys
         from speechprompt.models.hubert import load_hubert

@@ -1,13 +1,14 @@
-"""The unit LM: parity with fairseq's transformer_lm, checkpoint import/export, and the tuning hooks."""
+"""The unit LM: parity with fairseq's transformer_lm (run as an oracle in its own environment, see tests/oracle.py),
+checkpoint import/export, and the tuning hooks."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
 import pytest
 import torch
+from oracle import run_oracle
 
 from speechprompt.config import ConfigError
 from speechprompt.dictionary import Dictionary
@@ -54,44 +55,10 @@ def _left_pad(tokens: torch.Tensor, n_pad: list[int], pad: int = 1) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fairseq parity
+# fairseq parity (tests/oracles/fairseq/unit_lm.py builds, saves and loads the fairseq models)
 
-
-def _fairseq_lm(**cfg_fields):
-    """A fairseq TransformerLanguageModel built from its own config dataclass and a tiny dictionary."""
-    from fairseq.data import Dictionary as FsDictionary
-    from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
-    from omegaconf import OmegaConf
-
-    d = FsDictionary()
-    for u in range(N_UNITS):
-        d.add_symbol(str(u))
-
-    class Task:
-        source_dictionary = target_dictionary = d
-
-    fields = dict(decoder_embed_dim=32, decoder_input_dim=32, decoder_output_dim=32, decoder_ffn_embed_dim=64,
-                  decoder_layers=2, decoder_attention_heads=4, add_bos_token=False, tokens_per_sample=64,
-                  max_target_positions=64, tpu=False)
-    fields.update(cfg_fields)
-    cfg = OmegaConf.structured(TransformerLanguageModelConfig(**fields))
-    torch.manual_seed(0)
-    model = TransformerLanguageModel.build_model(cfg, Task()).eval()
-    _randomize(model)
-    return model, d, OmegaConf.to_container(cfg, enum_to_str=True)
-
-
-def _save_fairseq_style(tmp_path: Path, model, fs_dict, model_cfg: dict) -> Path:
-    """What fairseq's checkpoint_utils.save_state writes (cfg as a plain container), plus dict.txt beside it."""
-    path = tmp_path / "checkpoint_best.pt"
-    task = {"_name": "language_modeling", "data": str(tmp_path), "tokens_per_sample": 64,
-            "max_target_positions": 64}
-    torch.save({"args": None, "cfg": {"model": model_cfg, "task": task}, "model": model.state_dict(),
-                "optimizer_history": [], "extra_state": {}}, path)
-    fs_dict.save(str(tmp_path / "dict.txt"))
-    return path
-
-
+FS_FIELDS = dict(decoder_embed_dim=32, decoder_input_dim=32, decoder_output_dim=32, decoder_ffn_embed_dim=64,
+                 decoder_layers=2, decoder_attention_heads=4)
 PARITY_CONFIGS = {
     "preln_sinusoidal_tied_finalnorm": dict(decoder_normalize_before=True, share_decoder_input_output_embed=True),
     "postln_learned_untied": dict(decoder_normalize_before=False, decoder_learned_pos=True),
@@ -99,77 +66,84 @@ PARITY_CONFIGS = {
         decoder_normalize_before=True, no_decoder_final_norm=True, decoder_learned_pos=True,
         share_decoder_input_output_embed=True, no_scale_embedding=True, activation_fn="gelu"),
 }
+# A legacy checkpoint stores argparse args; absent fields come from the arch (pre-LN forced, 12 layers...).
+LEGACY_ARGS = dict(arch="transformer_lm_big", decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                   decoder_attention_heads=4, decoder_normalize_before=False, share_decoder_input_output_embed=True,
+                   tokens_per_sample=64)
+EXPORTS = {"export_default": {}, "export_postln_learned_untied": dict(
+    normalize_before=False, final_layer_norm=False, learned_pos=True, tie_embeddings=False)}
+FS_PAD = 1
+
+
+def _padded() -> torch.Tensor:
+    padded = _batch().clone()
+    padded[0, 4:] = FS_PAD
+    padded[2, 6:] = FS_PAD
+    return padded
+
+
+@pytest.fixture(scope="module")
+def fairseq_unit_lm(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """One oracle run for the module: ``{name: (checkpoint, reference)}`` for the LMs fairseq builds and saves
+    (:data:`PARITY_CONFIGS` and ``legacy``), and for our exports (:data:`EXPORTS`) that fairseq loads."""
+    out = tmp_path_factory.mktemp("fairseq_unit_lm")
+    exports = {}
+    for name, overrides in EXPORTS.items():
+        exports[name] = out / name / "ulm.pt"
+        save_unit_lm(_tiny(**overrides), Dictionary.for_units(N_UNITS), exports[name], extra={"note": "test"})
+        assert (exports[name].parent / "dict.txt").is_file()
+    build = {name: {"n_units": N_UNITS, "cfg": {**FS_FIELDS, **fields},
+                    "interpolate_max_positions": name.startswith("preln_sinusoidal")}
+             for name, fields in PARITY_CONFIGS.items()}
+    build["legacy"] = {"n_units": N_UNITS, "legacy_args": LEGACY_ARGS}
+    run_oracle("fairseq", "unit_lm", out, tokens={"plain": _batch().tolist(), "padded": _padded().tolist()},
+               build=build, load={name: str(path) for name, path in exports.items()})
+    paths = {**{name: out / name / "checkpoint_best.pt" for name in build}, **exports}
+    return {name: (path, torch.load(out / f"{name}.ref.pt", weights_only=True)) for name, path in paths.items()}
 
 
 @pytest.mark.fairseq
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
-def test_logits_match_fairseq(tmp_path: Path, name: str) -> None:
-    fs_model, fs_dict, model_cfg = _fairseq_lm(**PARITY_CONFIGS[name])
-    if name.startswith("preln_sinusoidal"):
-        model_cfg["max_target_positions"] = "${task.max_target_positions}"  # as fairseq saves an interpolation
-    path = _save_fairseq_style(tmp_path, fs_model, fs_dict, model_cfg)
+def test_logits_match_fairseq(fairseq_unit_lm, name: str) -> None:
+    path, ref = fairseq_unit_lm[name]
     model, dictionary = load_unit_lm(path)
-    assert len(dictionary) == len(fs_dict) == model.cfg.vocab_size
+    assert len(dictionary) == ref["vocab"] == model.cfg.vocab_size
     assert model.cfg.normalize_before == PARITY_CONFIGS[name]["decoder_normalize_before"]
     assert model.cfg.max_positions == 64
 
-    tokens = _batch()
     with torch.no_grad():
-        ref = fs_model(tokens)[0]
-        ours = model(tokens)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        ours = model(_batch())
+    torch.testing.assert_close(ours, ref["logits"]["plain"], atol=1e-5, rtol=1e-5)
 
     # Right padding: equal on the real positions.
-    padded = tokens.clone()
-    padded[0, 4:] = fs_dict.pad()
-    padded[2, 6:] = fs_dict.pad()
-    real = padded.ne(fs_dict.pad())
+    assert ref["pad"] == FS_PAD == model.padding_idx
+    padded = _padded()
+    real = padded.ne(FS_PAD)
     with torch.no_grad():
-        ref = fs_model(padded)[0]
         ours = model(padded)
-    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[real], ref["logits"]["padded"][real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.fairseq
-def test_legacy_args_checkpoint_takes_transformer_lm_big_defaults(tmp_path: Path) -> None:
-    """A legacy checkpoint stores argparse args; absent fields come from the arch (pre-LN forced, 12 layers...)."""
-    from fairseq.models.transformer_lm import transformer_lm_big
-
-    args = argparse.Namespace(arch="transformer_lm_big", decoder_layers=2, decoder_embed_dim=32,
-                              decoder_ffn_embed_dim=64, decoder_attention_heads=4, decoder_normalize_before=False,
-                              share_decoder_input_output_embed=True, tokens_per_sample=64)
-    saved = copy.deepcopy(args)
-    transformer_lm_big(args)
-    defining = ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
-                "decoder_normalize_before", "no_decoder_final_norm", "share_decoder_input_output_embed",
-                "decoder_learned_pos", "no_scale_embedding", "activation_fn")
-    fs_model, fs_dict, _ = _fairseq_lm(**{k: getattr(args, k) for k in defining})
-    path = tmp_path / "legacy.pt"
-    torch.save({"args": saved, "model": fs_model.state_dict()}, path)
-    fs_dict.save(str(tmp_path / "dict.txt"))
+def test_legacy_args_checkpoint_takes_transformer_lm_big_defaults(fairseq_unit_lm) -> None:
+    path, ref = fairseq_unit_lm["legacy"]
+    resolved = ref["resolved_args"]
+    assert resolved["decoder_normalize_before"] and not LEGACY_ARGS["decoder_normalize_before"]  # the arch forces it
     model, _ = load_unit_lm(path)
     assert model.cfg.normalize_before and model.cfg.final_layer_norm and model.cfg.tie_embeddings
-    tokens = _batch()
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), fs_model(tokens)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(_batch()), ref["logits"]["plain"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.fairseq
-@pytest.mark.parametrize("overrides", [{}, dict(normalize_before=False, final_layer_norm=False, learned_pos=True,
-                                                tie_embeddings=False)])
-def test_export_loads_in_fairseq(tmp_path: Path, overrides: dict) -> None:
-    from fairseq import checkpoint_utils
-
-    model = _tiny(**overrides)
-    path = tmp_path / "export" / "ulm.pt"
-    save_unit_lm(model, Dictionary.for_units(N_UNITS), path, extra={"note": "test"})
-    assert (path.parent / "dict.txt").is_file()
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], strict=True)
-    fs_model = models[0].eval()
-    assert len(task.source_dictionary) == N_UNITS + 4
-    tokens = _batch()
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_export_loads_in_fairseq(fairseq_unit_lm, name: str) -> None:
+    """fairseq's load_model_ensemble_and_task (strict) reads our export and gives our logits."""
+    path, ref = fairseq_unit_lm[name]
+    model = _tiny(**EXPORTS[name])
+    assert ref["vocab"] == N_UNITS + 4
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), fs_model(tokens)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(_batch()), ref["logits"]["plain"], atol=1e-5, rtol=1e-5)
     # And our loader reads our export back exactly.
     again, _ = load_unit_lm(path)
     assert state_fingerprint(again) == state_fingerprint(model)
