@@ -47,6 +47,7 @@ from speechprompt.tuning.bitfit import BitFit, BitFitConfig
 from speechprompt.tuning.cnn_adapter import CnnAdapterConfig, CnnAdapters
 from speechprompt.tuning.lora import Lora, LoraConfig
 from speechprompt.tuning.mask import MaskConfig, S3Router, sparsity_sweep
+from speechprompt.tuning.mask_bank import MaskBank
 from speechprompt.tuning.prefix import PrefixConfig, PrefixTuning
 from speechprompt.tuning.prompt import PromptConfig, PromptTuning
 
@@ -152,6 +153,7 @@ __all__ = [
     "BitFitConfig",
     "Lora",
     "LoraConfig",
+    "MaskBank",
     "MaskConfig",
     "MethodConfig",
     "MethodSpec",

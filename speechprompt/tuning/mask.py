@@ -13,6 +13,12 @@ Injection wraps each target linear in a :class:`MaskedLinear` that holds the *sa
 under the same names plus a child ``router``; :meth:`~speechprompt.tuning.base.TuningMethod.detach` puts the
 original ``nn.Linear`` back. A task checkpoint stores the mask as a packed bitmask (``np.packbits``, 1 bit per weight,
 32x smaller than the scores); loading it gives a fixed, inference-only router.
+
+Pruning without training: :func:`magnitude_masks` is layer-wise magnitude pruning of any weights (the first mask of
+``init=magnitude``), :func:`pruned` applies masks in place for a block and restores the weights exactly, and
+:func:`magnitude_sweep` / :func:`sparsity_sweep` evaluate a model at several keep ratios (the ``speechprompt prune``
+command writes pruned checkpoints and sweeps with them). Several tasks' masks over one backbone:
+:class:`~speechprompt.tuning.mask_bank.MaskBank`.
 """
 
 from __future__ import annotations
