@@ -80,3 +80,15 @@ def test_bad_configs():
         AATConfig(mlp_adapter=False, spatial_adapter=False)
     with pytest.raises(ConfigError, match="bottleneck_ratio"):
         AATConfig(bottleneck_ratio=0)
+
+
+def test_step_zero_is_the_frozen_unit_lm():
+    from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+
+    torch.manual_seed(0)
+    lm = UnitLM(UnitLMConfig.named("tiny")).eval()
+    tokens = torch.randint(4, 104, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        frozen = lm(tokens)
+        build_method("aat", lm)
+        assert torch.equal(lm(tokens), frozen)
