@@ -10,6 +10,7 @@ from tiny_encoders import our_tiny
 
 from speechprompt.config import ConfigError
 from speechprompt.models.ast import ASTConfig, ASTModel
+from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
 from speechprompt.tuning import AATConfig, build_method, count_parameters, method_config
 from speechprompt.tuning.adapter import Bottleneck
 
@@ -83,8 +84,6 @@ def test_bad_configs():
 
 
 def test_step_zero_is_the_frozen_unit_lm():
-    from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
-
     torch.manual_seed(0)
     lm = UnitLM(UnitLMConfig.named("tiny")).eval()
     tokens = torch.randint(4, 104, (2, 7), generator=torch.Generator().manual_seed(0))
