@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "infer": "speechprompt.infer",
     "compare": "speechprompt.compare",
     "superb": "speechprompt.superb.train",
+    "mask-analysis": "speechprompt.mask_analysis",
+    "prune": "speechprompt.prune",
 }
 
 

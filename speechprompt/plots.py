@@ -38,6 +38,11 @@ def _save(fig: Figure, out_png: str | os.PathLike) -> Path:
     return Path(out_png)
 
 
+def save_figure(fig: Figure, out_png: str | os.PathLike) -> Path:
+    """Write a figure built elsewhere (a function returning a :class:`Figure`) as a PNG, atomically."""
+    return _save(fig, out_png)
+
+
 def _number(value: Any) -> float | None:
     """A float, or None for an empty/missing cell (dev metrics are logged less often than the loss)."""
     if value is None or (isinstance(value, str) and value.strip() == ""):

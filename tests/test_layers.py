@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("training", ["speechprompt.training"]),
     ("trainers", ["speechprompt.train", "speechprompt.superb", "speechprompt.pretrain"]),
     ("applications", ["speechprompt.evaluate", "speechprompt.infer", "speechprompt.compare", "speechprompt.serving",
-                      "speechprompt.score"]),
+                      "speechprompt.score", "speechprompt.mask_analysis", "speechprompt.prune"]),
     ("cli", ["speechprompt.cli"]),
 ]
 

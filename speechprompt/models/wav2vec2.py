@@ -6,6 +6,8 @@ for key (Hugging Face directories go through the key tables of :mod:`speechpromp
 
     feature_extractor.conv_layers.{i}  Sequential(Conv1d, Dropout, [norm], GELU): strided convs over the waveform;
                                        GroupNorm after the first ("default") or LayerNorm after each ("layer_norm")
+    feature_extractor.conv_adapters.{i}  an adapter slot after each conv block, empty (``None``) unless a tuning
+                                       method (CNN adapters) sets it
     layer_norm                         LayerNorm over the conv channels
     post_extract_proj                  Linear C -> D (fairseq: only when C != D; Hugging Face: always)
     mask_emb                           (D,) the pretraining mask vector (unused for feature extraction)
@@ -254,6 +256,9 @@ class ConvFeatureExtractor(nn.Module):
     """The waveform front end: strided 1-D convolutions, each followed by (optional) normalisation and GELU.
 
     Input ``(B, T)`` samples; output ``(B, C, frames)`` where ``C`` is the last layer's dim.
+
+    ``conv_adapters[i]`` is an adapter slot after conv block ``i`` (``(B, C_i, T_i)`` in and out), ``None`` until a
+    tuning method sets it (CHAPTER's CNN adapters), so the state dict and the outputs are the checkpoint's.
     """
 
     def __init__(self, layers: Sequence[tuple[int, int, int]], mode: ExtractorMode, conv_bias: bool) -> None:
@@ -270,11 +275,19 @@ class ConvFeatureExtractor(nn.Module):
             block.append(nn.GELU())
             self.conv_layers.append(nn.Sequential(*block))
             in_dim = dim
+        self.conv_adapters = nn.ModuleList([None] * len(layers))
+
+    @property
+    def adapted(self) -> bool:
+        """Whether any adapter slot is set."""
+        return any(adapter is not None for adapter in self.conv_adapters)
 
     def forward(self, source: Tensor) -> Tensor:
         x = source[:, None, :]  # (B, 1, T)
-        for conv in self.conv_layers:
-            x = conv(x)
+        for conv, adapter in zip(self.conv_layers, self.conv_adapters):
+            x = conv(x)  # (B, C_i, T_i)
+            if adapter is not None:
+                x = adapter(x)
         return x  # (B, C, frames)
 
 
@@ -565,6 +578,10 @@ class Wav2Vec2Model(nn.Module):
     def _features(self, source: Tensor) -> Tensor:
         """Conv front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``."""
         mult = self.cfg.feature_grad_mult
+        if self.feature_extractor.adapted:
+            # Adapters in the front end train through it: neither fairseq's no-grad shortcut (mult 0) nor its
+            # gradient scaling applies to them, and the frozen convs need neither.
+            return self.feature_extractor(source).transpose(1, 2)  # (B, frames, C)
         if mult <= 0:
             with torch.no_grad():
                 feats = self.feature_extractor(source)

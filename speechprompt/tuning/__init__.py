@@ -1,15 +1,20 @@
 """Parameter-efficient tuning methods, chosen by name from one registry.
 
-=========  =========================  =======================================================================
-name       config                     what trains
-=========  =========================  =======================================================================
-prompt     :class:`PromptConfig`      input prompt, deep key/value prompts, ``<s>`` separator (unit LM only)
-prefix     :class:`PrefixConfig`      projected per-layer keys/values (optional MLP reparameterisation)
-adapter    :class:`AdapterConfig`     bottleneck adapters: serial (Houlsby) and/or parallel (AAT)
-lora       :class:`LoraConfig`        low-rank updates of chosen linears (mergeable)
-bitfit     :class:`BitFitConfig`      the backbone's biases
-mask       :class:`MaskConfig`        S3-Router scores selecting which frozen weights to keep
-=========  =========================  =======================================================================
+============  ===========================  =======================================================================
+name          config                       what trains
+============  ===========================  =======================================================================
+prompt        :class:`PromptConfig`        input prompt, deep key/value prompts, ``<s>`` separator (unit LM only)
+prefix        :class:`PrefixConfig`        projected per-layer keys/values (optional MLP reparameterisation)
+adapter       :class:`AdapterConfig`       bottleneck adapters: serial (Houlsby) and/or parallel (AdaptFormer)
+aat           :class:`AATConfig`           AAT's MLP adapter (beside the FFN) and spatial adapter (after attention)
+adapter_bias  :class:`AdapterBiasConfig`   AdapterBias: a vector per layer, scaled per token, added to the FFN output
+cnn_adapter   :class:`CnnAdapterConfig`    CHAPTER's CNN adapters after the conv blocks of a waveform front end
+lora          :class:`LoraConfig`          low-rank updates of chosen linears (mergeable)
+bitfit        :class:`BitFitConfig`        the backbone's biases
+mask          :class:`MaskConfig`          S3-Router scores selecting which frozen weights to keep
+============  ===========================  =======================================================================
+
+Several S3-Router masks over one backbone (one per task or language): :class:`~speechprompt.tuning.mask_bank.MaskBank`.
 
 Two baselines train through the same machinery (:mod:`speechprompt.tuning.baselines`): ``full_finetune`` (every
 backbone parameter) and ``linear_probe`` (the frozen backbone; only the task's head trains).
@@ -33,12 +38,16 @@ from typing import Any
 from torch import nn
 
 from speechprompt.config import from_dict, option
+from speechprompt.tuning.aat import AAT, AATConfig
 from speechprompt.tuning.adapter import AdapterConfig, Adapters
+from speechprompt.tuning.adapter_bias import AdapterBias, AdapterBiasConfig
 from speechprompt.tuning.base import TuningError, TuningMethod, count_parameters, freeze_except
 from speechprompt.tuning.baselines import FrozenBackbone, FullFinetune, FullFinetuneConfig, LinearProbeConfig
 from speechprompt.tuning.bitfit import BitFit, BitFitConfig
+from speechprompt.tuning.cnn_adapter import CnnAdapterConfig, CnnAdapters
 from speechprompt.tuning.lora import Lora, LoraConfig
 from speechprompt.tuning.mask import MaskConfig, S3Router, sparsity_sweep
+from speechprompt.tuning.mask_bank import MaskBank
 from speechprompt.tuning.prefix import PrefixConfig, PrefixTuning
 from speechprompt.tuning.prompt import PromptConfig, PromptTuning
 
@@ -104,6 +113,9 @@ def build_method(name_or_config: str | Any, model: nn.Module, attach: bool = Tru
 register_method("prompt", PromptConfig, PromptTuning)
 register_method("prefix", PrefixConfig, PrefixTuning)
 register_method("adapter", AdapterConfig, Adapters)
+register_method("aat", AATConfig, AAT)
+register_method("adapter_bias", AdapterBiasConfig, AdapterBias)
+register_method("cnn_adapter", CnnAdapterConfig, CnnAdapters)
 register_method("lora", LoraConfig, Lora)
 register_method("bitfit", BitFitConfig, BitFit)
 register_method("mask", MaskConfig, S3Router)
@@ -116,8 +128,8 @@ class MethodConfig:
     """What trains: a registered method (or baseline) by name, with that method's own options (checked against its
     config dataclass)."""
 
-    name: str = option("prompt", help="prompt | prefix | adapter | lora | bitfit | mask | full_finetune | "
-                       "linear_probe")
+    name: str = option("prompt", help="prompt | prefix | adapter | aat | adapter_bias | cnn_adapter | lora | "
+                       "bitfit | mask | full_finetune | linear_probe")
     options: dict[str, Any] = option({}, help="the method's config fields, e.g. {length: 5, deep: true} for prompt")
 
     def __post_init__(self) -> None:
@@ -128,13 +140,20 @@ class MethodConfig:
         return method_config(self.name, self.options)
 
 __all__ = [
+    "AAT",
     "METHODS",
+    "AATConfig",
+    "AdapterBias",
+    "AdapterBiasConfig",
+    "CnnAdapterConfig",
+    "CnnAdapters",
     "AdapterConfig",
     "Adapters",
     "BitFit",
     "BitFitConfig",
     "Lora",
     "LoraConfig",
+    "MaskBank",
     "MaskConfig",
     "MethodConfig",
     "MethodSpec",

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from speechprompt.config import ConfigError, option
 from speechprompt.models.transformer import ACTIVATIONS
 from speechprompt.tuning.base import (
-    TuningError,
     TuningMethod,
     as_enum,
     backbone_device,
@@ -121,12 +120,4 @@ class Adapters(TuningMethod):
 
     def _inject(self, model: nn.Module) -> None:
         for path, _slot in self._sites:
-            layer_path, _, slot_name = path.rpartition(".")
-            try:
-                layer = model.get_submodule(layer_path)
-            except AttributeError:
-                raise TuningError(f"the model has no layer {layer_path!r} for an adapter") from None
-            if getattr(layer, slot_name) is not None:
-                raise TuningError(f"adapter slot {path} is already taken by {type(getattr(layer, slot_name)).__name__}")
-            setattr(layer, slot_name, self.get_submodule(path))
-            self._on_detach(lambda layer=layer, name=slot_name: setattr(layer, name, None))
+            self._fill_slot(model, path)

@@ -183,6 +183,21 @@ class TuningMethod(nn.Module):
     def _on_detach(self, action: Callable[[], None]) -> None:
         self._undo.append(action)
 
+    def _fill_slot(self, model: nn.Module, path: str) -> None:
+        """Put this method's module registered at ``path`` into the backbone's empty module slot of the same path
+        (a transformer layer's ``post_ffn``, a conv front end's ``conv_adapters.3``); :meth:`detach` empties it."""
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path)
+        except AttributeError:
+            raise TuningError(f"the model has no {parent_path!r} to hold {path}") from None
+        if not hasattr(parent, name):
+            raise TuningError(f"{type(parent).__name__} at {parent_path!r} has no adapter slot {name!r}")
+        if getattr(parent, name) is not None:
+            raise TuningError(f"adapter slot {path} is already taken by {type(getattr(parent, name)).__name__}")
+        setattr(parent, name, self.get_submodule(path))
+        self._on_detach(lambda: setattr(parent, name, None))
+
     def forward_kwargs(self, batch_size: int = 1) -> dict[str, Any]:
         """Extra keyword arguments of the backbone's forward (``input_prompt``, ``kv_replace``, ``prefix``,
         ``embed_override``). Tensors have a leading batch dim of ``batch_size`` (1 broadcasts over any batch)."""

@@ -13,13 +13,20 @@ Injection wraps each target linear in a :class:`MaskedLinear` that holds the *sa
 under the same names plus a child ``router``; :meth:`~speechprompt.tuning.base.TuningMethod.detach` puts the
 original ``nn.Linear`` back. A task checkpoint stores the mask as a packed bitmask (``np.packbits``, 1 bit per weight,
 32x smaller than the scores); loading it gives a fixed, inference-only router.
+
+Pruning without training: :func:`magnitude_masks` is layer-wise magnitude pruning of any weights (the first mask of
+``init=magnitude``), :func:`pruned` applies masks in place for a block and restores the weights exactly, and
+:func:`magnitude_sweep` / :func:`sparsity_sweep` evaluate a model at several keep ratios (the ``speechprompt prune``
+command writes pruned checkpoints and sweeps with them). Several tasks' masks over one backbone:
+:class:`~speechprompt.tuning.mask_bank.MaskBank`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +43,11 @@ from speechprompt.tuning.base import (
     TuningError,
     TuningMethod,
     as_enum,
+    module_paths,
+    select_layers,
     set_submodule,
     target_linears,
+    transformer_layers,
 )
 
 
@@ -79,19 +89,24 @@ def keep_count(numel: int, keep_ratio: float) -> int:
     return min(numel, math.ceil(round(keep_ratio * numel, 6)))
 
 
+def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
+    """1 for the ``k`` largest entries of ``magnitude``, else 0, same shape and dtype (exactly ``k`` ones; ties are
+    broken by ``topk``'s order). With ``magnitude = |weight|`` this is magnitude pruning of that weight."""
+    mask = torch.ones_like(magnitude)
+    n = magnitude.numel()
+    if k < n:
+        # Removing the n - k smallest is cheaper than selecting the k largest when k is most of the layer.
+        drop = magnitude.reshape(-1).topk(n - k, largest=False, sorted=False).indices
+        mask.view(-1)[drop] = 0.0
+    return mask
+
+
 class _TopKMask(torch.autograd.Function):
-    """Forward: 1 for the ``k`` largest entries of ``magnitude``, else 0 (exactly ``k`` ones, ties broken by index
-    order of ``topk``). Backward: straight through."""
+    """Forward: :func:`top_k_mask`. Backward: straight through."""
 
     @staticmethod
     def forward(ctx: Any, magnitude: Tensor, k: int) -> Tensor:
-        mask = torch.ones_like(magnitude)
-        n = magnitude.numel()
-        if k < n:
-            # Removing the n - k smallest is cheaper than selecting the k largest when k is most of the layer.
-            drop = magnitude.reshape(-1).topk(n - k, largest=False, sorted=False).indices
-            mask.view(-1)[drop] = 0.0
-        return mask
+        return top_k_mask(magnitude, k)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -195,9 +210,10 @@ class S3Router(TuningMethod):
                 linear = model.get_submodule(path)
             except AttributeError:
                 raise TuningError(f"the model has no linear {path!r} to mask") from None
-            if type(linear) is not nn.Linear:
-                raise TuningError(f"{path} is a {type(linear).__name__}, not a plain nn.Linear "
-                                  "(is another method attached?)")
+            if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
+                # A wrapper would bypass the hooks of another method (LoRA, AdapterBias) on this linear.
+                raise TuningError(f"{path} is not a plain nn.Linear ({type(linear).__name__} with "
+                                  f"{len(linear._forward_hooks)} forward hooks): is another method attached?")
             if tuple(linear.weight.shape) != router.shape:
                 raise TuningError(f"router for {path} has shape {router.shape}, the weight "
                                   f"{tuple(linear.weight.shape)}")
@@ -235,11 +251,7 @@ class S3Router(TuningMethod):
     @torch.no_grad()
     def export_state_dict(self) -> dict[str, Tensor]:
         """``{"<linear path>.router.mask": uint8 (ceil(n / 8),)}``: each mask packed 8 weights per byte, row-major."""
-        out = {}
-        for path, router in self.routers().items():
-            bits = router().reshape(-1).to(torch.bool).cpu().numpy()
-            out[f"{path}.router.mask"] = torch.from_numpy(np.packbits(bits))
-        return out
+        return {f"{path}.router.mask": pack_bitmask(router()) for path, router in self.routers().items()}
 
     def load_exported_state_dict(self, state: dict[str, Tensor]) -> None:
         """Fix every router to a packed bitmask from :meth:`export_state_dict` (the scores are dropped)."""
@@ -247,16 +259,29 @@ class S3Router(TuningMethod):
         if set(state) != set(routers):
             missing, unexpected = sorted(set(routers) - set(state)), sorted(set(state) - set(routers))
             raise TuningError(f"bitmask does not fit this router: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        masks = {}  # every mask is checked before any router changes
-        for key, router in routers.items():
-            packed = state[key].cpu().numpy()
-            n = math.prod(router.shape)
-            if packed.dtype != np.uint8 or packed.shape != ((n + 7) // 8,):
-                raise TuningError(f"{key}: expected {(n + 7) // 8} packed bytes (uint8) for {n} weights, got "
-                                  f"{packed.shape} {packed.dtype}")
-            masks[key] = torch.from_numpy(np.unpackbits(packed, count=n).reshape(router.shape).astype(np.float32))
+        # Every mask is checked before any router changes.
+        masks = {key: unpack_bitmask(state[key], router.shape, key) for key, router in routers.items()}
         for key, router in routers.items():
             router.fix(masks[key])
+
+
+def pack_bitmask(mask: Tensor) -> Tensor:
+    """A 0/1 mask of any shape -> uint8 ``(ceil(n / 8),)``, 8 weights per byte, row-major (``np.packbits``)."""
+    return torch.from_numpy(np.packbits(mask.detach().reshape(-1).to(torch.bool).cpu().numpy()))
+
+
+def unpack_bitmask(packed: Tensor, shape: Sequence[int], name: str = "bitmask") -> Tensor:
+    """:func:`pack_bitmask` undone: float32 0/1 of ``shape``, on the CPU.
+
+    Raises:
+        TuningError: not ``ceil(n / 8)`` uint8 bytes for the ``n`` weights of ``shape`` (``name`` says which).
+    """
+    n = math.prod(shape)
+    bits = packed.cpu().numpy()
+    if bits.dtype != np.uint8 or bits.shape != ((n + 7) // 8,):
+        raise TuningError(f"{name}: expected {(n + 7) // 8} packed bytes (uint8) for {n} weights, got "
+                          f"{bits.shape} {bits.dtype}")
+    return torch.from_numpy(np.unpackbits(bits, count=n).reshape(tuple(shape)).astype(np.float32))
 
 
 def sparsity_sweep(
@@ -269,12 +294,90 @@ def sparsity_sweep(
         One ``{"keep_ratio", "sparsity", "metric"}`` row per ratio, in the given order.
     """
     saved = {path: (r.keep_ratio, r.threshold) for path, r in method.routers().items()}
+
+    def apply(ratio: float) -> float:
+        method.set_keep_ratio(ratio)
+        return method.sparsity()
+
+    def restore() -> None:
+        for path, router in method.routers().items():
+            router.keep_ratio, router.threshold = saved[path]
+
+    return _sweep(keep_ratios, apply, evaluate, restore)
+
+
+def prunable_weights(model: nn.Module, targets: Sequence[LinearName] = ALL_LINEARS,
+                     layers: list[int] | None = None) -> dict[str, nn.Parameter]:
+    """``{"<linear path>.weight": weight}`` of the target linears of the chosen transformer layers, whether they are
+    plain or wrapped by a method (a :class:`MaskedLinear` keeps the same weight)."""
+    blocks = transformer_layers(model)
+    paths = module_paths(model)
+    out = {}
+    for i in select_layers(len(blocks), layers):
+        for target in targets:
+            linear = blocks[i].get_submodule(target.path)
+            out[f"{paths[id(linear)]}.weight"] = linear.weight
+    return out
+
+
+@torch.no_grad()
+def magnitude_masks(weights: Mapping[str, Tensor], keep_ratio: float) -> dict[str, Tensor]:
+    """Layer-wise magnitude pruning: for each weight, 1 at its ``keep_count(n, keep_ratio)`` largest ``|w|``, else 0
+    (the first mask of ``init=magnitude`` at that keep ratio). Float32 masks of the weights' shapes."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise TuningError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return {name: top_k_mask(w.detach().float().abs(), keep_count(w.numel(), keep_ratio))
+            for name, w in weights.items()}
+
+
+@contextlib.contextmanager
+def pruned(weights: Mapping[str, nn.Parameter], masks: Mapping[str, Tensor]) -> Iterator[float]:
+    """Zero the masked-out entries of ``weights`` in place for the block; the exact values are put back after.
+
+    Yields:
+        The fraction of the weights' entries that are zero inside the block.
+    """
+    saved = {name: w.detach().clone() for name, w in weights.items()}
+    try:
+        zero = total = 0
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.mul_(masks[name].to(device=w.device, dtype=w.dtype))
+                zero += int((w == 0).sum())
+                total += w.numel()
+        yield zero / total
+    finally:
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(saved[name])
+
+
+def magnitude_sweep(
+    weights: Mapping[str, nn.Parameter], keep_ratios: Sequence[float], evaluate: Callable[[], float]
+) -> list[dict[str, float]]:
+    """:func:`sparsity_sweep` for any model: ``evaluate`` with ``weights`` magnitude-pruned in place at each keep
+    ratio (whatever method is attached keeps acting on top), the weights restored exactly afterwards.
+
+    Returns:
+        One ``{"keep_ratio", "sparsity" (measured fraction of zero weights), "metric"}`` row per ratio.
+    """
+    stack = contextlib.ExitStack()
+
+    def apply(ratio: float) -> float:
+        stack.close()
+        return stack.enter_context(pruned(weights, magnitude_masks(weights, ratio)))
+
+    return _sweep(keep_ratios, apply, evaluate, stack.close)
+
+
+def _sweep(keep_ratios: Sequence[float], apply: Callable[[float], float], evaluate: Callable[[], float],
+           restore: Callable[[], None]) -> list[dict[str, float]]:
+    """``apply`` each ratio (it returns the resulting sparsity), ``evaluate``, and ``restore`` in the end."""
     rows = []
     try:
         for ratio in keep_ratios:
-            method.set_keep_ratio(ratio)
-            rows.append({"keep_ratio": ratio, "sparsity": method.sparsity(), "metric": float(evaluate())})
+            sparsity = apply(ratio)
+            rows.append({"keep_ratio": ratio, "sparsity": sparsity, "metric": float(evaluate())})
     finally:
-        for path, router in method.routers().items():
-            router.keep_ratio, router.threshold = saved[path]
+        restore()
     return rows

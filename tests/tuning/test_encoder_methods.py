@@ -6,6 +6,9 @@ unchanged. For every (encoder, method):
 * the saved keys are exactly the trainable set, and training moves only those: every frozen tensor of the encoder
   is bitwise unchanged, and none gets a gradient;
 * a checkpoint (``export_state_dict``) reloaded into a fresh copy of the encoder gives the trained outputs exactly.
+
+A method that does not apply to an architecture (CNN adapters need a conv waveform front end, which AST lacks) is
+refused with a message that says why.
 """
 
 from __future__ import annotations
@@ -15,17 +18,25 @@ import torch
 from tiny_encoders import OUR_TINY, our_tiny, waveforms
 
 from speechprompt.config import to_dict
-from speechprompt.tuning import METHODS, build_method, freeze_except, method_config
+from speechprompt.tuning import METHODS, TuningError, build_method, freeze_except, method_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNIT_LM_ONLY = {"prompt"}  # input prompts and the <s> separator exist only in the unit LM
 METHOD_NAMES = [name for name in METHODS if name not in UNIT_LM_ONLY]
-STARTS_AT_IDENTITY = {"adapter", "lora", "bitfit", "full_finetune", "linear_probe"}
+STARTS_AT_IDENTITY = {"adapter", "aat", "adapter_bias", "cnn_adapter", "lora", "bitfit", "full_finetune",
+                      "linear_probe"}
+NOT_ON = {"cnn_adapter": {"ast"}}  # method -> encoders it does not apply to
 
 
 def test_every_method_is_covered():
-    assert set(METHOD_NAMES) == {"prefix", "adapter", "lora", "bitfit", "mask", "full_finetune", "linear_probe"}
+    assert set(METHOD_NAMES) == {"prefix", "adapter", "aat", "adapter_bias", "cnn_adapter", "lora", "bitfit", "mask",
+                                 "full_finetune", "linear_probe"}
+
+
+def test_cnn_adapters_refuse_an_encoder_without_a_conv_front_end():
+    with pytest.raises(TuningError, match="cnn_adapter adapts the convolutional waveform front end.*ASTModel has none"):
+        build_method("cnn_adapter", our_tiny("ast"))
 
 
 def _outputs(model, method, x, pad) -> list[torch.Tensor]:
@@ -39,8 +50,8 @@ def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
     return sum(((h - target) ** 2).mean() for h in outputs[1:])
 
 
-@pytest.mark.parametrize("method_name", METHOD_NAMES)
-@pytest.mark.parametrize("encoder", OUR_TINY)
+@pytest.mark.parametrize("encoder,method_name", [(e, m) for e in OUR_TINY for m in METHOD_NAMES
+                                                  if e not in NOT_ON.get(m, ())])
 def test_method_on_encoder(encoder, method_name):
     model = our_tiny(encoder)
     x, pad = waveforms(samples=2400)

@@ -27,6 +27,7 @@ from speechprompt.tuning import (
 )
 
 UNIT_LM_ONLY = {"prompt"}
+ENCODER_ONLY = {"cnn_adapter"}  # adapters in a waveform conv front end, which the unit LM does not have
 
 
 def _unit_lm() -> UnitLM:
@@ -80,7 +81,7 @@ def test_baselines_are_registered_with_the_methods_by_importing_tuning_alone() -
 def _combos():
     for name in PEFT_METHODS:
         for backbone in BACKBONES:
-            if backbone != "unit_lm" and name in UNIT_LM_ONLY:
+            if (backbone != "unit_lm" and name in UNIT_LM_ONLY) or (backbone == "unit_lm" and name in ENCODER_ONLY):
                 continue
             yield name, backbone
 
@@ -89,7 +90,8 @@ COMBOS = list(_combos())
 
 
 def test_all_methods_are_registered():
-    assert set(PEFT_METHODS) == {"prompt", "prefix", "adapter", "lora", "bitfit", "mask"}
+    assert set(PEFT_METHODS) == {"prompt", "prefix", "adapter", "aat", "adapter_bias", "cnn_adapter", "lora",
+                                 "bitfit", "mask"}
 
 
 def test_unknown_method_and_bad_options_are_clear_errors():
@@ -122,6 +124,15 @@ def test_config_round_trips_through_a_plain_mapping(name):
 def test_unit_lm_only_methods_refuse_hubert(name):
     with pytest.raises(TuningError, match="unit LM"):
         build_method(name, _hubert())
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_ONLY))
+def test_encoder_only_methods_refuse_the_unit_lm(name):
+    model = _unit_lm()
+    keys = set(model.state_dict())
+    with pytest.raises(TuningError, match="UnitLM has none .*use adapter there"):
+        build_method(name, model)
+    assert set(model.state_dict()) == keys
 
 
 @pytest.mark.parametrize("name,backbone", COMBOS)
@@ -211,10 +222,12 @@ def test_attaching_twice_is_refused(name, backbone):
 
 @pytest.mark.parametrize("name", PEFT_METHODS)
 def test_low_precision_backbone_trains_float32_method_tensors(name):
-    model = _unit_lm().to(torch.bfloat16)
+    backbone = "hubert" if name in ENCODER_ONLY else "unit_lm"
+    model = BACKBONES[backbone]().to(torch.bfloat16)
     method = build_method(name, model)
     params = freeze_except(model, method)
-    out = _run(model, method, _inputs("unit_lm"))
+    x = _inputs(backbone)
+    out = _run(model, method, x.to(torch.bfloat16) if x.is_floating_point() else x)
     assert out.dtype == torch.bfloat16
     _toy_loss(out.float()).backward()
     expected = torch.bfloat16 if name == "bitfit" else torch.float32  # BitFit's tensors are the backbone's own
