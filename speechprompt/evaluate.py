@@ -29,7 +29,7 @@ from pathlib import Path
 from speechprompt.checkpoint import checkpoint_kind, checkpoint_paths
 from speechprompt.devices import resolve_device
 from speechprompt.errors import SpeechPromptError
-from speechprompt.superb import ClassificationHead, evaluate_superb, load_audio_split, load_superb
+from speechprompt.superb import evaluate_superb, load_audio_split, load_superb
 from speechprompt.tasks.classification import confusion
 from speechprompt.tasks.data import load_split
 from speechprompt.tasks.evaluation import evaluate_split, write_report, write_split_report
@@ -98,7 +98,7 @@ def _evaluate_superb(args: argparse.Namespace) -> int:
         split = load_audio_split(manifest, labels)
         metrics, hyps = evaluate_superb(model, split, args.batch_size)
         cm = None
-        if isinstance(model.head, ClassificationHead):
+        if model.head.labels is not None:
             read = [i for i, h in enumerate(hyps) if h is not None]
             matrix, names = confusion([split.labels[i] for i in read], [hyps[i] for i in read], model.head.labels)
             cm = (model.decoder, matrix, names, metrics["accuracy"])
