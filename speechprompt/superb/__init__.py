@@ -16,7 +16,7 @@ module                         what
 
 from speechprompt.superb.ctc_heads import BiLSTMCTCHead, CTCHead, EncoderCTCHead
 from speechprompt.superb.data import AudioSplit, load_audio_split, read_batches
-from speechprompt.superb.evaluation import evaluate_superb
+from speechprompt.superb.evaluation import evaluate_superb, write_superb_report
 from speechprompt.superb.feature_mask import FeatureMaskConfig
 from speechprompt.superb.head_registry import HEADS, Features, build_head, register_head
 from speechprompt.superb.heads import ASTHead, ClassificationHead, MultiSlotHead
@@ -27,5 +27,5 @@ __all__ = [
     "HEADS", "TASK_TYPE", "ASTHead", "AudioSplit", "BiLSTMCTCHead", "CTCHead", "ClassificationHead",
     "EncoderCTCHead", "FeatureMaskConfig", "Features", "MultiSlotHead", "SuperbConfig", "SuperbDataConfig",
     "SuperbModel", "WeightedLayerSum", "build_head", "build_superb", "evaluate_superb", "fit_superb",
-    "load_audio_split", "load_superb", "read_batches", "register_head", "train_superb",
+    "load_audio_split", "load_superb", "read_batches", "register_head", "train_superb", "write_superb_report",
 ]
