@@ -100,6 +100,11 @@ def test_ctc_finetuning_keeps_the_front_end_frozen_and_the_encoder_frozen_first(
         sum(p.numel() for p in model.head.parameters())
 
     model, summary = fit_superb(_config(corpus, tmp_path / "ft", max_steps=6, eval_every=3, **fine_tune))
+    # Continued after 3 updates, it ends where an uninterrupted run does: span masks and dropout replay exactly.
+    fit_superb(_config(corpus, tmp_path / "whole", max_steps=6, eval_every=3, **fine_tune))
+    resumed, whole = (torch.load(tmp_path / r / "train_state.pt", weights_only=True)["trainable"]
+                      for r in ("ft", "whole"))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     after = _upstream_state(model)
     conv = [k for k in before if k.startswith("feature_extractor.")]
     assert conv and all(torch.equal(after[k], before[k]) for k in conv)  # never trains
