@@ -215,7 +215,8 @@ def test_compare_superb_over_folds_reports_the_mean_of_the_folds(tmp_path: Path,
     fold_dir = tmp_path / "{fold}"
     cfg.write_text(f"conf_dir: {conf}\ntrainer: superb\nmethods: [probe]\nseeds: 1\nout: {tmp_path / 'out'}\n"
                    f"jobs: 2\nthreads: 1\nfolds: [f1, f2]\neval: {{test: {{manifest: '{fold_dir}/dev.tsv'}}}}\n"
-                   f"overrides: ['data.train_manifest={fold_dir}/train.tsv', 'data.dev_manifest={fold_dir}/dev.tsv']\n")
+                   f"overrides: ['data.train_manifest={fold_dir}/train.tsv', 'data.dev_manifest={fold_dir}/dev.tsv', "
+                   "max_steps=4, eval_every=4]\n")
     assert main(["compare", "--config", str(cfg)]) == 0
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
     folds = row["splits"]["test"]["folds"]
