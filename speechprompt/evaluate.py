@@ -29,10 +29,9 @@ from pathlib import Path
 from speechprompt.checkpoint import checkpoint_kind, checkpoint_paths
 from speechprompt.devices import resolve_device
 from speechprompt.errors import SpeechPromptError
-from speechprompt.superb import ClassificationHead, evaluate_superb, load_audio_split, load_superb
-from speechprompt.tasks.classification import confusion
+from speechprompt.superb import evaluate_superb, load_audio_split, load_superb, write_superb_report
 from speechprompt.tasks.data import load_split
-from speechprompt.tasks.evaluation import evaluate_split, write_report, write_split_report
+from speechprompt.tasks.evaluation import evaluate_split, write_report
 from speechprompt.tasks.loading import load_task
 
 
@@ -97,16 +96,7 @@ def _evaluate_superb(args: argparse.Namespace) -> int:
     for name, manifest, labels in splits:
         split = load_audio_split(manifest, labels)
         metrics, hyps = evaluate_superb(model, split, args.batch_size)
-        cm = None
-        if isinstance(model.head, ClassificationHead):
-            read = [i for i, h in enumerate(hyps) if h is not None]
-            matrix, names = confusion([split.labels[i] for i in read], [hyps[i] for i in read], model.head.labels)
-            cm = (model.decoder, matrix, names, metrics["accuracy"])
-        extra = {"checkpoint": str(ckpt_path)}
-        if split.unreadable:  # reported, not hidden: their predictions are null
-            extra["unreadable_files"] = {str(split.paths[i]): why for i, why in sorted(split.unreadable.items())}
-        write_split_report(out_dir, name, list(range(len(split))), split.labels, metrics, {model.decoder: hyps}, cm,
-                           extra)
+        write_superb_report(model, split, name, metrics, hyps, out_dir, {"checkpoint": str(ckpt_path)})
         print(json.dumps({"split": name, **metrics}))
     return 0
 

@@ -141,3 +141,104 @@ def test_compare_end_to_end_on_a_tiny_task(tmp_path: Path, save_tiny_unit_lm, ca
     again = json.loads((out / "results.json").read_text())
     for a, b in zip(again, rows):
         assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
+
+
+def _superb_conf(conf: Path, corpus: dict[str, Path]) -> None:
+    """Two SUPERB method configs (a frozen-upstream probe and LoRA) on the tone corpus."""
+    data = f"data: {{train_manifest: {corpus['train']}, dev_manifest: {corpus['dev']}}}\n"
+    common = (data + f"upstream: {corpus['upstream']}\nhead: utterance\nhead_options: {{projector_dim: 8}}\n"
+              "batch_size: 4\nmax_steps: 16\neval_every: 8\ndevice: cpu\noptim: {lr: 0.05}\n")
+    conf.mkdir()
+    (conf / "probe.yaml").write_text(common + "method: {name: linear_probe}\n")
+    (conf / "lora.yaml").write_text(common + "method: {name: lora, options: {rank: 2}}\n")
+
+
+@pytest.mark.slow
+def test_compare_superb_methods_end_to_end(tmp_path: Path, make_tone_corpus, capsys) -> None:
+    """Two encoder methods x two seeds on the tone corpus through `compare` (trainer: superb): the same files as
+    the unit-LM comparison, with audio manifests as evaluation splits."""
+    import csv
+    import json
+
+    from speechprompt.cli import main
+
+    corpus = make_tone_corpus(tmp_path / "tones", train=8, dev=4, ctc_train=1, ctc_dev=1)
+    conf = tmp_path / "conf"
+    _superb_conf(conf, corpus)
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(f"conf_dir: {conf}\ntrainer: superb\nmethods: [probe, lora]\nseeds: 2\nout: {tmp_path / 'out'}\n"
+                   f"jobs: 2\nthreads: 1\neval: {{test: {{manifest: {corpus['dev']}}}}}\n")
+    assert main(["compare", "--config", str(cfg)]) == 0
+    out = tmp_path / "out"
+    printed = capsys.readouterr().out
+    assert "| method | test accuracy (mean ± std) |" in printed and "| lora |" in printed
+
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["probe", "lora"]
+    for row in rows:
+        assert row["seeds"] == [1, 2] and row["metric"] == "accuracy"
+        values = row["splits"]["test"]["values"]
+        assert row["accuracy_mean"] == pytest.approx(sum(values) / 2) and row["accuracy_mean"] > 0.75
+        run = Path(row["checkpoint"])
+        assert run.is_file() and run.parent.parent.name == row["method"]
+        report = json.loads((run.parent / "test.metrics.json").read_text())
+        assert report["accuracy"] in values and (run.parent / "test.confusion.png").is_file()
+    upstream = 32 * 8 + 8 + 8 * 2 + 2 + 3  # projector, output layer, 3 layer weights
+    assert rows[0]["trainable_params"] == upstream
+    assert rows[1]["trainable_params"] == upstream + 2 * 2 * (2 * 32 + 2 * 32)  # LoRA r=2 on q and v, 2 layers
+    n_upstream = json.loads(run.with_suffix(".json").read_text())["base"]["parameters"]
+    assert rows[0]["trainable_percent"] == pytest.approx(100 * upstream / n_upstream)
+    with open(out / "results.csv", newline="") as f:
+        assert [(r["method"], r["metric"], r["split"]) for r in csv.DictReader(f)] == [
+            ("probe", "accuracy", "test"), ("lora", "accuracy", "test")]
+    assert (out / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "results.md").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_compare_superb_over_folds_reports_the_mean_of_the_folds(tmp_path: Path, make_tone_corpus) -> None:
+    """Cross-validation: {fold} in the data and eval paths, runs per fold, mean and std over the folds' means."""
+    import json
+    import shutil
+
+    from speechprompt.cli import main
+
+    corpus = make_tone_corpus(tmp_path / "tones", train=8, dev=4, ctc_train=1, ctc_dev=1)
+    for fold, (train, dev) in {"f1": ("train", "dev"), "f2": ("train", "train")}.items():
+        (tmp_path / fold).mkdir()
+        for name, src in (("train", train), ("dev", dev)):
+            shutil.copy(corpus[src], tmp_path / fold / f"{name}.tsv")
+            shutil.copy(corpus[src].with_suffix(".labels"), tmp_path / fold / f"{name}.labels")
+    conf = tmp_path / "conf"
+    _superb_conf(conf, corpus)
+    cfg = tmp_path / "compare.yaml"
+    fold_dir = tmp_path / "{fold}"
+    cfg.write_text(f"conf_dir: {conf}\ntrainer: superb\nmethods: [probe]\nseeds: 1\nout: {tmp_path / 'out'}\n"
+                   f"jobs: 2\nthreads: 1\nfolds: [f1, f2]\neval: {{test: {{manifest: '{fold_dir}/dev.tsv'}}}}\n"
+                   f"overrides: ['data.train_manifest={fold_dir}/train.tsv', 'data.dev_manifest={fold_dir}/dev.tsv', "
+                   "max_steps=4, eval_every=4]\n")
+    assert main(["compare", "--config", str(cfg)]) == 0
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    folds = row["splits"]["test"]["folds"]
+    assert set(folds) == {"f1", "f2"} and row["folds"] == ["f1", "f2"]
+    for fold in ("f1", "f2"):
+        report = json.loads((tmp_path / "out" / "probe" / fold / "seed1" / "test.metrics.json").read_text())
+        assert folds[fold]["values"] == [report["accuracy"]]
+    means = [folds["f1"]["mean"], folds["f2"]["mean"]]
+    assert row["accuracy_mean"] == pytest.approx(sum(means) / 2)
+    assert row["splits"]["test"]["values"] == means
+    with pytest.raises(ConfigError, match="distinct"):
+        CompareConfig(conf_dir=str(conf), methods=["probe"], trainer="superb", folds=["a", "a"],
+                      eval={"test": SplitFiles(manifest="x.tsv")})
+
+
+def test_eval_splits_must_fit_the_trainer(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "m.yaml").write_text("# placeholder\n")
+    with pytest.raises(ConfigError, match="trainer superb evaluates audio"):
+        CompareConfig(conf_dir=str(conf), methods=["m"], trainer="superb", eval={"t": SplitFiles("t.units", "t.l")})
+    with pytest.raises(ConfigError, match="trainer train evaluates units"):
+        CompareConfig(conf_dir=str(conf), methods=["m"], eval={"t": SplitFiles(manifest="t.tsv")})
+    with pytest.raises(ConfigError, match="not both"):
+        SplitFiles(units="u", manifest="m")

@@ -17,6 +17,9 @@ IDS = [p.parent.name for p in RUN_SCRIPTS]
 # Recipes on public datasets: they start from prepare-dataset and the official GSLM files.
 REAL_DATA = ["speech_commands", "fluent_commands", "librispeech_asr", "snips_sf"]
 SYNTHETIC = ["synthetic_intent", "synthetic_digits"]
+# Recipes that tune an encoder (SUPERB heads, CTC fine-tuning, AST): prepare-dataset, then compare.
+ENCODER = ["speech_commands_superb", "fluent_commands_superb", "voxceleb1_superb", "iemocap_superb",
+           "librispeech_superb", "librilight_ctc", "esc50_ast", "speech_commands_ast"]
 TEMPLATES = sorted((ROOT / "recipes" / "TEMPLATE").glob("*.sh"))
 # The published numbers each public-dataset recipe quotes, in its README and in its --help.
 PUBLISHED = {"speech_commands": ["95.16", "0.08M", ".946"], "fluent_commands": ["98.40", "0.15M", ".973"],
@@ -51,11 +54,12 @@ def _touch(*paths: Path) -> None:
 def test_recipes_ship_launchers():
     assert set(REAL_DATA) <= set(IDS)
     assert set(SYNTHETIC) <= set(IDS)
-    assert {p.name for p in TEMPLATES} == {"common.sh", "prompt_task.sh", "synthetic_task.sh"}
+    assert set(ENCODER) <= set(IDS)
+    assert {p.name for p in TEMPLATES} == {"common.sh", "prompt_task.sh", "synthetic_task.sh", "superb_task.sh"}
 
 
 @pytest.mark.parametrize(("name", "template"), [(n, "prompt_task.sh") for n in REAL_DATA]
-                         + [(n, "synthetic_task.sh") for n in SYNTHETIC])
+                         + [(n, "synthetic_task.sh") for n in SYNTHETIC] + [(n, "superb_task.sh") for n in ENCODER])
 def test_launchers_only_set_what_differs_and_source_the_template(name, template):
     lines = (ROOT / "recipes" / name / "run.sh").read_text().splitlines()
     assert lines[-1] == f'source "${{recipe}}/../TEMPLATE/{template}" "$@"'
@@ -186,6 +190,80 @@ def test_synthetic_task_stages_call_the_cli(tmp_path):
         f"speechprompt evaluate --checkpoint {runs}/seed7/best.safetensors --device auto "
         f"--units {units}/test.units {units}/test_synth.units --labels {data}/test.labels {data}/test_synth.labels "
         f"--out {runs}/seed7"]
+
+
+# The published numbers each encoder recipe quotes in its README (with their source) and, the headline ones, in --help.
+ENCODER_PUBLISHED = {
+    "speech_commands_superb": ["96.30"], "fluent_commands_superb": ["98.34"], "voxceleb1_superb": ["81.42"],
+    "iemocap_superb": ["64.92"], "librispeech_superb": ["6.42"], "librilight_ctc": ["24.5", "18.0 / 25.5"],
+    "esc50_ast": ["95.6", "98.7"], "speech_commands_ast": ["98.1"],
+}
+
+
+@pytest.mark.parametrize("name", ENCODER)
+def test_encoder_recipes_document_published_numbers_and_a_column_to_fill(name):
+    readme = (ROOT / "recipes" / name / "README.md").read_text()
+    for number in ENCODER_PUBLISHED[name]:
+        assert number in readme
+    assert "| ours" in readme.lower() and "source" in readme.lower()
+    help_ = _run(ROOT / "recipes" / name / "run.sh", "--help").stdout
+    assert help_.startswith(f"Usage: {ROOT}/recipes/{name}/run.sh --root DIR [options]\n")
+    assert ENCODER_PUBLISHED[name][0] in help_ and f"exp/{name}]" in help_
+
+
+@pytest.mark.parametrize("name", ENCODER)
+def test_encoder_recipes_name_what_is_missing(name, tmp_path):
+    script = ROOT / "recipes" / name / "run.sh"
+    result = _run(script, "--stage", "1", "--stop-stage", "1", "--exp", str(tmp_path))
+    assert result.returncode == 1 and "--root is required" in result.stderr
+    result = _run(script, "--stage", "2", "--exp", str(tmp_path), "--upstream", str(tmp_path / "enc.pt"))
+    assert result.returncode == 1 and result.stderr.strip().endswith(f"missing the upstream encoder: {tmp_path}/enc.pt")
+    (tmp_path / "enc.pt").write_bytes(b"")
+    result = _run(script, "--stage", "2", "--exp", str(tmp_path), "--upstream", str(tmp_path / "enc.pt"))
+    assert result.returncode == 1 and "train manifest (run stage 1)" in result.stderr
+
+
+def test_encoder_template_stages_call_the_cli_per_fold(tmp_path):
+    # IEMOCAP: five folds prepared into their own folders, then one compare whose overrides and eval paths hold
+    # {fold}; the methods, seeds, jobs, upstream and device all reach it.
+    bin_dir, log = _fake_speechprompt(tmp_path)
+    exp, hubert = tmp_path / "exp", tmp_path / "h.pt"
+    _touch(hubert, *(exp / "data" / f"fold{k}" / "train.tsv" for k in range(1, 6)))
+    result = _run(ROOT / "recipes" / "iemocap_superb" / "run.sh", "--root", "/corpus", "--exp", str(exp),
+                  "--upstream", str(hubert), "--methods", "superb lora", "--seeds", "2", "--jobs", "2",
+                  "--device", "cpu", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    data = exp / "data"
+    assert calls[:5] == [f"speechprompt prepare-dataset iemocap --root /corpus --out {data}/fold{k} fold={k}"
+                         for k in range(1, 6)]
+    fold = f"{data}/fold{{fold}}"
+    assert calls[5:] == [
+        f"speechprompt compare --config {ROOT}/recipes/iemocap_superb/conf/compare.yaml --out {exp}/compare "
+        f"--seeds 2 --jobs 2 --methods superb,lora overrides=[upstream={hubert},device=cpu,"
+        f"data.train_manifest={fold}/train.tsv,data.dev_manifest={fold}/dev.tsv] eval.test.manifest={fold}/test.tsv"]
+
+
+def test_encoder_template_without_folds_or_dev(tmp_path):
+    bin_dir, log = _fake_speechprompt(tmp_path)
+    exp, w2v = tmp_path / "exp", tmp_path / "w2v.pt"
+    _touch(w2v, exp / "data" / "train.tsv")
+    result = _run(ROOT / "recipes" / "librilight_ctc" / "run.sh", "--root", "/ll", "--exp", str(exp), "--upstream",
+                  str(w2v), "--prepare-options", "subset=10min fold=3", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    data = exp / "data"
+    assert log.read_text().splitlines() == [
+        f"speechprompt prepare-dataset librilight --root /ll --out {data} subset=10min fold=3",
+        f"speechprompt compare --config {ROOT}/recipes/librilight_ctc/conf/compare.yaml --out {exp}/compare --seeds 3 "
+        f"--jobs 1 --methods finetune,router,lora overrides=[upstream={w2v},device=auto,"
+        f"data.train_manifest={data}/train.tsv,data.dev_manifest={data}/dev.tsv] "
+        f"eval.test_clean.manifest={data}/test_clean.tsv eval.test_other.manifest={data}/test_other.tsv"]
+    # ESC-50 has no dev split: the last checkpoint is scored, so no dev manifest is passed.
+    log.unlink()
+    _touch(*(exp / "data" / f"fold{k}" / "train.tsv" for k in range(1, 6)))
+    assert _run(ROOT / "recipes" / "esc50_ast" / "run.sh", "--stage", "2", "--exp", str(exp), "--upstream", str(w2v),
+                bin_dir=bin_dir).returncode == 0
+    assert "data.dev_manifest" not in log.read_text()
 
 
 DATA_PREP_SCRIPTS = sorted((ROOT / "data_prep").glob("*.sh"))

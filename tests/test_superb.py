@@ -287,7 +287,7 @@ def test_recipe_configs_cover_every_method_and_both_heads():
     loaded = [C.load_config(SuperbConfig, p) for p in RECIPE_CONFIGS]
     assert {c.method.name for c in loaded} == {"linear_probe", "full_finetune", "adapter", "lora", "prefix", "bitfit",
                                                "mask"}
-    assert {c.head.value for c in loaded} == {"classification", "ctc"}
+    assert {c.head for c in loaded} == {"classification", "ctc"}
 
 
 # -- resuming ----------------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_a_killed_run_resumes_to_the_same_tensors_log_and_checkpoint(corpus, tmp
     _assert_same_tensors(_state(tmp_path)["trainable"], _state(reference_dir)["trainable"])
     _assert_same_tensors(load_checkpoint(tmp_path / "best").tensors, load_checkpoint(reference_dir / "best").tensors)
     assert _log_rows(tmp_path) == _log_rows(reference_dir)  # the replayed steps are logged once
-    measured = ("seconds", "checkpoint", "peak_rss_bytes", "peak_cuda_allocated_bytes")
+    measured = ("seconds", "mean_step_seconds", "checkpoint", "peak_rss_bytes", "peak_cuda_allocated_bytes")
     assert {k: v for k, v in summary.items() if k not in measured} == {
         k: v for k, v in reference.items() if k not in measured}
     assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)

@@ -229,3 +229,47 @@ def hf_hidden(model: nn.Module, source: torch.Tensor, padding: torch.Tensor | No
     mask = None if padding is None else (~padding).long()
     with torch.no_grad():
         return model(source, attention_mask=mask, output_hidden_states=True)
+
+
+# Ours -> Hugging Face's (transformers 4) names for AST, written out as the reverse of hf_keys.AST_KEYS.
+AST_TO_HF = [
+    (r"^cls_token$", "embeddings.cls_token"),
+    (r"^dist_token$", "embeddings.distillation_token"),
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^encoder\.layers\.(\d+)\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layer.\1.layernorm_before."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layer.\1.layernorm_after."),
+    (r"^encoder\.layer_norm\.", "layernorm."),
+]
+
+
+def write_hf_ast_directory(model: nn.Module, directory: Path) -> Path:
+    """Our tiny AST (``our_tiny("ast")``) as a Hugging Face ``ASTModel`` directory written by hand (no
+    transformers): ``config.json``, ``preprocessor_config.json`` and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "audio-spectrogram-transformer", "architectures": ["ASTModel"],
+              "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+              "num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
+              "hidden_act": cfg.hidden_act, "patch_size": cfg.patch_size, "frequency_stride": cfg.frequency_stride,
+              "time_stride": cfg.time_stride, "max_length": cfg.max_length, "num_mel_bins": cfg.num_mel_bins,
+              "layer_norm_eps": cfg.layer_norm_eps, "qkv_bias": True}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"max_length": cfg.max_length, "num_mel_bins": cfg.num_mel_bins, "sampling_rate": 16000, "mean": cfg.mean,
+         "std": cfg.std, "do_normalize": cfg.do_normalize}))
+    state = {}
+    for key, value in model.state_dict().items():
+        for pattern, repl in AST_TO_HF:
+            key = re.sub(pattern, repl, key)
+        state[key] = value.contiguous()
+    save_file(state, directory / "model.safetensors")
+    return directory

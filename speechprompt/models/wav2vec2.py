@@ -37,7 +37,7 @@ from __future__ import annotations
 import ast
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -593,7 +593,9 @@ class Wav2Vec2Model(nn.Module):
         return feats.transpose(1, 2)  # (B, frames, C)
 
     def _run(self, source: Tensor, padding_mask: Tensor | None, last_layer: int,
-             prefix: Sequence[LayerKV | None] | None) -> tuple[list[Tensor], Tensor | None]:
+             prefix: Sequence[LayerKV | None] | None,
+             feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None
+             ) -> tuple[list[Tensor], Tensor | None]:
         """Run up to ``last_layer`` (1-based; 0 = only the layers' input) and return every hidden state so far.
 
         Returns:
@@ -614,6 +616,8 @@ class Wav2Vec2Model(nn.Module):
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)  # (B, frames, D)
         x = self.dropout_input(x)
+        if feature_mask is not None:  # fine-tuning's span masking (fairseq apply_mask), on the projected features
+            x = feature_mask(x, padding_mask)
 
         hidden = self.encoder(x, padding_mask, last_layer, prefix)
         return hidden, padding_mask
@@ -655,15 +659,20 @@ class Wav2Vec2Model(nn.Module):
         source: Tensor,
         padding_mask: Tensor | None = None,
         prefix: Sequence[LayerKV | None] | None = None,
+        feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None,
     ) -> tuple[list[Tensor], Tensor | None]:
         """Every hidden state, for a learned weighted sum of layers (HF's ``output_hidden_states``).
+
+        ``feature_mask(x, frame_padding_mask)``, when given, rewrites the projected features ``(B, frames, D)``
+        before the positional conv and the layers (fine-tuning's time and channel masking, fairseq's
+        ``apply_mask``; see :mod:`speechprompt.superb.feature_mask`).
 
         Returns:
             ``num_layers + 1`` tensors ``(B, frames, D)``: the transformer's input (after the positional conv,
             and its LayerNorm in post-LN models), then each layer's output (no final LayerNorm); and the
             ``(B, frames)`` frame padding mask (``None`` without ``padding_mask``).
         """
-        return self._run(source, padding_mask, self.num_layers, prefix)
+        return self._run(source, padding_mask, self.num_layers, prefix, feature_mask)
 
     def final_features(self, hidden: Sequence[Tensor]) -> Tensor:
         """What ``extract_features(output_layer=None)`` returns, from :meth:`hidden_states`' output ``(B, F, D)``."""

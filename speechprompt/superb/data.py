@@ -2,6 +2,11 @@
 
 A file that fails to load (corrupt, empty, silent, missing) does not end a run: it is logged once, recorded in
 ``split.unreadable``, and left out of its batch; later epochs skip it without reading it again.
+
+Two training-time options of s3prl's datasets: a random crop of long utterances (:class:`Crop`; SID trains on 8 s
+windows) and class-balanced sampling with replacement (:func:`balanced_order`; s3prl's KS ``WeightedRandomSampler``).
+Both are functions of the seed, the epoch and the row, so a resumed run reads exactly what an uninterrupted one
+does.
 """
 
 from __future__ import annotations
@@ -65,20 +70,37 @@ class AudioBatch:
     failed: dict[int, str]
 
 
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """Cut utterances longer than ``samples`` to a window of that length, whose start is drawn from ``(seed, epoch,
+    row)``."""
+
+    samples: int
+    seed: int
+    epoch: int
+
+    def __call__(self, wav: np.ndarray, row: int) -> np.ndarray:
+        if len(wav) <= self.samples:
+            return wav
+        start = int(np.random.default_rng([self.seed, self.epoch, row]).integers(0, len(wav) - self.samples + 1))
+        return wav[start:start + self.samples]
+
+
 class _Reader(torch.utils.data.Dataset):
     """Row -> (row, waveform or None, label, error); runs in the loader's worker processes."""
 
-    def __init__(self, split: AudioSplit) -> None:
-        self.split = split
+    def __init__(self, split: AudioSplit, crop: Crop | None = None) -> None:
+        self.split, self.crop = split, crop
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, row: int) -> tuple[int, np.ndarray | None, str, str | None]:
         try:
-            return row, load_audio(self.split.paths[row]), self.split.labels[row], None
+            wav = load_audio(self.split.paths[row])
         except AudioError as e:
             return row, None, self.split.labels[row], str(e)
+        return row, self.crop(wav, row) if self.crop is not None else wav, self.split.labels[row], None
 
 
 def _collate(items: Sequence[tuple[int, np.ndarray | None, str, str | None]]) -> AudioBatch:
@@ -93,15 +115,17 @@ def _collate(items: Sequence[tuple[int, np.ndarray | None, str, str | None]]) ->
     return batch
 
 
-def read_batches(split: AudioSplit, groups: Sequence[Sequence[int]], num_workers: int = 0) -> Iterator[AudioBatch]:
-    """The audio of each group of rows, in order, read by ``num_workers`` processes ahead of the consumer.
+def read_batches(split: AudioSplit, groups: Sequence[Sequence[int]], num_workers: int = 0,
+                 crop: Crop | None = None) -> Iterator[AudioBatch]:
+    """The audio of each group of rows, in order, read by ``num_workers`` processes ahead of the consumer (and cut
+    by ``crop``, if given).
 
     Rows already known to be unreadable are not read again; newly failing ones are logged and recorded in
     ``split.unreadable`` as their batch arrives. A group may come out empty.
     """
     skip = set(split.unreadable)
     loader = torch.utils.data.DataLoader(
-        _Reader(split), batch_sampler=[[r for r in g if r not in skip] for g in groups], collate_fn=_collate,
+        _Reader(split, crop), batch_sampler=[[r for r in g if r not in skip] for g in groups], collate_fn=_collate,
         num_workers=num_workers,
         # Its own generator: an iterator would otherwise draw a seed from the global RNG, at a different step in a
         # resumed run than in an uninterrupted one (the draw would shift every dropout mask after it).
@@ -117,3 +141,15 @@ def read_batches(split: AudioSplit, groups: Sequence[Sequence[int]], num_workers
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled row order of one training epoch (a function of seed and epoch: a resumed run redraws it)."""
     return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def balanced_order(labels: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """``len(labels)`` rows drawn with replacement, each with probability ``1 / (classes * its class's count)``:
+    every class equally likely per draw (s3prl's KS sampler). A function of seed and epoch, like
+    :func:`epoch_order`."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    weights = np.array([1.0 / counts[label] for label in labels])
+    rng = np.random.default_rng([seed, epoch, 1])  # another stream than epoch_order's
+    return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum()).tolist()

@@ -1,13 +1,19 @@
-"""Scoring a SUPERB model on an audio split: the head's metrics, over the files that could be read."""
+"""Scoring a SUPERB model on an audio split: the head's metrics, over the files that could be read, and the report
+files (metrics JSON, predictions, confusion matrix) that ``speechprompt evaluate`` and ``compare`` write."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 
 from speechprompt.errors import AudioError
 from speechprompt.superb.data import AudioSplit, read_batches
 from speechprompt.superb.model import SuperbModel
+from speechprompt.tasks.classification import confusion
 from speechprompt.tasks.ctc import CTCError
+from speechprompt.tasks.evaluation import write_split_report
 
 
 @torch.no_grad()
@@ -46,3 +52,23 @@ def evaluate_superb(model: SuperbModel, split: AudioSplit, batch_size: int = 16,
     metrics["loss"] = loss_sum / loss_terms if loss_terms else float("nan")
     metrics["n"], metrics["unreadable"] = len(readable), len(split.unreadable)
     return metrics, hyps
+
+
+def write_superb_report(model: SuperbModel, split: AudioSplit, name: str, metrics: dict[str, float],
+                        hyps: list[str | None], out_dir: str | os.PathLike,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``OUT/<name>.metrics.json``, ``<name>.predictions.jsonl`` and, for a head with a class list,
+    ``<name>.confusion.png`` (over the readable utterances); unreadable files are listed in the JSON with why.
+
+    Returns what was written to the JSON file.
+    """
+    cm = None
+    if model.head.labels is not None:
+        read = [i for i, h in enumerate(hyps) if h is not None]
+        matrix, names = confusion([split.labels[i] for i in read], [hyps[i] for i in read], model.head.labels)
+        cm = (model.decoder, matrix, names, metrics["accuracy"])
+    extra = dict(extra or {})
+    if split.unreadable:  # reported, not hidden: their predictions are null
+        extra["unreadable_files"] = {str(split.paths[i]): why for i, why in sorted(split.unreadable.items())}
+    return write_split_report(out_dir, name, list(range(len(split))), split.labels, metrics, {model.decoder: hyps},
+                              cm, extra)

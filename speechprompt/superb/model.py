@@ -1,9 +1,15 @@
 """The SUPERB model: a (tuned) upstream encoder, a learned weighted sum of its layers, and a task head.
 
-    waveform (B, T) --upstream [+ prefix / adapter / LoRA / BitFit / S3-Router mask]--> L+1 hidden states (B, F, D)
-        --WeightedLayerSum (softmax weights, optional per-state LayerNorm)--> (B, F, D)
-        --head--> classification: mean over valid frames, Linear(D, C)      (accuracy)
-                  ctc:            Linear(D, characters + blank), greedy CTC  (WER, CER)
+    waveform (B, T) --upstream [+ prefix / adapter / LoRA / BitFit / S3-Router mask / full fine-tuning]
+        --> L+1 hidden states (B, F, D)
+        --WeightedLayerSum (softmax weights, optional per-state LayerNorm)--> (B, F, D)   (most heads)
+          or the encoder's final output (B, F, D)                                        (encoder_ctc, ast)
+        --head (speechprompt.superb.heads, .ctc_heads; chosen by name)--> logits / log-probabilities
+
+What the head reads is part of its registration (:mod:`speechprompt.superb.head_registry`). For fairseq-style CTC
+fine-tuning the model can also keep the upstream frozen for the first updates (:attr:`SuperbModel.freeze_upstream`,
+set by the trainer from ``freeze_upstream_updates``) and mask spans of the encoder's features while training
+(:mod:`speechprompt.superb.feature_mask`).
 
 :func:`build_superb` makes a fresh model for training; :func:`load_superb` rebuilds a trained one from its task
 checkpoint (the upstream found and fingerprint-checked by :func:`speechprompt.checkpoint.load_base`).
@@ -11,7 +17,6 @@ checkpoint (the upstream found and fingerprint-checked by :func:`speechprompt.ch
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +31,10 @@ from speechprompt.checkpoint import base_fingerprint, load_base, load_checkpoint
 from speechprompt.config import ConfigError
 from speechprompt.errors import CheckpointError
 from speechprompt.models.encoders import EncoderModel, load_encoder
-from speechprompt.models.wav2vec2 import normalize_waveform
-from speechprompt.tasks.ctc import CharVocabulary, ctc_loss, greedy_decode, normalize_text
-from speechprompt.tasks.metrics import accuracy, cer, wer
+from speechprompt.models.wav2vec2 import Wav2Vec2Model, normalize_waveform
+from speechprompt.superb import ctc_heads, heads  # noqa: F401  (registers every head)
+from speechprompt.superb.feature_mask import FeatureMaskConfig, feature_masker
+from speechprompt.superb.head_registry import Features, build_head, head_spec, rebuild_head
 from speechprompt.tuning import TuningMethod, build_method, freeze_except, method_config, method_name
 
 TASK_TYPE = "superb"  # the sidecar's task.type of every SUPERB checkpoint
@@ -68,146 +74,51 @@ class WeightedLayerSum(nn.Module):
         return (w[:, None, None, None] * stacked).sum(dim=0)  # (B, F, D)
 
 
-class HeadKind(str, enum.Enum):
-    """The downstream task head."""
-
-    CLASSIFICATION = "classification"
-    CTC = "ctc"
-
-
-class ClassificationHead(nn.Module):
-    """Utterance classification: mean over the valid frames, then ``Linear(D, C)``.
-
-    Args:
-        dim: feature size ``D``.
-        labels: the classes in index order.
-
-    Shapes: features ``(B, F, D)`` and frame padding mask ``(B, F)`` (True at padding) in; logits ``(B, C)`` out.
-    """
-
-    default_metric = "accuracy"
-    higher_is_better = True
-
-    def __init__(self, dim: int, labels: Sequence[str]) -> None:
-        super().__init__()
-        self.labels = list(labels)
-        self._index = {label: i for i, label in enumerate(self.labels)}
-        self.proj = nn.Linear(dim, len(self.labels))
-
-    @classmethod
-    def from_train_labels(cls, dim: int, labels: Sequence[str]) -> ClassificationHead:
-        """Classes = the sorted distinct training labels."""
-        classes = sorted(set(labels))
-        if len(classes) < 2:
-            raise ConfigError(f"classification needs at least 2 classes in the training labels, got {classes}")
-        return cls(dim, classes)
-
-    @classmethod
-    def from_meta(cls, dim: int, meta: dict[str, Any]) -> ClassificationHead:
-        return cls(dim, meta["labels"])
-
-    def describe(self) -> dict[str, Any]:
-        """What the sidecar stores to rebuild this head."""
-        return {"labels": self.labels}
-
-    def forward(self, features: Tensor, frame_mask: Tensor) -> Tensor:
-        valid = (~frame_mask)[..., None].to(features.dtype)  # (B, F, 1)
-        pooled = (features * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B, D)
-        return self.proj(pooled)  # (B, C)
-
-    def loss(self, output: Tensor, frame_mask: Tensor, refs: Sequence[str]) -> tuple[Tensor, int]:
-        """Summed cross-entropy and its number of terms; a label outside the training classes (dev only) is
-        ignored."""
-        targets = torch.tensor([self._index.get(r, -1) for r in refs], device=output.device)
-        return F.cross_entropy(output.float(), targets, ignore_index=-1, reduction="sum"), int(targets.ge(0).sum())
-
-    def decode(self, output: Tensor, frame_mask: Tensor) -> list[str]:
-        return [self.labels[i] for i in output.argmax(dim=-1).tolist()]
-
-    def metrics(self, refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-        return {"accuracy": accuracy(refs, hyps)}
-
-
-class CTCHead(nn.Module):
-    """Character recognition: ``Linear(D, V)`` per frame, CTC loss, greedy decoding.
-
-    Args:
-        dim: feature size ``D``.
-        vocab: the characters (``V = len(vocab)``, blank included).
-
-    Shapes: features ``(B, F, D)`` and frame padding mask ``(B, F)`` in; log-probabilities ``(B, F, V)`` out.
-    """
-
-    default_metric = "wer"
-    higher_is_better = False
-
-    def __init__(self, dim: int, vocab: CharVocabulary) -> None:
-        super().__init__()
-        self.vocab = vocab
-        self.proj = nn.Linear(dim, len(vocab))
-
-    @classmethod
-    def from_train_labels(cls, dim: int, labels: Sequence[str]) -> CTCHead:
-        """Characters = those of the training transcripts."""
-        return cls(dim, CharVocabulary.from_texts(labels))
-
-    @classmethod
-    def from_meta(cls, dim: int, meta: dict[str, Any]) -> CTCHead:
-        return cls(dim, CharVocabulary.from_dict(meta["vocabulary"]))
-
-    def describe(self) -> dict[str, Any]:
-        return {"vocabulary": self.vocab.to_dict()}
-
-    def forward(self, features: Tensor, frame_mask: Tensor) -> Tensor:
-        return F.log_softmax(self.proj(features), dim=-1)  # (B, F, V)
-
-    def loss(self, output: Tensor, frame_mask: Tensor, refs: Sequence[str]) -> tuple[Tensor, int]:
-        """Summed CTC loss (each utterance's over its target length) and the number of utterances."""
-        lengths = (~frame_mask).sum(1)  # (B,)
-        return ctc_loss(output, lengths, [self.vocab.encode(r) for r in refs], blank=self.vocab.blank)
-
-    def decode(self, output: Tensor, frame_mask: Tensor) -> list[str]:
-        paths = greedy_decode(output, (~frame_mask).sum(1), blank=self.vocab.blank)
-        return [self.vocab.decode(p) for p in paths]
-
-    def metrics(self, refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-        refs = [normalize_text(r) for r in refs]
-        return {"wer": wer(refs, hyps), "cer": cer(refs, hyps)}
-
-
-HEADS: dict[HeadKind, type[ClassificationHead] | type[CTCHead]] = {
-    HeadKind.CLASSIFICATION: ClassificationHead,
-    HeadKind.CTC: CTCHead,
-}
-
-
 class SuperbModel(nn.Module):
-    """A (tuned) upstream encoder, the weighted layer sum and a head.
+    """A (tuned) upstream encoder, the weighted layer sum (or the encoder's final output) and a head.
 
     Args:
         upstream: the encoder (any architecture of :mod:`speechprompt.models.encoders`), with ``method`` attached.
         method: the tuning method (its :meth:`~TuningMethod.forward_kwargs` go to the upstream).
-        featurizer: the weighted sum over ``upstream.num_layers + 1`` hidden states.
-        head: a :class:`ClassificationHead` or :class:`CTCHead`.
+        featurizer: the weighted sum over ``upstream.num_layers + 1`` hidden states; ``None`` for a head that reads
+            the encoder's final output.
+        head: a registered head (:mod:`speechprompt.superb.head_registry`).
         task_cfg: the upstream checkpoint's task config (whether waveforms are normalised).
         upstream_dropout: keep the upstream's dropout active in training mode (off: the upstream always runs in
             eval mode, as SUPERB does for a frozen upstream).
+        feature_mask: span masking of the encoder's features while training (fairseq fine-tuning); ``None``: none.
+
+    Attributes:
+        freeze_upstream: run the upstream without gradients even where the method trains it (fairseq's
+            ``freeze_finetune_updates``: only the head learns while the trainer keeps this on).
 
     Shapes: ``forward(wav (B, T), padding_mask (B, T))`` gives the head's output and the ``(B, F)`` frame padding
     mask (True at padding).
     """
 
-    def __init__(self, upstream: EncoderModel, method: TuningMethod, featurizer: WeightedLayerSum, head: nn.Module,
-                 task_cfg: dict[str, Any], upstream_dropout: bool = False) -> None:
+    def __init__(self, upstream: EncoderModel, method: TuningMethod, featurizer: WeightedLayerSum | None,
+                 head: nn.Module, task_cfg: dict[str, Any], upstream_dropout: bool = False,
+                 feature_mask: FeatureMaskConfig | None = None) -> None:
         super().__init__()
         self.upstream, self.method, self.featurizer, self.head = upstream, method, featurizer, head
         self.task_cfg = dict(task_cfg)
         self.upstream_dropout = upstream_dropout
+        self.freeze_upstream = False
+        self.upstream_parameters: int | None = None  # of the upstream as stored (set by build_superb)
+        self._masker = None
+        if feature_mask is not None and feature_mask.enabled:
+            if not isinstance(upstream, Wav2Vec2Model):
+                raise ConfigError(f"feature_mask needs a wav2vec 2.0-family upstream, not {upstream.architecture}")
+            self._masker = feature_masker(feature_mask, upstream.mask_emb)
 
     @property
     def decoder(self) -> str:
-        """The name its predictions go under in reports: ``argmax`` (classification head) or ``greedy`` (CTC)."""
-        return "argmax" if isinstance(self.head, ClassificationHead) else "greedy"
+        """The name its predictions go under in reports: ``argmax`` (classification) or ``greedy`` (CTC)."""
+        return self.head.decoder
+
+    def layer_weights(self) -> list[float] | None:
+        """The learned softmax weight of each hidden state (``None`` for a head on the final output)."""
+        return self.featurizer.normalized_weights().tolist() if self.featurizer is not None else None
 
     def train(self, mode: bool = True) -> SuperbModel:
         super().train(mode)
@@ -219,24 +130,27 @@ class SuperbModel(nn.Module):
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """The weighted-sum weights and the head (``featurizer.*``, ``head.*``): the checkpoint's head part."""
-        state = {f"featurizer.{k}": v for k, v in self.featurizer.state_dict().items()}
+        state = {}
+        if self.featurizer is not None:
+            state.update({f"featurizer.{k}": v for k, v in self.featurizer.state_dict().items()})
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return {k: v.detach() for k, v in state.items()}
 
     def load_head_state_dict(self, state: dict[str, Tensor], source: str | os.PathLike) -> None:
-        load_into(self.featurizer, {k[len("featurizer."):]: v for k, v in state.items()
-                                    if k.startswith("featurizer.")}, "featurizer", source)
+        if self.featurizer is not None:
+            load_into(self.featurizer, {k[len("featurizer."):]: v for k, v in state.items()
+                                        if k.startswith("featurizer.")}, "featurizer", source)
         load_into(self.head, {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, "head",
                   source)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Freeze the upstream except the method's own tensors; returns those plus the featurizer and head."""
-        return freeze_except(self.upstream, self.method) + list(self.featurizer.parameters()) + list(
-            self.head.parameters())
+        extra = list(self.featurizer.parameters()) if self.featurizer is not None else []
+        return freeze_except(self.upstream, self.method) + extra + list(self.head.parameters())
 
     def prepare(self, wavs: Sequence[np.ndarray | Tensor]) -> tuple[Tensor, Tensor]:
         """Normalise each waveform (if the upstream expects it) and pad them: ``(B, T)`` and mask ``(B, T)``."""
-        device = self.featurizer.weights.device
+        device = next(self.head.parameters()).device
         items = [normalize_waveform(torch.as_tensor(w, dtype=torch.float32), self.task_cfg) for w in wavs]
         T = max(len(w) for w in items)
         wav = torch.zeros(len(items), T)
@@ -247,13 +161,20 @@ class SuperbModel(nn.Module):
         return wav.to(device), padding.to(device)
 
     def forward(self, wav: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
-        # An upstream with nothing trainable in it needs no graph: saves the activations of every layer.
-        tuned = any(p.requires_grad for p in self.method.parameters()) and torch.is_grad_enabled()
+        # An upstream with nothing trainable in it (or frozen for now) needs no graph: saves every layer's
+        # activations. fairseq runs the whole encoder, its output included, without gradients while it is frozen.
+        tuned = (not self.freeze_upstream and torch.is_grad_enabled()
+                 and any(p.requires_grad for p in self.method.parameters()))
+        kwargs = self.method.forward_kwargs(wav.shape[0])
+        if self.training and self._masker is not None:
+            kwargs["feature_mask"] = self._masker
         with torch.set_grad_enabled(tuned):
-            hidden, frame_mask = self.upstream.hidden_states(
-                wav, padding_mask, **self.method.forward_kwargs(wav.shape[0]))  # L+1 x (B, F, D)
+            hidden, frame_mask = self.upstream.hidden_states(wav, padding_mask, **kwargs)  # L+1 x (B, F, D)
+            if self.featurizer is None:
+                features = self.upstream.final_features(hidden)  # (B, F, D)
         assert frame_mask is not None  # a padding mask always comes in
-        features = self.featurizer(hidden)  # (B, F, D)
+        if self.featurizer is not None:
+            features = self.featurizer(hidden)  # (B, F, D)
         return self.head(features, frame_mask), frame_mask
 
 
@@ -274,25 +195,37 @@ def load_upstream(path: str | os.PathLike) -> tuple[EncoderModel, dict[str, Any]
     return loaded.model, loaded.task_cfg
 
 
+def _featurizer(head: str, upstream: EncoderModel, layer_norm: bool) -> WeightedLayerSum | None:
+    """The weighted layer sum when the head reads it, else ``None`` (the head reads the final output)."""
+    if head_spec(head).features is Features.FINAL:
+        return None
+    return WeightedLayerSum(upstream.num_layers + 1, layer_norm)
+
+
 def build_superb(
     upstream_path: str | os.PathLike,
     method: Any,
-    head: HeadKind | str,
+    head: str,
     train_labels: Sequence[str],
     layer_norm: bool = False,
     upstream_dropout: bool = False,
     device: str | torch.device = "cpu",
+    head_options: dict[str, Any] | None = None,
+    feature_mask: FeatureMaskConfig | None = None,
 ) -> tuple[SuperbModel, str]:
     """A fresh model for training.
 
     Args:
         upstream_path: an encoder checkpoint (fairseq file or Hugging Face directory).
         method: a registered method name or config (not ``prompt``).
-        head: ``classification`` or ``ctc``.
+        head: a registered head (``classification``, ``utterance``, ``multislot``, ``ast``, ``ctc``,
+            ``bilstm_ctc``, ``encoder_ctc``).
         train_labels: the training labels or transcripts (they size the head).
         layer_norm: LayerNorm each hidden state before the weighted sum.
         upstream_dropout: see :class:`SuperbModel`.
         device: where the model goes.
+        head_options: the head's options (its options dataclass as a mapping).
+        feature_mask: see :class:`SuperbModel`.
 
     Returns:
         The model (on ``device``; nothing frozen yet, see :meth:`SuperbModel.trainable_parameters`) and the
@@ -304,10 +237,12 @@ def build_superb(
     fingerprint = base_fingerprint(upstream)
     upstream.remove_pretraining_modules()  # never used downstream; dropped after the fingerprint of the stored model
     upstream.to(device)
+    n_upstream = sum(p.numel() for p in upstream.parameters())  # before a method adds its own
     tuning = build_method(config, upstream)
-    featurizer = WeightedLayerSum(upstream.num_layers + 1, layer_norm)
-    head_module = HEADS[HeadKind(head)].from_train_labels(upstream.encoder_embed_dim, train_labels)
-    model = SuperbModel(upstream, tuning, featurizer, head_module, task_cfg, upstream_dropout).to(device)
+    head_module = build_head(str(head), upstream.encoder_embed_dim, train_labels, head_options)
+    model = SuperbModel(upstream, tuning, _featurizer(str(head), upstream, layer_norm), head_module, task_cfg,
+                        upstream_dropout, feature_mask).to(device)
+    model.upstream_parameters = n_upstream
     return model, fingerprint
 
 
@@ -335,9 +270,13 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
     method = build_method(method_config(meta["method"]["name"], meta["method"].get("config")), model)
     method.load_exported_state_dict({k: v.to(device) for k, v in ckpt.method_state.items()})
     superb = meta["superb"]
-    featurizer = WeightedLayerSum(model.num_layers + 1, superb["layer_norm"])
-    head = HEADS[HeadKind(superb["head"])].from_meta(model.encoder_embed_dim, meta["task"])
-    out = SuperbModel(model, method, featurizer, head, task_cfg, superb.get("upstream_dropout", False)).to(device)
+    head_name = superb["head"]
+    try:
+        head = rebuild_head(head_name, model.encoder_embed_dim, meta["task"], superb.get("head_options"))
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: its head cannot be rebuilt: {e}") from None
+    out = SuperbModel(model, method, _featurizer(head_name, model, superb["layer_norm"]), head, task_cfg,
+                      superb.get("upstream_dropout", False)).to(device)
     out.load_head_state_dict({k: v.to(device) for k, v in ckpt.head_state.items()}, ckpt.path)
     freeze_except(model, method)
     return out.eval()

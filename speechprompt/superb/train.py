@@ -7,9 +7,14 @@ The model is the SUPERB protocol (Yang et al., 2021) with the efficient-tuning m
 placed *inside* the encoder (see :mod:`speechprompt.superb.model`). What trains is chosen by ``method.name``, from
 the same registry as ``speechprompt train``: ``prefix``, ``adapter``, ``lora``, ``bitfit``, ``mask``, or the two
 baselines, ``linear_probe`` (the upstream is frozen and untouched: only the layer weights and the head train;
-SUPERB's own protocol) and ``full_finetune`` (every upstream parameter trains too). ``prompt`` is refused: it is an
-input of the unit LM, not of an encoder. The layer weights and the head always train. SUPERB's ASR head is a
-2-layer BiLSTM; a linear CTC head keeps the comparison about the upstream and its tuning method.
+SUPERB's own protocol) and ``full_finetune`` (every upstream parameter trains too, but modules listed in its
+``frozen`` option). ``prompt`` is refused: it is an input of the unit LM, not of an encoder. The layer weights (when
+the head reads them) and the head always train.
+
+The head is chosen by name (``head:``, with ``head_options:``): s3prl's SUPERB heads (``utterance`` for KS, SID and
+ER; ``multislot`` for IC; ``bilstm_ctc`` for ASR), linear probes (``classification``, ``ctc``), AST's classifier
+(``ast``) and fairseq's CTC fine-tuning projection (``encoder_ctc``, with ``freeze_upstream_updates`` and
+``feature_mask`` for fairseq's schedule of it). ``speechprompt superb --help`` lists them with their options.
 
 The run directory receives::
 
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 
 from speechprompt import config as C
+from speechprompt.audio import SAMPLE_RATE
 from speechprompt.checkpoint import base_record, save_checkpoint
 from speechprompt.config import ConfigError, option
 from speechprompt.devices import torch_threads
@@ -50,9 +56,11 @@ from speechprompt.errors import CheckpointError
 from speechprompt.fileio import write_json
 from speechprompt.models.transformer import set_activation_checkpointing
 from speechprompt.rng import seed_everything
-from speechprompt.superb.data import epoch_order, load_audio_split, read_batches
+from speechprompt.superb.data import Crop, balanced_order, epoch_order, load_audio_split, read_batches
 from speechprompt.superb.evaluation import evaluate_superb
-from speechprompt.superb.model import TASK_TYPE, HeadKind, SuperbModel, build_superb, check_method
+from speechprompt.superb.feature_mask import FeatureMaskConfig
+from speechprompt.superb.head_registry import describe_heads, head_options
+from speechprompt.superb.model import TASK_TYPE, SuperbModel, build_superb, check_method
 from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
 from speechprompt.training.distributed import Dist, distributed
 from speechprompt.training.early_stopping import BestTracker
@@ -77,10 +85,16 @@ class SuperbDataConfig:
     train_labels: str | None = option(None, help="training labels (null: the manifest's .labels sidecar)")
     dev_manifest: str | None = option(None, help="dev manifest for model selection and early stopping")
     dev_labels: str | None = option(None, help="dev labels (null: the dev manifest's .labels sidecar)")
+    crop_seconds: float = option(0.0, help="cut longer training utterances to a random window of this length "
+                                 "(s3prl SID: 8; 0: never)")
+    class_balanced: bool = option(False, help="draw each epoch's training rows with replacement, every class equally "
+                                  "likely (s3prl KS's WeightedRandomSampler)")
 
     def __post_init__(self) -> None:
         if self.dev_labels is not None and self.dev_manifest is None:
             raise ConfigError("data.dev_labels needs data.dev_manifest")
+        if self.crop_seconds < 0:
+            raise ConfigError(f"data.crop_seconds must be >= 0, got {self.crop_seconds}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -90,8 +104,10 @@ class SuperbConfig(RunOptions):
     data: SuperbDataConfig = option(help="audio and labels")
     upstream: str = option(help="the upstream encoder: a fairseq checkpoint (HuBERT, wav2vec 2.0, data2vec-audio, "
                            "WavLM) or a Hugging Face directory (also AST), frozen except for what the method trains")
-    head: HeadKind = option(HeadKind.CLASSIFICATION, help="classification (mean-pool + linear; accuracy) or ctc "
-                            "(characters; WER/CER)")
+    head: str = option("classification", help="the task head, by name: classification | utterance | multislot | "
+                       "ast | ctc | bilstm_ctc | encoder_ctc (see the list below)")
+    head_options: dict[str, Any] = option({}, help="the head's options, e.g. {projector_dim: 256} (see the list "
+                                          "below)")
     method: MethodConfig = option(
         help="what trains inside the upstream: prefix | adapter | lora | bitfit | mask | linear_probe (frozen "
         "upstream) | full_finetune", default_factory=lambda: MethodConfig(name="linear_probe"))
@@ -107,15 +123,22 @@ class SuperbConfig(RunOptions):
     patience: int = option(0, help="stop after this many evaluations without a better dev metric (0: never)")
     eval_batch_size: int = option(16, help="utterances per batch when evaluating")
     num_workers: int = option(0, help="processes reading audio ahead of the training loop (0: read in the loop)")
+    freeze_upstream_updates: int = option(
+        0, help="run the upstream without gradients for the first N updates, so that only the head learns (fairseq "
+        "freeze_finetune_updates; 0: never)")
+    feature_mask: FeatureMaskConfig = option(
+        help="span masking of the encoder's features while training (fairseq fine-tuning's apply_mask)",
+        default_factory=FeatureMaskConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_method(self.method.name)
+        head_options(self.head, self.head_options)  # an unknown head, option or bad value fails here, not mid-run
         for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.num_workers < 0:
-            raise ConfigError("patience and num_workers must be >= 0")
+        if self.patience < 0 or self.num_workers < 0 or self.freeze_upstream_updates < 0:
+            raise ConfigError("patience, num_workers and freeze_upstream_updates must be >= 0")
 
 
 # Keys a resumed run may change (max_steps is checked against the learning-rate schedule).
@@ -131,6 +154,8 @@ class _Position:
     batch_in_epoch: int = 0  # updates of this epoch already taken
     best_metrics: dict[str, float] | None = None
     seconds: float = 0.0  # training time of all sessions so far
+    step_seconds: float = 0.0  # time spent in updates (forward, backward, step), reading and evaluation excluded
+    timed_steps: int = 0
 
 
 def train_superb(cfg: SuperbConfig) -> dict[str, Any]:
@@ -156,7 +181,7 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
     train_split = load_audio_split(cfg.data.train_manifest, cfg.data.train_labels)
     dev_split = load_audio_split(cfg.data.dev_manifest, cfg.data.dev_labels) if cfg.data.dev_manifest else None
     model, fingerprint = build_superb(cfg.upstream, cfg.method.resolved(), cfg.head, train_split.labels,
-                                      cfg.layer_norm, cfg.upstream_dropout, device)
+                                      cfg.layer_norm, cfg.upstream_dropout, device, cfg.head_options, cfg.feature_mask)
     params = model.trainable_parameters()
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model.upstream)
@@ -187,15 +212,17 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
             return model.eval(), saved["summary"]
         logger.info("resuming %s at step %d (epoch %d)", run.path, pos.step, pos.epoch)
 
-    head_kind = HeadKind(cfg.head).value
+    head_kind = cfg.head
     selected = f"dev.{model.head.default_metric}" if dev_split else None
     meta = {
         "task": {"type": TASK_TYPE, **model.head.describe()},
         "method": {"name": cfg.method.name, "config": C.to_dict(cfg.method.resolved())},
         "head": f"superb_{head_kind}",
         "verbalizer": None,
-        "base": base_record(cfg.upstream, fingerprint, kind=model.upstream.architecture),
-        "superb": {"head": head_kind, "layer_norm": cfg.layer_norm, "upstream_dropout": cfg.upstream_dropout},
+        "base": base_record(cfg.upstream, fingerprint, kind=model.upstream.architecture,
+                            parameters=model.upstream_parameters),
+        "superb": {"head": head_kind, "head_options": C.to_dict(head_options(cfg.head, cfg.head_options)),
+                   "layer_norm": cfg.layer_norm, "upstream_dropout": cfg.upstream_dropout},
     }
 
     def save_best(step: int, metrics: dict[str, float] | None) -> None:
@@ -217,11 +244,18 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
     global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
     with run.logger(pos.step) as log, run.progress(cfg.max_steps, pos.step, every=cfg.log_every) as bar:
         while not _done(cfg, pos, best):
-            order = epoch_order(len(train_split), cfg.seed, pos.epoch)
+            if cfg.data.class_balanced:
+                order = balanced_order(train_split.labels, cfg.seed, pos.epoch)
+            else:
+                order = epoch_order(len(train_split), cfg.seed, pos.epoch)
             groups = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
             mine = [d.shard(g) for g in groups[pos.batch_in_epoch :]]
-            for batch in read_batches(train_split, mine, cfg.num_workers):
+            crop = Crop(round(cfg.data.crop_seconds * SAMPLE_RATE), cfg.seed, pos.epoch) if cfg.data.crop_seconds \
+                else None
+            for batch in read_batches(train_split, mine, cfg.num_workers, crop):
+                step_start = time.perf_counter()
                 model.train()
+                model.freeze_upstream = pos.step < cfg.freeze_upstream_updates
                 lr = cfg.optim.lr_at(pos.step, cfg.max_steps)
                 n = len(batch.rows)
                 for j in range(cfg.grad_accum):
@@ -235,6 +269,8 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
                 stats = updater.step(lr)
                 pos.step += 1
                 pos.batch_in_epoch += 1
+                pos.step_seconds += time.perf_counter() - step_start
+                pos.timed_steps += 1
                 bar.update(loss=stats.loss, lr=lr)
                 if pos.step % cfg.log_every == 0:
                     log.log(pos.step, train_loss=stats.loss, lr=lr, grad_norm=stats.grad_norm)
@@ -267,7 +303,8 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
         "seconds": round(seconds_before + time.perf_counter() - session_start, 3),
         "trainable_parameters": updater.num_parameters,
         "method_parameters": n_method,
-        "layer_weights": model.featurizer.normalized_weights().tolist(),
+        "mean_step_seconds": pos.step_seconds / pos.timed_steps if pos.timed_steps else None,
+        "layer_weights": model.layer_weights(),
         "checkpoint": str(path),
         "checkpoint_bytes": path.stat().st_size if d.main else None,
         "dev": pos.best_metrics,
@@ -290,7 +327,8 @@ def _done(cfg: SuperbConfig, pos: _Position, best: BestTracker) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (keys below)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
-    parser.epilog = "config keys:\n" + C.describe(SuperbConfig)
+    parser.epilog = "config keys:\n" + C.describe(SuperbConfig) + "\n\nheads (head: NAME, head_options: {...}):\n" \
+        + describe_heads()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,8 +46,9 @@ class OptimConfig:
     clip: float = option(1.0, help="clip the gradient norm to this (0: no clipping)")
     schedule: str = option("constant", help=f"after warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = option(0, help="linear warmup updates")
-    min_lr_ratio: float = option(0.0, help="cosine: the floor, as a fraction of lr")
-    decay_steps: int = option(0, help="cosine: updates over which the rate decays (0: the run's max updates); fix "
+    min_lr_ratio: float = option(0.0, help="cosine, tri_stage: the floor, as a fraction of lr (tri_stage: fairseq's "
+                                 "final_lr_scale)")
+    decay_steps: int = option(0, help="cosine, tri_stage: updates the schedule spans (0: the run's max updates); fix "
                               "it to extend a run later")
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warmup, then inverse square root, cosine or constant.
+"""Learning-rate schedules: linear warmup, then inverse square root, cosine, tri-stage or constant.
 
 Each schedule is a pure function of the update count that returns a *multiplier* of the peak learning rate, so a
 trainer needs no scheduler state to resume: the step number is the whole state. :func:`lr_at` looks a schedule up
@@ -56,10 +56,32 @@ def cosine(step: int, warmup_steps: int = 0, total_steps: int = 0, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def tri_stage(step: int, warmup_steps: int = 0, total_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warmup to 1, hold at 1 until half of ``total_steps``, then an exponential decay to ``min_ratio`` at
+    update ``total_steps`` (``min_ratio`` past it).
+
+    With ``warmup_steps`` a tenth of the run this is fairseq's ``tri_stage`` with ``phase_ratio [0.1, 0.4, 0.5]``
+    and ``final_lr_scale = min_ratio``, the schedule of its wav2vec 2.0 / HuBERT CTC fine-tuning configs (whose
+    warmup starts at ``init_lr_scale`` 0.01 of the peak, here at ``1 / warmup_steps``). ``min_ratio`` 0 decays to 0
+    in one step at the end: give it a positive floor.
+    """
+    w = _warmup(step, warmup_steps)
+    if w is not None:
+        return w
+    decay_start = max(total_steps // 2, warmup_steps)
+    if step < decay_start:
+        return 1.0
+    if min_ratio <= 0.0:
+        return 1.0 if step + 1 < total_steps else 0.0
+    progress = min((step + 1 - decay_start) / max(total_steps - decay_start, 1), 1.0)
+    return math.exp(math.log(min_ratio) * progress)
+
+
 SCHEDULES: dict[str, Schedule] = {
     "constant": constant,
     "inverse_sqrt": inverse_sqrt,
     "cosine": cosine,
+    "tri_stage": tri_stage,
 }
 
 

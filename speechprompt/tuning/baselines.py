@@ -18,21 +18,34 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from speechprompt.tuning.base import TuningMethod
+from speechprompt.config import option
+from speechprompt.tuning.base import TuningError, TuningMethod
 
 
 @dataclass
 class FullFinetuneConfig:
-    """Full fine-tuning: every parameter of the backbone trains (no options)."""
+    """Full fine-tuning: every parameter of the backbone trains, except the modules named in ``frozen``."""
+
+    frozen: list[str] = option([], help="module paths of the backbone that stay frozen, e.g. [feature_extractor] "
+                               "for fairseq's CTC fine-tuning (its conv front end never trains)")
 
 
 class FullFinetune(TuningMethod):
-    """Owns every parameter of the backbone, under its backbone name (tied weights once)."""
+    """Owns every parameter of the backbone, under its backbone name (tied weights once), but those of the
+    ``frozen`` modules."""
 
     def __init__(self, config: FullFinetuneConfig, model: nn.Module) -> None:
         super().__init__(config)
+        skip: set[int] = set()
+        for path in config.frozen:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise TuningError(f"full_finetune: frozen module {path!r} is not in {type(model).__name__}") from None
+            skip.update(id(p) for p in module.parameters())
         for name, param in model.named_parameters():
-            self._own(name, param)
+            if id(param) not in skip:
+                self._own(name, param)
 
 
 @dataclass

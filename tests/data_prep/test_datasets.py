@@ -38,8 +38,9 @@ def _rows(out: Path, split: str) -> list[tuple[str, str]]:
     return [(str(p), label) for p, label in zip(manifest.paths(), labels)]
 
 
-def test_registry_lists_the_four_datasets():
-    assert set(DATASETS) == {"speech_commands", "fluent_commands", "librispeech", "snips"}
+def test_registry_lists_the_datasets():
+    assert set(DATASETS) == {"speech_commands", "fluent_commands", "librispeech", "snips", "voxceleb1", "iemocap",
+                             "librilight", "esc50"}
     assert DATASETS["snips"].task == "sequence" and DATASETS["fluent_commands"].task == "multislot"
 
 

@@ -1,9 +1,11 @@
-"""Prepare a public dataset as manifests and labels: Speech Commands, Fluent Speech Commands, LibriSpeech, SNIPS.
+"""Prepare a public dataset as manifests and labels: Speech Commands, Fluent Speech Commands, LibriSpeech, SNIPS,
+VoxCeleb1, IEMOCAP, Libri-light, ESC-50.
 
-Writes ``OUT/{train,dev,test}.tsv`` (fairseq manifests: the root, then ``relpath<TAB>num_samples``),
-``OUT/{train,dev,test}.labels`` (one label per line, in manifest order) and ``OUT/summary.json`` (utterances,
-label counts, and every file left out with the reason). The next step is ``speechprompt prepare`` on each
-manifest. Nothing is downloaded: ROOT is the dataset as you extracted it, in the layout shown below.
+Writes ``OUT/{train,dev,test}.tsv`` (or the dataset's own splits: fairseq manifests, the root then
+``relpath<TAB>num_samples``), ``OUT/{train,dev,test}.labels`` (one label per line, in manifest order) and
+``OUT/summary.json`` (utterances, label counts, and every file left out with the reason). The next step is
+``speechprompt prepare`` (units) or ``speechprompt superb`` (audio) on each manifest. Nothing is downloaded: ROOT
+is the dataset as you extracted it, in the layout shown below.
 
 Files whose header cannot be read, or that hold no samples, are left out and listed; the rest go on.
 
@@ -12,6 +14,8 @@ Examples::
     speechprompt prepare-dataset speech_commands --root data/speech_commands_v0.01 --out data/ks
     speechprompt prepare-dataset librispeech --root data/LibriSpeech --out data/asr test=[test-clean,test-other]
     speechprompt prepare-dataset snips --root data/SNIPS --out data/sf lowercase=true
+    speechprompt prepare-dataset iemocap --root data/IEMOCAP_full_release --out data/er/fold1 fold=1
+    speechprompt prepare-dataset librilight --root data/librispeech_finetuning --out data/ll10h subset=10h
 
 From Python: ``prepare("snips", root, out, lowercase=True)``.
 """
@@ -22,7 +26,16 @@ import argparse
 import json
 
 from speechprompt.config import apply_overrides, describe
-from speechprompt.data_prep.datasets import fluent_commands, librispeech, snips, speech_commands  # noqa: F401
+from speechprompt.data_prep.datasets import (  # noqa: F401  (each registers its dataset)
+    esc50,
+    fluent_commands,
+    iemocap,
+    librilight,
+    librispeech,
+    snips,
+    speech_commands,
+    voxceleb1,
+)
 from speechprompt.data_prep.datasets.base import (
     DATASETS,
     SPLITS,

@@ -216,7 +216,8 @@ def prepare(name: str, root: str | Path, out: str | Path, **options: Any) -> dic
     """Prepare dataset ``name`` from ``root`` into ``out``; returns what is written to ``out/summary.json``.
 
     Args:
-        name: a registered dataset (``speech_commands``, ``fluent_commands``, ``librispeech``, ``snips``).
+        name: a registered dataset (``speech_commands``, ``fluent_commands``, ``librispeech``, ``snips``, ``voxceleb1``,
+            ``iemocap``, ``librilight``, ``esc50``).
         root: the dataset as distributed (see each dataset's layout).
         out: output directory for ``{train,dev,test}.tsv`` / ``.labels`` and ``summary.json``.
         **options: fields of the dataset's options dataclass.

@@ -1,4 +1,5 @@
-"""Google Speech Commands v1 in the 12-class keyword-spotting setup of SUPERB and SpeechPrompt.
+"""Google Speech Commands in the 12-class keyword-spotting setup of SUPERB and SpeechPrompt (v1), or with every word
+its own class (``all_words=true silence=false``: v2's 35 classes, the setting of AST and AAT).
 
 Classes: the ten words ``yes no up down left right on off stop go``, ``_unknown_`` (every other word) and
 ``_silence_`` (1 s clips cut from ``_background_noise_``). Train and dev follow the official
@@ -77,6 +78,10 @@ class SpeechCommandsOptions:
     silence_dev_fraction: float = option(0.1, help="fraction of each noise file's clips that go to dev")
     silence_test_fraction: float = option(0.1, help="fraction that go to test (only when test is the official "
                                           "list; SUPERB's test set has its own silence)")
+    all_words: bool = option(False, help="every word folder is its own class and there is no _unknown_ (Speech "
+                             "Commands v2's 35 classes, the setting of AST and AAT); 'words' is then ignored")
+    silence: bool = option(True, help="cut _silence_ clips from _background_noise_ (false: no _silence_ class, as "
+                           "AST/AAT's 35-class setting)")
 
     def __post_init__(self) -> None:
         if not self.words or len(set(self.words)) != len(self.words):
@@ -100,10 +105,10 @@ def hash_split(relpath: str) -> str:
     return "train"
 
 
-def class_of(word: str, words: list[str]) -> str:
-    """The 12-class label of a word folder."""
-    if word == SILENCE:
-        return SILENCE
+def class_of(word: str, words: list[str] | None) -> str:
+    """The 12-class label of a word folder (``words=None``: every word is its own class)."""
+    if word == SILENCE or words is None:
+        return word
     return word if word in words else UNKNOWN
 
 
@@ -163,12 +168,16 @@ def _cut_silence(noise_dir: Path, out: Path, opts: SpeechCommandsOptions, with_t
 def build(root: Path, out: Path, opts: SpeechCommandsOptions) -> Listing:
     """Google Speech Commands v1, 12 classes (10 words, _unknown_, _silence_), as in SUPERB KS and SpeechPrompt."""
     train_root = _find_train_root(root)
-    noise_dir = require_dir(train_root / NOISE_DIR, NAME, "background noise for the _silence_ class")
+    noise_dir = require_dir(train_root / NOISE_DIR, NAME, "background noise for the _silence_ class") \
+        if opts.silence else None
     word_dirs = sorted(d for d in train_root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
     word_dirs = [d for d in word_dirs if d.name != TEST_SET_NAME]
-    missing = [w for w in opts.words if not (train_root / w).is_dir()]
+    words = None if opts.all_words else opts.words
+    missing = [w for w in (words or []) if not (train_root / w).is_dir()]
     if missing:
         require_dir(train_root / missing[0], NAME, f"the word folder of {missing[0]!r}")
+    if not word_dirs:
+        raise DatasetError(f"{NAME}: no word folders in {train_root}. Expected layout:\n{LAYOUT}")
     lists = {"dev": train_root / "validation_list.txt", "test": train_root / "testing_list.txt"}
     if all(p.is_file() for p in lists.values()):
         listed = {split: _read_list(p) for split, p in lists.items()}
@@ -183,20 +192,21 @@ def build(root: Path, out: Path, opts: SpeechCommandsOptions) -> Listing:
     test_set = _find_test_set(root, train_root, opts.test_set)
     splits: dict[str, list[Item]] = {"train": [], "dev": [], "test": []}
     for d in word_dirs:
-        label = class_of(d.name, opts.words)
+        label = class_of(d.name, words)
         for wav in sorted(d.glob("*.wav")):
             split = split_of(f"{d.name}/{wav.name}")
             if split == "test" and test_set is not None:
                 continue  # SUPERB tests on its own set; the official test files are not used
             splits[split].append(Item(wav, label))
-    clips, problems = _cut_silence(noise_dir, out, opts, with_test=test_set is None)
+    clips, problems = _cut_silence(noise_dir, out, opts, with_test=test_set is None) if noise_dir is not None \
+        else ({"train": [], "dev": [], "test": []}, [])
     for split, items in clips.items():
         splits[split].extend(items)
     if test_set is not None:
         class_dirs = sorted(d for d in test_set.iterdir() if d.is_dir())
         if not class_dirs:
             raise DatasetError(f"{NAME}: {test_set} has no class folders. Expected layout:\n{LAYOUT}")
-        splits["test"] = [Item(wav, class_of(d.name, opts.words))
+        splits["test"] = [Item(wav, class_of(d.name, words))
                           for d in class_dirs for wav in sorted(d.glob("*.wav"))]
     notes = {"split_rule": rule, "test_set": str(test_set) if test_set else "official testing list",
              "silence_clips": {s: len(c) for s, c in clips.items()}}

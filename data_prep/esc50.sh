@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# ESC-50 environmental sounds, one of the five folds -> OUT/<split>.tsv + .labels + summary.json.
+# A thin wrapper of `speechprompt prepare-dataset esc50`; the logic is in speechprompt/data_prep/datasets/.
+set -euo pipefail
+usage="Usage: $0 ROOT OUT [KEY=VALUE ...]  (layout and options: speechprompt prepare-dataset esc50 --help)"
+case "${1:-}" in -h|--help) echo "${usage}"; exit 0 ;; esac
+[ $# -ge 2 ] || { echo "${usage}" >&2; exit 2; }
+exec speechprompt prepare-dataset esc50 --root "$1" --out "$2" "${@:3}"
