@@ -53,11 +53,18 @@ class KVCache:
     entries. ``positions`` counts, per row, the *tokens* seen so far (prompts and prefixes have no positions), which
     is what positional embeddings need on the next step. ``key_padding`` remembers which cached keys were padding,
     so that later steps of a padded batch keep ignoring them.
+
+    Without autograd (decoding and scoring run under ``no_grad``), each layer's keys/values live in a buffer with
+    spare room and ``layers`` holds views of its filled part: a decoding step writes its one new position in place
+    instead of copying the whole cache (``torch.cat`` made every step cost the cached length). With autograd
+    enabled, entries are concatenated as before, since backward may still need the tensors a write would change.
     """
 
     layers: list[LayerKV | None] = field(default_factory=list)
     positions: Tensor | None = None  # (B,) long
     key_padding: Tensor | None = None  # (B, S) bool, True at padded cached keys
+    # Per layer, the (B, H, capacity, hd) key and value buffers behind ``layers`` (None: not preallocated).
+    _buffers: list[tuple[Tensor, Tensor] | None] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         first = self.layers[0] if self.layers else None
@@ -67,12 +74,32 @@ class KVCache:
         """Append new keys/values ``(B, H, T, hd)`` to layer ``idx`` and return everything cached so far."""
         while len(self.layers) <= idx:
             self.layers.append(None)
+        while len(self._buffers) <= idx:
+            self._buffers.append(None)
         old = self.layers[idx]
-        if old is not None:
-            key = torch.cat([old.key, key], dim=2)
-            value = torch.cat([old.value, value], dim=2)
-        self.layers[idx] = LayerKV(key, value)
-        return key, value
+        if torch.is_grad_enabled():
+            # Backward may need any cached view (even keys that need no gradient, to get the queries'), and writing
+            # into its buffer would invalidate it: concatenate.
+            if old is not None:
+                key = torch.cat([old.key, key], dim=2)
+                value = torch.cat([old.value, value], dim=2)
+            self.layers[idx], self._buffers[idx] = LayerKV(key, value), None
+            return key, value
+        n, T = (0 if old is None else len(old)), key.shape[2]
+        buf = self._buffers[idx]
+        if buf is None or not _fills(buf, old) or buf[0].shape[2] < n + T or not _fits(buf, key, value):
+            # Room for half as much again (at least 32 positions): a few regrowths over a long decoding.
+            capacity = n + T + max((n + T) // 2, 32)
+            B, H, _, hd = key.shape
+            buf = (key.new_empty(B, H, capacity, hd), value.new_empty(B, H, capacity, value.shape[3]))
+            if old is not None:
+                buf[0][:, :, :n] = old.key
+                buf[1][:, :, :n] = old.value
+            self._buffers[idx] = buf
+        buf[0][:, :, n : n + T] = key
+        buf[1][:, :, n : n + T] = value
+        self.layers[idx] = LayerKV(buf[0][:, :, : n + T], buf[1][:, :, : n + T])
+        return self.layers[idx].key, self.layers[idx].value
 
     def index_select(self, rows: Tensor) -> KVCache:
         """Reorder/select batch rows (beam search)."""
@@ -83,11 +110,27 @@ class KVCache:
         )
 
 
+def _fills(buffers: tuple[Tensor, Tensor], kv: LayerKV | None) -> bool:
+    """Whether ``kv`` is still the filled part of ``buffers`` (a caller may have replaced the layer's entry)."""
+    return kv is not None and all(
+        t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[:2] == b.shape[:2]
+        for t, b in zip((kv.key, kv.value), buffers)
+    )
+
+
+def _fits(buffers: tuple[Tensor, Tensor], key: Tensor, value: Tensor) -> bool:
+    """Whether new keys/values can be written into ``buffers`` (same rows, heads, width, dtype and device)."""
+    return all(
+        b.shape[:2] == t.shape[:2] and b.shape[3] == t.shape[3] and b.dtype == t.dtype and b.device == t.device
+        for t, b in zip((key, value), buffers)
+    )
+
+
 class MultiheadAttention(nn.Module):
     """fairseq-compatible multi-head attention on ``scaled_dot_product_attention``.
 
     Input ``x`` is ``(B, T, D)``. ``attn_mask`` is boolean ``(B, 1, T, S)`` with True where attention is allowed, where
-    ``S = prefix/cache length + T``; ``None`` means full attention.
+    ``S = prefix/cache length + T``; ``None`` means full attention, or causal attention with ``is_causal``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
@@ -117,6 +160,7 @@ class MultiheadAttention(nn.Module):
         prefix: LayerKV | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        is_causal: bool = False,
     ) -> Tensor:
         """Self-attention over ``x`` (B, T, D), optionally with the tuning hooks (see the module docstring).
 
@@ -125,6 +169,9 @@ class MultiheadAttention(nn.Module):
             prefix: projected keys/values prepended before everything else (not used together with ``cache``:
                 a cache is seeded with the prefix instead).
             cache: when given, this step's keys/values are appended to it and attention runs over all of it.
+            is_causal: query ``i`` attends to keys ``0..i``, without a materialised mask (SDPA's own causal kernel:
+                no ``(T, S)`` mask to build, convert and read). Only with ``attn_mask=None`` and no earlier keys
+                (prefix or cached positions), since SDPA aligns the causal diagonal at key 0.
         """
         B, T, D = x.shape
         k_in = v_in = x
@@ -141,8 +188,10 @@ class MultiheadAttention(nn.Module):
         elif prefix is not None:
             k = torch.cat([prefix.key.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([prefix.value.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+        if is_causal and (attn_mask is not None or k.shape[2] != T):
+            raise ValueError("is_causal needs attn_mask=None and no prefix or cached keys before the queries")
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, H, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
@@ -197,11 +246,13 @@ class TransformerLayer(nn.Module):
         prefix: LayerKV | None = None,
         cache: KVCache | None = None,
         layer_idx: int = 0,
+        is_causal: bool = False,
     ) -> Tensor:
+        """``(B, T, D)`` -> ``(B, T, D)``; the arguments are :meth:`MultiheadAttention.forward`'s."""
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx)
+        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, is_causal=is_causal)
         if self.post_attn is not None:
             x = self.post_attn(x)
         x = residual + self.dropout(x)

@@ -449,7 +449,7 @@ class UnitLM(nn.Module):
             # the tokens see exactly the projected prefix below. Running it as a prefix skips the L prompt positions
             # in every layer (a quarter of the compute for the demo's L = 20 over ~60 units), with the same output.
             dtype = dec.embed_tokens.weight.dtype
-            prefix = [layer.self_attn.project_kv(k.to(dtype), v.to(dtype))
+            prefix = [layer.self_attn.project_kv(_shared_row(k).to(dtype), _shared_row(v).to(dtype))
                       for layer, (k, v) in zip(dec.layers, kv_replace)]
             input_prompt, kv_replace, L = None, None, 0
 
@@ -483,7 +483,12 @@ class UnitLM(nn.Module):
             cache.key_padding = key_padding
             n_real = (~pad).sum(1)
             cache.positions = n_real if cache.positions is None else cache.positions + n_real
-        mask = attention_mask(key_padding if bool(key_padding.any()) else None, L + T, past)
+        padded = bool(key_padding.any())
+        # Without padding, the mask is SDPA's causal flag when the queries start at key 0, and nothing at all for a
+        # single query (one decoding step sees every cached key); only the other cases build a (B, 1, T, S) mask.
+        is_causal = not padded and not past and L + T > 1
+        mask = None if is_causal or (not padded and L + T == 1) else attention_mask(
+            key_padding if padded else None, L + T, past)
 
         for i, layer in enumerate(dec.layers):
             x = layer(
@@ -493,6 +498,7 @@ class UnitLM(nn.Module):
                 prefix=None if prefix is None else prefix[i],
                 cache=cache,
                 layer_idx=i,
+                is_causal=is_causal,
             )
         x = x[:, L:]  # (B, T, D): the prompt positions give no output
         if dec.layer_norm is not None:
@@ -522,6 +528,13 @@ class UnitLM(nn.Module):
                                embed_override=embed_override, prefix_padding=prefix_padding)
         logits = self.output_layer(hidden)
         return UnitLMOutput(logits, hidden) if return_hidden else logits
+
+
+def _shared_row(t: Tensor) -> Tensor:
+    """``t[:1]`` when every row of ``t`` ``(B, ...)`` is the same view of one row (an ``expand``ed batch dim), else
+    ``t``: a deep prompt shared by the batch is then projected once, not B times (and autograd keeps no B-fold
+    copies of the projection's operands)."""
+    return t[:1] if t.shape[0] > 1 and t.stride(0) == 0 else t
 
 
 # --------------------------------------------------------------------------------------------------------------
