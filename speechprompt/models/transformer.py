@@ -24,8 +24,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+class _ReluKeepingMask(torch.autograd.Function):
+    """ReLU whose backward keeps a 1-byte mask, where autograd's own relu keeps its float output.
+
+    When ``fc2`` is frozen it saves nothing of its input (a frozen weight needs no gradient), so the FFN's largest
+    activation, ``(B, T, ffn_dim)``, was kept only for relu's backward: this keeps a quarter of it. Exact: the
+    gradient passes where the output is positive, as ``threshold_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        out = F.relu(x)
+        ctx.save_for_backward(out > 0)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        (positive,) = ctx.saved_tensors
+        return grad.masked_fill(~positive, 0.0)
+
+
+def _relu(x: Tensor) -> Tensor:
+    return _ReluKeepingMask.apply(x) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose backward keeps a 1-byte mask: on CPU, ``F.dropout`` multiplies by a float noise tensor
+    and autograd keeps it (4 bytes per element); ``native_dropout`` (what CUDA already runs) keeps a bool mask. Same
+    distribution and scaling; a different draw from the generator than ``F.dropout`` for the same seed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.inplace:
+            return super().forward(x)
+        return torch.native_dropout(x, self.p, True)[0]
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
+    "relu": _relu,
     "gelu": F.gelu,
     # fairseq's "gelu_accurate" is the tanh approximation.
     "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
@@ -234,8 +272,8 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
         self.final_layer_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
+        self.activation_dropout = Dropout(activation_dropout)
         self.post_attn = self.post_ffn = self.parallel_ffn = None
 
     def forward(

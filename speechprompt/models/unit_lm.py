@@ -33,7 +33,7 @@ from speechprompt.config import ConfigError, from_dict, option, to_dict
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError
 from speechprompt.fairseq_compat import load_fairseq_checkpoint, save_fairseq_checkpoint
-from speechprompt.models.transformer import ACTIVATIONS, KVCache, LayerKV, TransformerLayer, attention_mask
+from speechprompt.models.transformer import ACTIVATIONS, Dropout, KVCache, LayerKV, TransformerLayer, attention_mask
 
 # fairseq's DEFAULT_MAX_TARGET_POSITIONS (used when neither max_target_positions nor tokens_per_sample is set).
 _FAIRSEQ_DEFAULT_MAX_POSITIONS = 1024
@@ -331,7 +331,7 @@ class UnitLMDecoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(d) if cfg.final_layer_norm else None
         self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self._init_weights(cfg)
         if cfg.tie_embeddings:
             # fairseq shares the Parameter, so the state dict lists it under both names (as fairseq saves it).
