@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
 class _ReluKeepingMask(torch.autograd.Function):
     """ReLU whose backward keeps a 1-byte mask, where autograd's own relu keeps its float output.
 

@@ -562,12 +562,17 @@ def _to_our_state(state: dict[str, Tensor], cfg: UnitLMConfig) -> dict[str, Tens
     return state
 
 
-def load_unit_lm(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> tuple[UnitLM, Dictionary]:
+def load_unit_lm(
+    path: str | os.PathLike, dict_path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[UnitLM, Dictionary]:
     """Load a fairseq unit-LM checkpoint (GSLM's, or one written by :func:`save_unit_lm`), without fairseq.
 
     Args:
         path: the checkpoint (``.pt``).
         dict_path: its ``dict.txt``; by default the one beside the checkpoint.
+        dtype: hold the parameters in this floating dtype (e.g. ``torch.bfloat16`` for a frozen backbone: half the
+            memory, and the forward computes in it); ``None`` keeps the checkpoint's (fp32). Tuning methods keep
+            their own tensors in fp32 whatever the backbone's dtype, and the model casts them where they enter.
     Returns:
         The model (in eval mode, on CPU) and its dictionary.
     Raises:
@@ -603,6 +608,11 @@ def load_unit_lm(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
         raise CheckpointError(f"{path}: the config ties input/output embeddings but the checkpoint's differ")
     model = UnitLM(cfg)
     load_state_strict(model, state, str(path))
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        del state, ckpt  # free the checkpoint's copy before the cast makes another
+        model.to(dtype)
     return model.eval(), dictionary
 
 
