@@ -109,9 +109,25 @@ def peak_rss_mb() -> float:
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Any, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], Any]:
+    """Wall and CPU seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call (allocations, caches,
+    optimizer state), and the last call's result. CPU seconds are the process's: with one thread they barely move
+    when other processes share the cores, which wall seconds do."""
+    out = fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        sync(device)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"seconds": wall, "cpu_seconds": cpu}, out
 
 
 # -- hardware -------------------------------------------------------------------------------------------------
@@ -180,28 +196,10 @@ def _ours_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
         return out
 
     fn = batched if spec["mode"] == "batched" else one_at_a_time
-    fn()  # warm-up
-    times = []
-    for _ in range(spec["repeats"]):
-        _sync(device)
-        start = time.perf_counter()
-        feats = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    frames = sum(f.shape[0] for f in feats)
-    return {"seconds": times, "frames": frames, "checksum": float(sum(f.float().sum() for f in feats))}
-
-
-def _train_loop(step: Any, repeats: int, device: torch.device) -> list[float]:
-    times = []
-    for i in range(repeats + 1):  # the first step allocates the optimizer state
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
+    times, feats = timed(fn, spec["repeats"], device)
+    if spec.get("features_out"):
+        torch.save([f.float().cpu() for f in feats], spec["features_out"])
+    return {**times, "frames": sum(f.shape[0] for f in feats)}
 
 
 def _memory(before: float, peak_reset: bool, device: torch.device) -> dict[str, Any]:
@@ -243,8 +241,8 @@ def _ours_lm_train(spec: dict[str, Any], device: torch.device, dtype: torch.dtyp
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = _train_loop(step, spec["repeats"], device)
-    return {"seconds": times, **_memory(before, peak_reset, device)}
+    times, _ = timed(step, spec["repeats"], device)
+    return {**times, **_memory(before, peak_reset, device)}
 
 
 def _ours_decode(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -263,15 +261,8 @@ def _ours_decode(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
     def decode() -> torch.Tensor:
         return greedy(model, tokens, spec["new_tokens"], eos, allowed_tokens=allowed)
 
-    decode()  # warm-up
-    times = []
-    for _ in range(spec["repeats"]):
-        _sync(device)
-        start = time.perf_counter()
-        out = decode()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"seconds": times, "tokens": out.tolist()}
+    times, out = timed(decode, spec["repeats"], device)
+    return {**times, "tokens": out.tolist()}
 
 
 def _ours_prompt(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -314,8 +305,8 @@ def _ours_prompt(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = _train_loop(step, spec["repeats"], device)
-    return {"seconds": times, "trainable": sum(p.numel() for p in params), **_memory(before, peak_reset, device)}
+    times, _ = timed(step, spec["repeats"], device)
+    return {**times, "trainable": sum(p.numel() for p in params), **_memory(before, peak_reset, device)}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -368,8 +359,9 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {"error": next((r["error"] for r in runs if "error" in r), "no run")}
     best = min(ok, key=lambda r: min(r["seconds"]))
-    out = {k: v for k, v in best.items() if k not in ("seconds", "tokens", "checksum")}
+    out = {k: v for k, v in best.items() if k not in ("seconds", "cpu_seconds", "tokens", "checksum")}
     out["seconds"] = round(min(best["seconds"]), 4)
+    out["cpu_seconds"] = round(min(min(r["cpu_seconds"]) for r in ok), 4)
     out["runs_best_seconds"] = [round(min(r["seconds"]), 4) for r in ok]
     memories = [r["peak_memory_mb"] for r in ok if "peak_memory_mb" in r]
     if memories:
@@ -401,6 +393,30 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> dict
         # By how much the measured value misses, as a fraction of the target.
         out["short_by"] = round((target - value) / target if higher_is_better else (value - target) / target, 3)
     return out
+
+
+def _speedups(slow: dict[str, Any], fast: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``slow / fast`` in wall and in CPU seconds, and which of them the verdict uses: CPU seconds for one thread
+    (other processes on the machine stretch wall time, hardly a single thread's CPU time), wall seconds for more
+    (CPU seconds then add up the threads)."""
+    wall = _ratio(slow.get("seconds"), fast.get("seconds"))
+    cpu = _ratio(slow.get("cpu_seconds"), fast.get("cpu_seconds"))
+    on_cpu = threads == 1 and cpu is not None
+    return {"speedup": cpu if on_cpu else wall, "speedup_wall": wall, "speedup_cpu": cpu,
+            "verdict_on": "cpu_seconds" if on_cpu else "seconds"}
+
+
+def _compare_features(ours: str, theirs: str, dtype: str) -> dict[str, Any]:
+    """The largest difference between the two sides' features, and whether it is float rounding: 1e-4 in fp32
+    (layer outputs are layer-normed, of order 1), 0.1 in bf16 (8 mantissa bits through 6 layers)."""
+    try:
+        a, b = (torch.load(p, weights_only=True) for p in (ours, theirs))
+    except (OSError, RuntimeError) as e:
+        return {"features_agree": None, "features_note": f"not compared: {e}"}
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return {"features_agree": False, "features_note": "different shapes"}
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b)) if a else 0.0
+    return {"features_max_abs_diff": diff, "features_agree": diff <= (1e-4 if dtype == "fp32" else 0.1)}
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -496,7 +512,7 @@ def main() -> int:
         base = {"device": device, "repeats": size["repeats"], "seed": 0, **shared}
         for case in cases:
             rows = []
-            for dtype in dtypes:
+            for dtype in dtypes if case != "prompt" else ["fp32"]:  # the prompt case has its own bf16 variant
                 for n_threads in threads:
                     setting = {**base, "dtype": dtype, "threads": n_threads}
                     rows.append(run_case(case, setting, size, rounds, device))
@@ -529,17 +545,18 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
         one = case == "hubert_one"
         inputs = setting["hubert_state"].replace("hubert.pt", "wavs_one.pt" if one else "wavs_varied.pt")
         spec = {**setting, "kind": "hubert", "inputs": inputs, "mode": "one" if one else "batched"}
+        out_dir = Path(setting["hubert_state"]).parent
+        spec_ours = {**spec, "features_out": str(out_dir / f"{case}_ours.pt")}
+        spec_fs = {**spec, "features_out": str(out_dir / f"{case}_fairseq.pt")}
         extra = [] if one else [("fairseq_one_at_a_time", {**spec, "mode": "one"}, run_fairseq)]
-        runs = _alternate(spec, spec, rounds, extra)
+        runs = _alternate(spec_ours, spec_fs, rounds, extra)
         ours, fs = _best(runs["ours"]), _best(runs["fairseq"])
-        row.update(ours=ours, fairseq=fs, speedup=_ratio(fs.get("seconds"), ours.get("seconds")))
-        checks = [r.get("checksum") for name in ("ours", "fairseq") for r in runs[name] if "checksum" in r]
-        if checks:
-            row["features_agree"] = max(checks) - min(checks) <= 1e-3 * max(1.0, abs(checks[0]))
+        row.update(ours=ours, fairseq=fs, **_speedups(fs, ours, setting["threads"]))
+        row.update(_compare_features(spec_ours["features_out"], spec_fs["features_out"], setting["dtype"]))
         if not one:
             fs_one = _best(runs["fairseq_one_at_a_time"])
             row["fairseq_one_at_a_time"] = fs_one
-            row["speedup_vs_fairseq_one_at_a_time"] = _ratio(fs_one.get("seconds"), ours.get("seconds"))
+            row["vs_fairseq_one_at_a_time"] = _speedups(fs_one, ours, setting["threads"])
         audio = setting["audio_seconds_one" if one else "audio_seconds_varied"]
         if isinstance(ours.get("seconds"), float):
             row["real_time_factor"] = round(ours["seconds"] / audio, 4)
@@ -552,9 +569,11 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
         extra = [("ours_foreach_adam", {**spec, "optimizer": "foreach"}, run_ours)]
         runs = _alternate(spec, spec, rounds, extra)
         ours, fs, foreach = _best(runs["ours"]), _best(runs["fairseq"]), _best(runs["ours_foreach_adam"])
-        row.update(ours=ours, fairseq=fs, ours_foreach_adam=foreach,
-                   speedup=_ratio(fs.get("seconds"), ours.get("seconds")),
+        row.update(ours=ours, fairseq=fs, ours_foreach_adam=foreach, **_speedups(fs, ours, setting["threads"]),
                    memory_ratio=_ratio(ours.get("peak_memory_mb"), fs.get("peak_memory_mb")))
+        row["foreach_adam_vs_fairseq"] = _speedups(fs, foreach, setting["threads"])
+        row["foreach_adam_vs_fairseq"]["memory_ratio"] = _ratio(foreach.get("peak_memory_mb"),
+                                                                fs.get("peak_memory_mb"))
         row["speed"] = _verdict(row["speedup"], TARGETS[case]["speedup"], True)
         row["memory"] = _verdict(row["memory_ratio"], TARGETS[case]["memory_ratio"], False)
         if on_gpu and isinstance(ours.get("seconds"), float):
@@ -570,7 +589,7 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
         runs = _alternate(spec, spec, rounds)
         ours, fs = _best(runs["ours"]), _best(runs["fairseq"])
         tokens = {name: next((r["tokens"] for r in runs[name] if "tokens" in r), None) for name in runs}
-        row.update(ours=ours, fairseq=fs, speedup=_ratio(fs.get("seconds"), ours.get("seconds")),
+        row.update(ours=ours, fairseq=fs, **_speedups(fs, ours, setting["threads"]),
                    outputs_match=None if None in tokens.values() else tokens["ours"] == tokens["fairseq"])
         row.update(_verdict(row["speedup"], TARGETS[case]["speedup"], True))
     elif case == "prompt":
@@ -578,14 +597,18 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
                 "inputs": setting["lm_checkpoint"].replace("lm/checkpoint.pt", "prompt.pt")}
         full = {**spec, "method": "full_finetune", "backbone_dtype": "fp32"}
         prompt = {**spec, "method": "prompt", "backbone_dtype": "fp32"}
-        prompt_bf16 = {**spec, "method": "prompt", "backbone_dtype": "bf16"}
+        # Where bf16 matmuls are emulated, one timed step is enough to show what it costs.
+        prompt_bf16 = {**spec, "method": "prompt", "backbone_dtype": "bf16",
+                       "repeats": spec["repeats"] if bf16_native(device) else 1}
         runs = _alternate(prompt, None, rounds, [("full_finetune", full, run_ours),
                                                  ("prompt_bf16_backbone", prompt_bf16, run_ours)])
         full_best, prompt_best = _best(runs["full_finetune"]), _best(runs["ours"])
         bf16_best = _best(runs["prompt_bf16_backbone"])
         row.update(full_finetune=full_best, deep_prompt=prompt_best, deep_prompt_bf16_backbone=bf16_best)
+        timer = "cpu_seconds" if setting["threads"] == 1 else "seconds"
+        row["verdict_on"] = timer
         for name, best in (("deep_prompt", prompt_best), ("deep_prompt_bf16_backbone", bf16_best)):
-            row[f"{name}_time_ratio"] = _ratio(best.get("seconds"), full_best.get("seconds"))
+            row[f"{name}_time_ratio"] = _ratio(best.get(timer), full_best.get(timer))
             row[f"{name}_memory_ratio"] = _ratio(best.get("peak_memory_mb"), full_best.get("peak_memory_mb"))
         row["time"] = _verdict(row["deep_prompt_time_ratio"], TARGETS[case]["time_ratio"], False)
         row["memory"] = _verdict(row["deep_prompt_memory_ratio"], TARGETS[case]["memory_ratio"], False)

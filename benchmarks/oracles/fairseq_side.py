@@ -69,6 +69,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Any, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], Any]:
+    """Wall and CPU seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call (allocations, caches,
+    optimizer state), and the last call's result. CPU seconds are the process's: with one thread they barely move
+    when other processes share the cores, which wall seconds do."""
+    out = fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        sync(device)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"seconds": wall, "cpu_seconds": cpu}, out
+
+
 # -- HuBERT ---------------------------------------------------------------------------------------------------
 
 
@@ -110,17 +126,11 @@ def run_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -
         return out
 
     fn = batched if spec["mode"] == "batched" else one_at_a_time
-    times = []
     with torch.no_grad():
-        fn()  # warm-up
-        for _ in range(spec["repeats"]):
-            sync(device)
-            start = time.perf_counter()
-            feats = fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    frames = sum(f.shape[0] for f in feats)
-    return {"seconds": times, "frames": frames, "checksum": float(sum(f.float().sum() for f in feats))}
+        times, feats = timed(fn, spec["repeats"], device)
+    if spec.get("features_out"):  # for the benchmark to compare with ours
+        torch.save([f.float().cpu() for f in feats], spec["features_out"])
+    return {**times, "frames": sum(f.shape[0] for f in feats)}
 
 
 # -- unit LM --------------------------------------------------------------------------------------------------
@@ -165,15 +175,8 @@ def run_lm_train(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
         optimizer.zero_grad()
         return float(loss)
 
-    times = []
-    for i in range(spec["repeats"] + 1):  # the first step allocates the optimizer state
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    out: dict[str, Any] = {"seconds": times}
+    times, _ = timed(step, spec["repeats"], device)
+    out: dict[str, Any] = dict(times)
     if device.type == "cuda":
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -200,16 +203,9 @@ def run_decode(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -
         hyps = generator.generate([model], sample, prefix_tokens=context)
         return torch.stack([h[0]["tokens"][C:C + new] for h in hyps])  # (B, new)
 
-    times = []
     with torch.no_grad():
-        decode()  # warm-up
-        for _ in range(spec["repeats"]):
-            sync(device)
-            start = time.perf_counter()
-            out = decode()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return {"seconds": times, "tokens": out.tolist()}
+        times, out = timed(decode, spec["repeats"], device)
+    return {**times, "tokens": out.tolist()}
 
 
 def main() -> None:

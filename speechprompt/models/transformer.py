@@ -63,6 +63,52 @@ class Dropout(nn.Dropout):
         return torch.native_dropout(x, self.p, True)[0]
 
 
+class _AttentionWithDropout(torch.autograd.Function):
+    """Softmax attention with dropout on the probabilities, for training on a CPU: ``(B, H, T, hd)`` queries,
+    ``(B, H, S, hd)`` keys and values, a boolean ``attn_mask`` (True = may attend) or ``is_causal``.
+
+    SDPA has no fused CPU kernel with dropout, and its math fallback keeps three ``(B, H, T, S)`` float tensors for
+    backward (the probabilities, the dropout noise and the dropped probabilities); this keeps the probabilities and a
+    1-byte mask, and recomputes the rest. Same distribution as SDPA's dropout; the same values up to rounding. Every
+    query must be allowed at least one key (the toolkit's masks always allow a query its own position).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                is_causal: bool, p: float) -> Tensor:
+        scale = q.shape[-1] ** -0.5
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)  # (B, H, T, S)
+        if is_causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril_()
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - p)
+        out = torch.matmul(probs.masked_fill(~keep, 0.0).mul_(1.0 / (1.0 - p)), v)  # (B, H, T, hd)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.p = scale, p
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, probs, keep = ctx.saved_tensors
+        inv_keep = 1.0 / (1.0 - ctx.p)
+        dq = dk = dv = None
+        if ctx.needs_input_grad[2]:
+            dv = torch.matmul(probs.masked_fill(~keep, 0.0).mul_(inv_keep).transpose(-2, -1), grad)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dprobs = torch.matmul(grad, v.transpose(-2, -1)).masked_fill_(~keep, 0.0).mul_(inv_keep)
+            # softmax backward: p * (dp - sum(dp * p)), then the score scale.
+            dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
+            if ctx.needs_input_grad[0]:
+                dq = torch.matmul(dscores, k)
+            if ctx.needs_input_grad[1]:
+                dk = torch.matmul(dscores.transpose(-2, -1), q)
+        return dq, dk, dv, None, None, None
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": _relu,
     "gelu": F.gelu,
@@ -229,9 +275,13 @@ class MultiheadAttention(nn.Module):
             v = torch.cat([prefix.value.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
         if is_causal and (attn_mask is not None or k.shape[2] != T):
             raise ValueError("is_causal needs attn_mask=None and no prefix or cached keys before the queries")
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (B, H, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        if dropout and q.device.type == "cpu" and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _AttentionWithDropout.apply(q, k, v, attn_mask, is_causal, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        # out: (B, H, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
