@@ -43,11 +43,9 @@ class _ReluKeepingMask(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
         (positive,) = ctx.saved_tensors
-        return grad.masked_fill(~positive, 0.0)
+        return torch.where(positive, grad, grad.new_zeros(()))
 
 
-def _relu(x: Tensor) -> Tensor:
-    return _ReluKeepingMask.apply(x) if x.requires_grad and torch.is_grad_enabled() else F.relu(x)
 
 
 class Dropout(nn.Dropout):
@@ -68,40 +66,52 @@ class _AttentionWithDropout(torch.autograd.Function):
     ``(B, H, S, hd)`` keys and values, a boolean ``attn_mask`` (True = may attend) or ``is_causal``.
 
     SDPA has no fused CPU kernel with dropout, and its math fallback keeps three ``(B, H, T, S)`` float tensors for
-    backward (the probabilities, the dropout noise and the dropped probabilities); this keeps the probabilities and a
-    1-byte mask, and recomputes the rest. Same distribution as SDPA's dropout; the same values up to rounding. Every
-    query must be allowed at least one key (the toolkit's masks always allow a query its own position).
+    backward (the probabilities, the dropout noise and the dropped probabilities). This keeps a 1-byte dropout mask
+    and the ``(B, H, T)`` log-sum-exp of the scores, and recomputes the probabilities in backward from the queries
+    and keys it keeps anyway (one ``q k^T`` more, as flash attention does). Same distribution as SDPA's dropout, the
+    same values up to rounding. Every query must be allowed at least one key (the toolkit's masks always allow a
+    query its own position).
     """
+
+    @staticmethod
+    def _scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """``(B, H, T, S)`` scaled scores, ``-inf`` where attention is not allowed."""
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+        if is_causal:
+            causal_out = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
+            scores.masked_fill_(causal_out, float("-inf"))
+        elif mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        return scores
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                 is_causal: bool, p: float) -> Tensor:
-        scale = q.shape[-1] ** -0.5
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)  # (B, H, T, S)
-        if is_causal:
-            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril_()
-        if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        keep = torch.empty_like(probs, dtype=torch.bool).bernoulli_(1.0 - p)
-        out = torch.matmul(probs.masked_fill(~keep, 0.0).mul_(1.0 / (1.0 - p)), v)  # (B, H, T, hd)
-        ctx.save_for_backward(q, k, v, probs, keep)
-        ctx.scale, ctx.p = scale, p
+        scores = _AttentionWithDropout._scores(q, k, mask, is_causal)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, T, 1)
+        probs = scores.sub_(lse).exp_()  # in place: the scores are not needed again
+        dropped, keep = torch.native_dropout(probs, p, True)  # keep: bool (B, H, T, S)
+        del probs
+        out = torch.matmul(dropped, v)  # (B, H, T, hd)
+        ctx.save_for_backward(q, k, v, lse, keep, mask)
+        ctx.is_causal, ctx.p = is_causal, p
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, probs, keep = ctx.saved_tensors
+        q, k, v, lse, keep, mask = ctx.saved_tensors
+        probs = _AttentionWithDropout._scores(q, k, mask, ctx.is_causal).sub_(lse).exp_()
         inv_keep = 1.0 / (1.0 - ctx.p)
         dq = dk = dv = None
         if ctx.needs_input_grad[2]:
-            dv = torch.matmul(probs.masked_fill(~keep, 0.0).mul_(inv_keep).transpose(-2, -1), grad)
+            dropped = torch.ops.aten.native_dropout_backward(probs, keep, inv_keep)
+            dv = torch.matmul(dropped.transpose(-2, -1), grad)
+            del dropped
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dprobs = torch.matmul(grad, v.transpose(-2, -1)).masked_fill_(~keep, 0.0).mul_(inv_keep)
+            dprobs = torch.ops.aten.native_dropout_backward(torch.matmul(grad, v.transpose(-2, -1)), keep, inv_keep)
             # softmax backward: p * (dp - sum(dp * p)), then the score scale.
-            dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(ctx.scale)
+            dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(q.shape[-1] ** -0.5)
             if ctx.needs_input_grad[0]:
                 dq = torch.matmul(dscores, k)
             if ctx.needs_input_grad[1]:
@@ -110,7 +120,7 @@ class _AttentionWithDropout(torch.autograd.Function):
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": _relu,
+    "relu": F.relu,
     "gelu": F.gelu,
     # fairseq's "gelu_accurate" is the tanh approximation.
     "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
@@ -351,7 +361,7 @@ class TransformerLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        h = self.fc2(self.activation_dropout(ACTIVATIONS[self.activation](self.fc1(x))))
+        h = self.fc2(self.activation_dropout(self._activation(self.fc1(x))))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
         if self.parallel_ffn is not None:
@@ -360,6 +370,19 @@ class TransformerLayer(nn.Module):
         if not self.normalize_before:
             x = self.final_layer_norm(x)
         return x
+
+    def _activation(self, x: Tensor) -> Tensor:
+        """The FFN activation; relu keeps only a byte mask for backward when a frozen, untouched ``fc2`` will not
+        keep its input anyway (frozen weights need no gradient; a hooked or wrapped linear may read it)."""
+        if (self.activation == "relu" and x.requires_grad and torch.is_grad_enabled()
+                and not self.fc2.weight.requires_grad and _plain_linear(self.fc2)):
+            return _ReluKeepingMask.apply(x)
+        return ACTIVATIONS[self.activation](x)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (not a subclass or wrapper) with no hooks: nothing but it sees its input."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def attention_mask(

@@ -14,7 +14,7 @@ from speechprompt.models.transformer import (
     LayerKV,
     TransformerLayer,
     _AttentionWithDropout,
-    _relu,
+    _ReluKeepingMask,
     attention_mask,
 )
 
@@ -71,7 +71,7 @@ def test_attention_with_dropout_equals_its_definition() -> None:
     torch.manual_seed(1)
     out = _AttentionWithDropout.apply(q, k, v, mask, False, p)
     torch.manual_seed(1)
-    keep = torch.empty(B, H, T, S, dtype=torch.bool).bernoulli_(1 - p)
+    _, keep = torch.native_dropout(torch.ones(B, H, T, S, dtype=torch.float64), p, True)  # the same draws
     probs = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~mask, -math.inf), dim=-1)
     reference = (probs * keep / (1 - p)) @ v
     torch.testing.assert_close(out, reference)
@@ -100,7 +100,7 @@ def test_training_attention_on_cpu_takes_the_lean_path_and_learns() -> None:
 def test_relu_and_dropout_keep_byte_masks_and_have_the_same_gradients() -> None:
     x = torch.randn(4, 16, requires_grad=True)
     grad = torch.randn(4, 16)
-    (ours,) = torch.autograd.grad(_relu(x), x, grad)
+    (ours,) = torch.autograd.grad(_ReluKeepingMask.apply(x), x, grad)
     (reference,) = torch.autograd.grad(F.relu(x), x, grad)
     assert torch.equal(ours, reference)
     dropout = Dropout(0.25).train()
