@@ -109,6 +109,16 @@ def peak_rss_mb() -> float:
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
+def warm_up_runtime() -> None:
+    """Import and initialise what a training step loads lazily (the optimizer's step pulls in torch._dynamo, about
+    70 MB), so that the peak memory measured from here on is the step's: model, gradients, optimizer state and
+    activations."""
+    p = torch.zeros(8, requires_grad=True)
+    (p * 2).sum().backward()
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    torch.optim.AdamW([p], lr=1e-3).step()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,6 +223,7 @@ def _ours_lm_train(spec: dict[str, Any], device: torch.device, dtype: torch.dtyp
 
     from speechprompt.models.unit_lm import load_unit_lm
 
+    warm_up_runtime()
     before = current_rss_mb()
     model, dictionary = load_unit_lm(spec["lm_checkpoint"])
     model = model.to(device)
@@ -275,6 +286,7 @@ def _ours_prompt(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
     from speechprompt.tuning.base import freeze_except
 
     backbone_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["backbone_dtype"]]
+    warm_up_runtime()
     before = current_rss_mb()
     model, dictionary = load_unit_lm(spec["lm_checkpoint"], dtype=backbone_dtype)
     model = model.to(device)
@@ -341,8 +353,16 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 360
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# glibc keeps freed heap memory (its mmap threshold rises to the largest freed block), so a process's RSS also counts
+# holes between live tensors. With the threshold fixed, every tensor of 128 kB or more is its own mapping, returned
+# on free, and RSS follows the live tensors: the "live" peak. It slows large allocations (page faults), so it is
+# used only for separate memory runs, never for timing.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    return _run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)])
+    env = {**os.environ, **LIVE_MEMORY_ENV} if spec.get("live_memory") else None
+    return _run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], env=env)
 
 
 def run_fairseq(spec: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +370,17 @@ def run_fairseq(spec: dict[str, Any]) -> dict[str, Any]:
     if not python.is_file():
         return {"error": f"no fairseq environment at {python} (set SPEECHPROMPT_FAIRSEQ_PYTHON)"}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if spec.get("live_memory"):
+        env.update(LIVE_MEMORY_ENV)
     return _run([str(python), str(FAIRSEQ_SIDE), json.dumps(spec)], env=env)
+
+
+def live_peak(runner: Any, spec: dict[str, Any]) -> float | None:
+    """The peak memory of one step (after the untimed first) with RSS following the live tensors."""
+    if spec["device"].startswith("cuda"):
+        return None  # max_memory_allocated already counts live tensors only
+    out = runner({**spec, "live_memory": True, "repeats": 1})
+    return round(out["peak_memory_mb"], 1) if "peak_memory_mb" in out else None
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -482,6 +512,8 @@ def main() -> int:
                         help="comma-separated fp32,bf16; auto = fp32, plus bf16 where the hardware has it")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement (best is kept)")
     parser.add_argument("--quick", action="store_true", help="tiny models and inputs: a smoke run")
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="run the bf16-backbone prompt step even where bf16 matmuls are emulated (very slow)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -509,7 +541,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_vs_fairseq_") as tmp_name:
         tmp = Path(tmp_name)
         shared = prepare(tmp, size, cases)
-        base = {"device": device, "repeats": size["repeats"], "seed": 0, **shared}
+        base = {"device": device, "repeats": size["repeats"], "seed": 0, "force_bf16": args.force_bf16,
+                "quick": args.quick, **shared}
         for case in cases:
             rows = []
             for dtype in dtypes if case != "prompt" else ["fp32"]:  # the prompt case has its own bf16 variant
@@ -569,8 +602,11 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
         extra = [("ours_foreach_adam", {**spec, "optimizer": "foreach"}, run_ours)]
         runs = _alternate(spec, spec, rounds, extra)
         ours, fs, foreach = _best(runs["ours"]), _best(runs["fairseq"]), _best(runs["ours_foreach_adam"])
+        ours["peak_live_memory_mb"], fs["peak_live_memory_mb"] = live_peak(run_ours, spec), live_peak(run_fairseq, spec)
+        foreach["peak_live_memory_mb"] = live_peak(run_ours, {**spec, "optimizer": "foreach"})
         row.update(ours=ours, fairseq=fs, ours_foreach_adam=foreach, **_speedups(fs, ours, setting["threads"]),
-                   memory_ratio=_ratio(ours.get("peak_memory_mb"), fs.get("peak_memory_mb")))
+                   memory_ratio=_ratio(ours.get("peak_memory_mb"), fs.get("peak_memory_mb")),
+                   live_memory_ratio=_ratio(ours["peak_live_memory_mb"], fs["peak_live_memory_mb"]))
         row["foreach_adam_vs_fairseq"] = _speedups(fs, foreach, setting["threads"])
         row["foreach_adam_vs_fairseq"]["memory_ratio"] = _ratio(foreach.get("peak_memory_mb"),
                                                                 fs.get("peak_memory_mb"))
@@ -597,21 +633,32 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
                 "inputs": setting["lm_checkpoint"].replace("lm/checkpoint.pt", "prompt.pt")}
         full = {**spec, "method": "full_finetune", "backbone_dtype": "fp32"}
         prompt = {**spec, "method": "prompt", "backbone_dtype": "fp32"}
-        # Where bf16 matmuls are emulated, one timed step is enough to show what it costs.
-        prompt_bf16 = {**spec, "method": "prompt", "backbone_dtype": "bf16",
-                       "repeats": spec["repeats"] if bf16_native(device) else 1}
-        runs = _alternate(prompt, None, rounds, [("full_finetune", full, run_ours),
-                                                 ("prompt_bf16_backbone", prompt_bf16, run_ours)])
-        full_best, prompt_best = _best(runs["full_finetune"]), _best(runs["ours"])
-        bf16_best = _best(runs["prompt_bf16_backbone"])
-        row.update(full_finetune=full_best, deep_prompt=prompt_best, deep_prompt_bf16_backbone=bf16_best)
+        variants = [("full_finetune", full, run_ours)]
+        if bf16_native(device) or setting.get("force_bf16") or setting.get("quick"):  # tiny models are fast anyway
+            variants.append(("prompt_bf16_backbone", {**spec, "method": "prompt", "backbone_dtype": "bf16"}, run_ours))
+        runs = _alternate(prompt, None, rounds, variants)
+        row["deep_prompt"], row["full_finetune"] = _best(runs["ours"]), _best(runs["full_finetune"])
+        if "prompt_bf16_backbone" in runs:
+            row["deep_prompt_bf16_backbone"] = _best(runs["prompt_bf16_backbone"])
+        else:
+            row["deep_prompt_bf16_backbone"] = {"skipped": "this device has no native bf16 matmul; the CPU fallback's "
+                                                "backward matmuls are 100x+ slower than fp32 (--force-bf16 runs it)"}
         timer = "cpu_seconds" if setting["threads"] == 1 else "seconds"
         row["verdict_on"] = timer
-        for name, best in (("deep_prompt", prompt_best), ("deep_prompt_bf16_backbone", bf16_best)):
+        for name, variant in (("full_finetune", full), ("deep_prompt", prompt),
+                              ("deep_prompt_bf16_backbone", {**prompt, "backbone_dtype": "bf16"})):
+            if "seconds" in row[name]:
+                row[name]["peak_live_memory_mb"] = live_peak(run_ours, variant)
+        full_best = row["full_finetune"]
+        for name in ("deep_prompt", "deep_prompt_bf16_backbone"):
+            best = row[name]
             row[f"{name}_time_ratio"] = _ratio(best.get(timer), full_best.get(timer))
             row[f"{name}_memory_ratio"] = _ratio(best.get("peak_memory_mb"), full_best.get("peak_memory_mb"))
+            row[f"{name}_live_memory_ratio"] = _ratio(best.get("peak_live_memory_mb"),
+                                                       full_best.get("peak_live_memory_mb"))
         row["time"] = _verdict(row["deep_prompt_time_ratio"], TARGETS[case]["time_ratio"], False)
         row["memory"] = _verdict(row["deep_prompt_memory_ratio"], TARGETS[case]["memory_ratio"], False)
+        row["live_memory"] = _verdict(row["deep_prompt_live_memory_ratio"], TARGETS[case]["memory_ratio"], False)
         row["bf16_backbone_native"] = bf16_native(device)
     return row
 
