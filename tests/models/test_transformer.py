@@ -110,3 +110,20 @@ def test_relu_and_dropout_keep_byte_masks_and_have_the_same_gradients() -> None:
     (g,) = torch.autograd.grad(out, x, grad)
     torch.testing.assert_close(g, torch.where(kept, grad / 0.75, torch.zeros_like(grad)))
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_selected_cache_rows_keep_writing_in_place() -> None:
+    g = torch.Generator().manual_seed(2)
+    k0, v0 = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 2, 4, 8, generator=g)
+    k1, v1 = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+    rows = torch.tensor([2, 0])
+    with torch.no_grad():
+        cache = KVCache()
+        cache.update(0, k0, v0)
+        picked = cache.index_select(rows)
+        assert torch.equal(picked.layers[0].key, k0[rows]) and len(picked) == 4
+        ptr = picked.layers[0].key.data_ptr()
+        key, value = picked.update(0, k1, v1)
+    assert key.data_ptr() == ptr  # written into the selected buffer's spare room
+    assert torch.equal(key, torch.cat([k0[rows], k1], dim=2)) and torch.equal(value, torch.cat([v0[rows], v1], dim=2))
+    assert torch.equal(cache.layers[0].key, k0)  # the original is untouched
