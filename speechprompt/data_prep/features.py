@@ -205,7 +205,8 @@ class HubertFeatureReader(FeatureReader):
         return cls.from_checkpoint(checkpoint, layer, device)
 
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
-        x = normalize_waveform(wav.to(self.device), self.task_cfg).view(1, -1)  # (1, T)
+        dtype = self.model.layer_norm.weight.dtype  # a model held in bf16 computes in bf16; features stay fp32
+        x = normalize_waveform(wav.to(self.device), self.task_cfg).view(1, -1).to(dtype)  # (1, T)
         feats = []
         for start in range(0, x.size(1), self.max_chunk):
             chunk = x[:, start : start + self.max_chunk]
@@ -213,8 +214,8 @@ class HubertFeatureReader(FeatureReader):
                 continue
             feats.append(self.model.extract_features(chunk, padding_mask=None, output_layer=self.layer))  # (1, F, D)
         if not feats:
-            return x.new_zeros(0, self.dim)
-        return torch.cat(feats, dim=1).squeeze(0)  # (frames, D)
+            return x.new_zeros(0, self.dim, dtype=torch.float32)
+        return torch.cat(feats, dim=1).squeeze(0).float()  # (frames, D)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -12,9 +12,12 @@ implementation serves both backbones, and every tuning method attaches to both t
 * adapter slots on :class:`TransformerLayer` (``post_attn``, ``post_ffn``, ``parallel_ffn``), empty by default;
 * the ``nn.Linear`` children themselves, which LoRA and S3-Router masks wrap in place.
 
-With nothing attached, the forward is exactly fairseq's. Two optional arguments serve other encoders: ``attn_bias``
-adds a float bias to the attention scores (WavLM's gated relative position bias), and ``layer_norm_eps`` sets the
-LayerNorms' epsilon (1e-12 in AST's ViT layers).
+With nothing attached, the forward is fairseq's (the same values up to float rounding; the parity tests hold it to
+1e-5). Two optional arguments serve other encoders: ``attn_bias`` adds a float bias to the attention scores (WavLM's
+gated relative position bias), and ``layer_norm_eps`` sets the LayerNorms' epsilon (1e-12 in AST's ViT layers).
+Where it saves time or memory, it takes a faster route to the same values: SDPA's causal flag instead of a
+materialised mask, an in-place KV cache when no gradient is wanted, and, for backward, byte masks instead of float
+noise for dropout and relu, and attention probabilities recomputed instead of kept (see each class for when).
 """
 
 from __future__ import annotations
@@ -26,6 +29,104 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+
+class _ReluKeepingMask(torch.autograd.Function):
+    """ReLU whose backward keeps a 1-byte mask, where autograd's own relu keeps its float output.
+
+    When ``fc2`` is frozen it saves nothing of its input (a frozen weight needs no gradient), so the FFN's largest
+    activation, ``(B, T, ffn_dim)``, was kept only for relu's backward: this keeps a quarter of it. Exact: the
+    gradient passes where the output is positive, as ``threshold_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        out = F.relu(x)
+        ctx.save_for_backward(out > 0)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        (positive,) = ctx.saved_tensors
+        return torch.where(positive, grad, grad.new_zeros(()))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose backward keeps a 1-byte mask: on CPU, ``F.dropout`` multiplies by a float noise tensor
+    and autograd keeps it (4 bytes per element); ``native_dropout`` (what CUDA already runs) keeps a bool mask. Same
+    distribution and scaling; a different draw from the generator than ``F.dropout`` for the same seed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.inplace:
+            return super().forward(x)
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+class _AttentionWithDropout(torch.autograd.Function):
+    """Softmax attention with dropout on the probabilities, for training on a CPU: ``(B, H, T, hd)`` queries,
+    ``(B, H, S, hd)`` keys and values, a boolean ``attn_mask`` (True = may attend), a float one (added to the
+    scores, as SDPA does) or ``is_causal``.
+
+    SDPA has no fused CPU kernel with dropout, and its math fallback keeps three ``(B, H, T, S)`` float tensors for
+    backward (the probabilities, the dropout noise and the dropped probabilities). This keeps a 1-byte dropout mask
+    and the ``(B, H, T)`` log-sum-exp of the scores, and recomputes the probabilities in backward from the queries
+    and keys it keeps anyway (one ``q k^T`` more, as flash attention does). Same distribution as SDPA's dropout, the
+    same values up to rounding. Every query must be allowed at least one key (the toolkit's masks always allow a
+    query its own position).
+    """
+
+    @staticmethod
+    def _scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """``(B, H, T, S)`` scaled scores, ``-inf`` where attention is not allowed."""
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+        if is_causal:
+            causal_out = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
+            scores.masked_fill_(causal_out, float("-inf"))
+        elif mask is not None and mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        elif mask is not None:  # a float mask: a bias (WavLM's), -inf where forbidden
+            scores.add_(mask)
+        return scores
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                is_causal: bool, p: float) -> Tensor:
+        scores = _AttentionWithDropout._scores(q, k, mask, is_causal)
+        probs = torch.softmax(scores, dim=-1)
+        # The log-sum-exp from the fused softmax's result: p_max = exp(s_max - lse), and p_max >= 1/S is far from 0.
+        lse = scores.amax(dim=-1, keepdim=True).sub_(probs.amax(dim=-1, keepdim=True).log_())  # (B, H, T, 1)
+        del scores
+        dropped, keep = torch.native_dropout(probs, p, True)  # keep: bool (B, H, T, S)
+        del probs
+        out = torch.matmul(dropped, v)  # (B, H, T, hd)
+        ctx.save_for_backward(q, k, v, lse, keep, mask)
+        ctx.is_causal, ctx.p = is_causal, p
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, lse, keep, mask = ctx.saved_tensors
+        probs = _AttentionWithDropout._scores(q, k, mask, ctx.is_causal).sub_(lse).exp_()
+        inv_keep = 1.0 / (1.0 - ctx.p)
+        dq = dk = dv = None
+        if ctx.needs_input_grad[2]:
+            dropped = torch.ops.aten.native_dropout_backward(probs, keep, inv_keep)
+            dv = torch.matmul(dropped.transpose(-2, -1), grad)
+            del dropped
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dprobs = torch.ops.aten.native_dropout_backward(torch.matmul(grad, v.transpose(-2, -1)), keep, inv_keep)
+            # softmax backward: p * (dp - sum(dp * p)), then the score scale.
+            dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(q.shape[-1] ** -0.5)
+            if ctx.needs_input_grad[0]:
+                dq = torch.matmul(dscores, k)
+            if ctx.needs_input_grad[1]:
+                dk = torch.matmul(dscores.transpose(-2, -1), q)
+        return dq, dk, dv, None, None, None
+
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -56,11 +157,18 @@ class KVCache:
     entries. ``positions`` counts, per row, the *tokens* seen so far (prompts and prefixes have no positions), which
     is what positional embeddings need on the next step. ``key_padding`` remembers which cached keys were padding,
     so that later steps of a padded batch keep ignoring them.
+
+    Without autograd (decoding and scoring run under ``no_grad``), each layer's keys/values live in a buffer with
+    spare room and ``layers`` holds views of its filled part: a decoding step writes its one new position in place
+    instead of copying the whole cache (``torch.cat`` made every step cost the cached length). With autograd
+    enabled, entries are concatenated as before, since backward may still need the tensors a write would change.
     """
 
     layers: list[LayerKV | None] = field(default_factory=list)
     positions: Tensor | None = None  # (B,) long
     key_padding: Tensor | None = None  # (B, S) bool, True at padded cached keys
+    # Per layer, the (B, H, capacity, hd) key and value buffers behind ``layers`` (None: not preallocated).
+    _buffers: list[tuple[Tensor, Tensor] | None] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         first = self.layers[0] if self.layers else None
@@ -70,29 +178,78 @@ class KVCache:
         """Append new keys/values ``(B, H, T, hd)`` to layer ``idx`` and return everything cached so far."""
         while len(self.layers) <= idx:
             self.layers.append(None)
+        while len(self._buffers) <= idx:
+            self._buffers.append(None)
         old = self.layers[idx]
-        if old is not None:
-            key = torch.cat([old.key, key], dim=2)
-            value = torch.cat([old.value, value], dim=2)
-        self.layers[idx] = LayerKV(key, value)
-        return key, value
+        if torch.is_grad_enabled():
+            # Backward may need any cached view (even keys that need no gradient, to get the queries'), and writing
+            # into its buffer would invalidate it: concatenate.
+            if old is not None:
+                key = torch.cat([old.key, key], dim=2)
+                value = torch.cat([old.value, value], dim=2)
+            self.layers[idx], self._buffers[idx] = LayerKV(key, value), None
+            return key, value
+        n, T = (0 if old is None else len(old)), key.shape[2]
+        buf = self._buffers[idx]
+        if buf is None or not _fills(buf, old) or buf[0].shape[2] < n + T or not _fits(buf, key, value):
+            # Room for half as much again (at least 32 positions): a few regrowths over a long decoding.
+            capacity = n + T + max((n + T) // 2, 32)
+            B, H, _, hd = key.shape
+            buf = (key.new_empty(B, H, capacity, hd), value.new_empty(B, H, capacity, value.shape[3]))
+            if old is not None:
+                buf[0][:, :, :n] = old.key
+                buf[1][:, :, :n] = old.value
+            self._buffers[idx] = buf
+        buf[0][:, :, n : n + T] = key
+        buf[1][:, :, n : n + T] = value
+        self.layers[idx] = LayerKV(buf[0][:, :, : n + T], buf[1][:, :, : n + T])
+        return self.layers[idx].key, self.layers[idx].value
 
     def index_select(self, rows: Tensor) -> KVCache:
-        """Reorder/select batch rows (beam search)."""
+        """Reorder/select batch rows (beam search). A preallocated layer keeps its spare room, so that the selected
+        cache goes on writing in place; the original is left untouched."""
+        layers: list[LayerKV | None] = []
+        buffers: list[tuple[Tensor, Tensor] | None] = []
+        for i, kv in enumerate(self.layers):
+            buf = self._buffers[i] if i < len(self._buffers) else None
+            if kv is not None and buf is not None and _fills(buf, kv):
+                picked = (buf[0][rows], buf[1][rows])  # (B', H, capacity, hd): the filled part and the spare room
+                layers.append(LayerKV(picked[0][:, :, : len(kv)], picked[1][:, :, : len(kv)]))
+                buffers.append(picked)
+            else:
+                layers.append(None if kv is None else LayerKV(kv.key[rows], kv.value[rows]))
+                buffers.append(None)
         return KVCache(
-            [None if kv is None else LayerKV(kv.key[rows], kv.value[rows]) for kv in self.layers],
+            layers,
             None if self.positions is None else self.positions[rows],
             None if self.key_padding is None else self.key_padding[rows],
+            buffers,
         )
+
+
+def _fills(buffers: tuple[Tensor, Tensor], kv: LayerKV | None) -> bool:
+    """Whether ``kv`` is still the filled part of ``buffers`` (a caller may have replaced the layer's entry)."""
+    return kv is not None and all(
+        t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[:2] == b.shape[:2]
+        for t, b in zip((kv.key, kv.value), buffers)
+    )
+
+
+def _fits(buffers: tuple[Tensor, Tensor], key: Tensor, value: Tensor) -> bool:
+    """Whether new keys/values can be written into ``buffers`` (same rows, heads, width, dtype and device)."""
+    return all(
+        b.shape[:2] == t.shape[:2] and b.shape[3] == t.shape[3] and b.dtype == t.dtype and b.device == t.device
+        for t, b in zip((key, value), buffers)
+    )
 
 
 class MultiheadAttention(nn.Module):
     """fairseq-compatible multi-head attention on ``scaled_dot_product_attention``.
 
     Input ``x`` is ``(B, T, D)``. ``attn_mask`` is boolean ``(B, 1, T, S)`` with True where attention is allowed, where
-    ``S = prefix/cache length + T``; ``None`` means full attention. ``attn_bias`` (float, ``(B or 1, H, T, S')`` with
-    ``S' <= S``) is added to the scores of the *last* ``S'`` keys: a bias computed over the real positions leaves the
-    prefix keys in front of them unbiased.
+    ``S = prefix/cache length + T``; ``None`` means full attention, or causal attention with ``is_causal``.
+    ``attn_bias`` (float, ``(B or 1, H, T, S')`` with ``S' <= S``) is added to the scores of the *last* ``S'`` keys:
+    a bias computed over the real positions leaves the prefix keys in front of them unbiased.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
@@ -123,6 +280,7 @@ class MultiheadAttention(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         attn_bias: Tensor | None = None,
+        is_causal: bool = False,
     ) -> Tensor:
         """Self-attention over ``x`` (B, T, D), optionally with the tuning hooks (see the module docstring).
 
@@ -132,6 +290,9 @@ class MultiheadAttention(nn.Module):
                 a cache is seeded with the prefix instead).
             cache: when given, this step's keys/values are appended to it and attention runs over all of it.
             attn_bias: float scores added before the softmax, ``(B or 1, H, T, S')`` over the last ``S'`` keys.
+            is_causal: query ``i`` attends to keys ``0..i``, without a materialised mask (SDPA's own causal kernel:
+                no ``(T, S)`` mask to build, convert and read). Only with ``attn_mask=None``, no ``attn_bias`` and
+                no earlier keys (prefix or cached positions), since SDPA aligns the causal diagonal at key 0.
         """
         B, T, D = x.shape
         k_in = v_in = x
@@ -148,11 +309,19 @@ class MultiheadAttention(nn.Module):
         elif prefix is not None:
             k = torch.cat([prefix.key.expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([prefix.value.expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+        if is_causal and (attn_mask is not None or attn_bias is not None or k.shape[2] != T):
+            raise ValueError(
+                "is_causal needs attn_mask=None, no attn_bias and no prefix or cached keys before the queries"
+            )
         if attn_bias is not None:
             attn_mask = _merge_bias(attn_mask, attn_bias.to(q.dtype), k.shape[2])
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        if dropout and q.device.type == "cpu" and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _AttentionWithDropout.apply(q, k, v, attn_mask, is_causal, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        # out: (B, H, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -205,8 +374,8 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
         self.final_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
+        self.activation_dropout = Dropout(activation_dropout)
         self.post_attn = self.post_ffn = self.parallel_ffn = None
         # Recompute this layer's activations in backward instead of keeping them (set_activation_checkpointing).
         self.checkpoint_activations = False
@@ -220,13 +389,16 @@ class TransformerLayer(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         attn_bias: Tensor | None = None,
+        is_causal: bool = False,
     ) -> Tensor:
+        """``(B, T, D)`` -> ``(B, T, D)``; the arguments are :meth:`MultiheadAttention.forward`'s."""
         if self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays dropout with the saved RNG state: the same outputs and gradients.
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, attn_bias, use_reentrant=False
+                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, attn_bias, is_causal,
+                use_reentrant=False,
             )
-        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias)
+        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal)
 
     def _forward(
         self,
@@ -237,11 +409,12 @@ class TransformerLayer(nn.Module):
         cache: KVCache | None,
         layer_idx: int,
         attn_bias: Tensor | None,
+        is_causal: bool,
     ) -> Tensor:
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias)
+        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal)
         if self.post_attn is not None:
             x = self.post_attn(x)
         x = residual + self.dropout(x)
@@ -251,7 +424,7 @@ class TransformerLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        h = self.fc2(self.activation_dropout(ACTIVATIONS[self.activation](self.fc1(x))))
+        h = self.fc2(self.activation_dropout(self._activation(self.fc1(x))))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
         if self.parallel_ffn is not None:
@@ -260,6 +433,19 @@ class TransformerLayer(nn.Module):
         if not self.normalize_before:
             x = self.final_layer_norm(x)
         return x
+
+    def _activation(self, x: Tensor) -> Tensor:
+        """The FFN activation; relu keeps only a byte mask for backward when a frozen, untouched ``fc2`` will not
+        keep its input anyway (frozen weights need no gradient; a hooked or wrapped linear may read it)."""
+        if (self.activation == "relu" and x.requires_grad and torch.is_grad_enabled()
+                and not self.fc2.weight.requires_grad and _plain_linear(self.fc2)):
+            return _ReluKeepingMask.apply(x)
+        return ACTIVATIONS[self.activation](x)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (not a subclass or wrapper) with no hooks: nothing but it sees its input."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:

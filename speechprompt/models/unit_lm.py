@@ -33,7 +33,7 @@ from speechprompt.config import ConfigError, from_dict, option, to_dict
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError
 from speechprompt.fairseq_compat import load_fairseq_checkpoint, save_fairseq_checkpoint
-from speechprompt.models.transformer import ACTIVATIONS, KVCache, LayerKV, TransformerLayer, attention_mask
+from speechprompt.models.transformer import ACTIVATIONS, Dropout, KVCache, LayerKV, TransformerLayer, attention_mask
 
 # fairseq's DEFAULT_MAX_TARGET_POSITIONS (used when neither max_target_positions nor tokens_per_sample is set).
 _FAIRSEQ_DEFAULT_MAX_POSITIONS = 1024
@@ -331,7 +331,7 @@ class UnitLMDecoder(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(d) if cfg.final_layer_norm else None
         self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self._init_weights(cfg)
         if cfg.tie_embeddings:
             # fairseq shares the Parameter, so the state dict lists it under both names (as fairseq saves it).
@@ -449,7 +449,7 @@ class UnitLM(nn.Module):
             # the tokens see exactly the projected prefix below. Running it as a prefix skips the L prompt positions
             # in every layer (a quarter of the compute for the demo's L = 20 over ~60 units), with the same output.
             dtype = dec.embed_tokens.weight.dtype
-            prefix = [layer.self_attn.project_kv(k.to(dtype), v.to(dtype))
+            prefix = [layer.self_attn.project_kv(_shared_row(k).to(dtype), _shared_row(v).to(dtype))
                       for layer, (k, v) in zip(dec.layers, kv_replace)]
             input_prompt, kv_replace, L = None, None, 0
 
@@ -483,7 +483,12 @@ class UnitLM(nn.Module):
             cache.key_padding = key_padding
             n_real = (~pad).sum(1)
             cache.positions = n_real if cache.positions is None else cache.positions + n_real
-        mask = attention_mask(key_padding if bool(key_padding.any()) else None, L + T, past)
+        padded = bool(key_padding.any())
+        # Without padding, the mask is SDPA's causal flag when the queries start at key 0, and nothing at all for a
+        # single query (one decoding step sees every cached key); only the other cases build a (B, 1, T, S) mask.
+        is_causal = not padded and not past and L + T > 1
+        mask = None if is_causal or (not padded and L + T == 1) else attention_mask(
+            key_padding if padded else None, L + T, past)
 
         for i, layer in enumerate(dec.layers):
             x = layer(
@@ -493,6 +498,7 @@ class UnitLM(nn.Module):
                 prefix=None if prefix is None else prefix[i],
                 cache=cache,
                 layer_idx=i,
+                is_causal=is_causal,
             )
         x = x[:, L:]  # (B, T, D): the prompt positions give no output
         if dec.layer_norm is not None:
@@ -524,6 +530,13 @@ class UnitLM(nn.Module):
         return UnitLMOutput(logits, hidden) if return_hidden else logits
 
 
+def _shared_row(t: Tensor) -> Tensor:
+    """``t[:1]`` when every row of ``t`` ``(B, ...)`` is the same view of one row (an ``expand``ed batch dim), else
+    ``t``: a deep prompt shared by the batch is then projected once, not B times (and autograd keeps no B-fold
+    copies of the projection's operands)."""
+    return t[:1] if t.shape[0] > 1 and t.stride(0) == 0 else t
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -549,12 +562,17 @@ def _to_our_state(state: dict[str, Tensor], cfg: UnitLMConfig) -> dict[str, Tens
     return state
 
 
-def load_unit_lm(path: str | os.PathLike, dict_path: str | os.PathLike | None = None) -> tuple[UnitLM, Dictionary]:
+def load_unit_lm(
+    path: str | os.PathLike, dict_path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[UnitLM, Dictionary]:
     """Load a fairseq unit-LM checkpoint (GSLM's, or one written by :func:`save_unit_lm`), without fairseq.
 
     Args:
         path: the checkpoint (``.pt``).
         dict_path: its ``dict.txt``; by default the one beside the checkpoint.
+        dtype: hold the parameters in this floating dtype (e.g. ``torch.bfloat16`` for a frozen backbone: half the
+            memory, and the forward computes in it); ``None`` keeps the checkpoint's (fp32). Tuning methods keep
+            their own tensors in fp32 whatever the backbone's dtype, and the model casts them where they enter.
     Returns:
         The model (in eval mode, on CPU) and its dictionary.
     Raises:
@@ -590,6 +608,11 @@ def load_unit_lm(path: str | os.PathLike, dict_path: str | os.PathLike | None = 
         raise CheckpointError(f"{path}: the config ties input/output embeddings but the checkpoint's differ")
     model = UnitLM(cfg)
     load_state_strict(model, state, str(path))
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        del state, ckpt  # free the checkpoint's copy before the cast makes another
+        model.to(dtype)
     return model.eval(), dictionary
 
 

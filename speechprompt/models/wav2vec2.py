@@ -296,7 +296,19 @@ class WeightNormConv1d(nn.Module):
 
     This is ``torch.nn.utils.weight_norm(conv, dim=2)`` written out, so that the parameters keep the names
     ``weight_g``/``weight_v`` that fairseq checkpoints use (torch's newer parametrization renames them).
+
+    In float32/64 the convolution runs through FFTs (overlap-save): HuBERT base's kernel of 128 taps over 48
+    channels per group made the direct grouped convolution about a tenth of a layer-6 extraction, and the FFT does
+    it in a third of that time for one utterance, a fifth for a batch of 8. The result equals the direct
+    convolution up to float rounding, and is the same whether or not autograd is on. With the weights frozen (no
+    gradient wanted for them: feature extraction, or tuning methods that leave them alone) their spectrum is
+    computed once and kept until they change: ``groups * bins * (C/groups)^2`` complex numbers (76 MB for HuBERT
+    base). Other dtypes (bf16 has no FFT) take the direct convolution.
     """
+
+    # Overlap-save blocks: the FFT length (at least this, and twice the kernel), so that one cached spectrum
+    # serves every input length.
+    fft_size = 512
 
     def __init__(self, channels: int, kernel_size: int, groups: int) -> None:
         super().__init__()
@@ -307,14 +319,62 @@ class WeightNormConv1d(nn.Module):
         self.weight_v = nn.Parameter(weight_v)
         self.weight_g = nn.Parameter(self._norm(weight_v).detach().clone())
         self.bias = nn.Parameter(torch.zeros(channels))
+        self._cache: tuple[tuple[Any, ...], Tensor] | None = None  # (key of the weights' state, spectrum)
 
     @staticmethod
     def _norm(v: Tensor) -> Tensor:
         return v.norm(dim=(0, 1), keepdim=True)  # (1, 1, K)
 
+    @property
+    def weight(self) -> Tensor:
+        """``(C, C / groups, K)``: torch's fused weight-norm kernel, the one fairseq's ``weight_norm`` hook runs."""
+        return torch._weight_norm(self.weight_v, self.weight_g, 2)
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight_v * (self.weight_g / self._norm(self.weight_v))
-        return F.conv1d(x, weight, self.bias, padding=self.padding, groups=self.groups)
+        if x.dtype in (torch.float32, torch.float64) and self.weight_v.dtype == x.dtype:
+            return self._fft_conv(x) + self.bias[:, None]
+        return F.conv1d(x, self.weight, self.bias, padding=self.padding, groups=self.groups)
+
+    def _spectrum(self, n: int) -> Tensor:
+        """``(groups, n // 2 + 1, C/groups out, C/groups in)``: the conjugate spectrum of the weight; cached while
+        the weights are frozen (the key changes with any in-place update, reload or move of them)."""
+        v, g = self.weight_v, self.weight_g
+        if torch.is_grad_enabled() and (v.requires_grad or g.requires_grad):
+            self._cache = None
+            return self._compute_spectrum(n)
+        key = (n, v._version, g._version, v.data_ptr(), g.data_ptr(), v.dtype, v.device)
+        if self._cache is None or self._cache[0] != key:
+            # A normal tensor even under inference mode: a later call with autograd may save it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self._compute_spectrum(n))
+        return self._cache[1]
+
+    def _compute_spectrum(self, n: int) -> Tensor:
+        C, Cg, _ = self.weight_v.shape
+        spec = torch.fft.rfft(self.weight, n=n).conj()  # (C, Cg, F)
+        return spec.view(self.groups, C // self.groups, Cg, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _fft_conv(self, x: Tensor) -> Tensor:
+        """``F.conv1d(x, weight, padding=self.padding, groups=self.groups)`` (no bias) by overlap-save FFTs.
+
+        ``y[t] = sum_k w[k] z[t + k]`` over the padded input ``z`` is, per block of ``n`` samples, a circular
+        cross-correlation: ``irfft(conj(W) * Z)``, valid for its first ``n - K + 1`` outputs.
+        """
+        B, C, T = x.shape
+        K = self.weight_v.shape[-1]
+        n = max(self.fft_size, 1 << (2 * K - 1).bit_length())
+        hop = n - K + 1
+        out_len = T + 2 * self.padding - K + 1
+        blocks = -(-out_len // hop)
+        z = F.pad(x, (self.padding, blocks * hop + K - 1 - T - self.padding))  # (B, C, blocks * hop + K - 1)
+        segments = z.unfold(2, n, hop)  # (B, C, blocks, n), overlapping views
+        G, Cg = self.groups, C // self.groups
+        X = torch.fft.rfft(segments, n=n)  # (B, C, blocks, F)
+        X = X.view(B, G, Cg, blocks, -1).permute(1, 4, 2, 0, 3).reshape(G, X.shape[-1], Cg, B * blocks)
+        Y = torch.matmul(self._spectrum(n), X)  # (G, F, Cg out, B * blocks)
+        Y = Y.view(G, -1, Cg, B, blocks).permute(3, 0, 2, 4, 1).reshape(B, C, blocks, -1)  # (B, C, blocks, F)
+        y = torch.fft.irfft(Y, n=n)[..., :hop]  # (B, C, blocks, hop): the outputs without wrap-around
+        return y.reshape(B, C, blocks * hop)[:, :, :out_len]
 
 
 class SamePad(nn.Module):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import run_oracle
 
 from speechprompt.config import ConfigError, to_dict
@@ -25,6 +26,7 @@ from speechprompt.models.hubert import (
     ExtractorMode,
     HubertConfig,
     HubertModel,
+    WeightNormConv1d,
     load_hubert,
     normalize_waveform,
     parse_conv_layers,
@@ -410,3 +412,39 @@ def test_loading_never_imports_fairseq(fairseq_hubert):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "HubertModel 3"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The positional convolution by FFT
+
+
+@pytest.mark.parametrize("channels,kernel,groups", [(32, 8, 4), (48, 7, 3)])
+def test_positional_conv_by_fft_equals_the_direct_convolution(channels, kernel, groups):
+    torch.manual_seed(0)
+    conv = WeightNormConv1d(channels, kernel, groups).double()
+    with torch.no_grad():
+        conv.weight_g.mul_(1.5)
+        conv.bias.normal_()
+    for frames in (1, 40, 700):  # one short block, one block, several overlap-save blocks
+        x = torch.randn(2, channels, frames, dtype=torch.float64, requires_grad=True)
+        weight = conv.weight_v * (conv.weight_g / conv.weight_v.norm(dim=(0, 1), keepdim=True))
+        direct = F.conv1d(x, weight, conv.bias, padding=conv.padding, groups=groups)
+        ours = conv(x)
+        torch.testing.assert_close(ours, direct)
+        grad = torch.randn_like(ours)
+        inputs = (x, conv.weight_v, conv.weight_g, conv.bias)
+        torch.testing.assert_close(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(direct, inputs, grad))
+
+
+def test_positional_conv_caches_the_frozen_spectrum_until_the_weights_change():
+    torch.manual_seed(0)
+    conv = WeightNormConv1d(16, 8, 4)
+    x = torch.randn(1, 16, 30)
+    with torch.no_grad():
+        first = conv(x)
+        spectrum = conv._cache[1]
+        assert torch.equal(conv(x), first) and conv._cache[1] is spectrum  # reused
+        conv.weight_g.mul_(2.0)  # an in-place update (an optimizer step, a reload) invalidates it
+        assert conv._cache is not None and not torch.equal(conv(x), first) and conv._cache[1] is not spectrum
+    with_grad = conv(x)  # the weights want a gradient here: no cache, same values
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), conv(x).detach())

@@ -335,3 +335,25 @@ def test_dropout_only_in_train_mode() -> None:
         assert torch.equal(model(tokens), model(tokens))
         model.train()
         assert not torch.equal(model(tokens), model(tokens))
+
+
+def test_load_in_bf16_holds_the_backbone_in_bf16_and_trains_fp32_prompts(tmp_path: Path) -> None:
+    from speechprompt.tuning import build_method
+    from speechprompt.tuning.base import freeze_except
+
+    model = _tiny()
+    path = tmp_path / "ulm.pt"
+    save_unit_lm(model, Dictionary.for_units(N_UNITS), path)
+    half, _ = load_unit_lm(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    tokens = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(half(tokens).float(), model(tokens), atol=0.15, rtol=0.05)
+    method = build_method("prompt", half)
+    params = freeze_except(half, method)
+    assert {p.dtype for p in params} == {torch.float32}
+    half(tokens, **method.forward_kwargs(tokens.shape[0])).float().logsumexp(-1).sum().backward()
+    assert method.deep_key.grad is not None and method.deep_key.grad.dtype == torch.float32
+    assert all(p.grad is None for p in half.parameters())
+    with pytest.raises(ValueError, match="floating"):
+        load_unit_lm(path, dtype=torch.int8)

@@ -1,0 +1,62 @@
+"""Smoke tests of the benchmarks against fairseq: tiny models, one round, the JSON fields. Timings are never tested."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from oracle import oracle_python
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.fairseq
+def test_vs_fairseq_quick_runs_every_case_and_both_sides_agree() -> None:
+    python = oracle_python("fairseq")
+    if not python.is_file():
+        pytest.fail(f"the fairseq oracle environment is missing ({python}); point SPEECHPROMPT_FAIRSEQ_PYTHON at a "
+                    "python that has fairseq-fixed", pytrace=False)
+    env = {**os.environ, "SPEECHPROMPT_FAIRSEQ_PYTHON": str(python)}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_fairseq.py"), "--quick", "--threads", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["benchmark"] == "vs_fairseq" and out["quick"] is True
+    assert set(out["results"]) == {"hubert_one", "hubert_batched", "lm_train", "decode", "prompt"}
+    assert out["command"].startswith("python benchmarks/vs_fairseq.py")
+    for case, rows in out["results"].items():
+        assert rows, case
+        for row in rows:
+            assert row["threads"] == 1 and row["dtype"] in ("fp32", "bf16")
+            sides = ("full_finetune", "deep_prompt", "deep_prompt_bf16_backbone") if case == "prompt" else (
+                "ours", "fairseq")
+            for side in sides:
+                assert "error" not in row[side], (case, side, row[side])
+                assert row[side]["seconds"] > 0 and row[side]["cpu_seconds"] > 0
+            if case == "prompt":
+                assert row["deep_prompt"]["trainable"] < row["full_finetune"]["trainable"]
+                for name in ("deep_prompt", "deep_prompt_bf16_backbone"):
+                    assert row[f"{name}_time_ratio"] > 0 and row[f"{name}_memory_ratio"] > 0
+                    assert row[f"{name}_live_memory_ratio"] > 0
+                for verdict in ("time", "memory", "live_memory"):
+                    assert set(row[verdict]) >= {"target", "met"}
+                continue
+            assert row["speedup"] > 0 and row["verdict_on"] == "cpu_seconds"
+            if case.startswith("hubert"):
+                assert row["features_agree"] is True
+                assert row["ours"]["frames"] == row["fairseq"]["frames"]
+            if case == "hubert_batched":
+                assert row["vs_fairseq_one_at_a_time"]["speedup"] > 0
+            if case == "decode":
+                assert row["outputs_match"] is True
+            if case == "lm_train":
+                assert row["ours"]["peak_memory_mb"] > 0 and row["memory_ratio"] > 0 and row["live_memory_ratio"] > 0
+                assert "error" not in row["ours_foreach_adam"]
+                assert set(row["speed"]) >= {"target", "met"} and set(row["memory"]) >= {"target", "met"}
+            else:
+                assert "target" in row and "met" in row
