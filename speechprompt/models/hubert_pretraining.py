@@ -135,7 +135,8 @@ def min_maskable_frames(mask_prob: float, mask_length: int, min_masks: int = 2) 
     spans cover at most ``num_mask * mask_length < (mask_prob F / mask_length + 1) mask_length`` frames."""
     if not 0 < mask_prob < 1:
         raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-    return max(math.ceil(mask_length / (1.0 - mask_prob)), min_masks * mask_length + 1)
+    # Rounded first: 10 / (1 - 0.8) is 50.00000000000001 in floating point.
+    return max(math.ceil(round(mask_length / (1.0 - mask_prob), 9)), min_masks * mask_length + 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
