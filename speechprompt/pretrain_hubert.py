@@ -54,7 +54,7 @@ from speechprompt.config import ConfigError, describe, from_dict, load_config, o
 from speechprompt.devices import torch_threads
 from speechprompt.dictionary import Dictionary
 from speechprompt.fileio import write_json
-from speechprompt.hubert_data import BatchMaker, LabeledAudio, Masking, StepBatches, dev_batches
+from speechprompt.hubert_data import BatchMaker, LabeledAudio, Masking, StepBatches, dev_batches, share
 from speechprompt.models.hubert import HubertConfig, HubertModel
 from speechprompt.models.hubert_pretraining import (
     fairseq_hubert_cfg,
@@ -263,17 +263,23 @@ def _stats_vector(loss: torch.Tensor, sample_size: int, stats: dict[str, float])
 @torch.no_grad()
 def evaluate(model: HubertModel, maker: BatchMaker, batches: list[Any], cfg: PretrainHubertConfig,
              device: torch.device, d: Dist) -> dict[str, float]:
-    """The dev loss and masked-frame accuracy with fixed crops and masks; batch ``j`` runs on process ``j % N``."""
+    """The dev loss and masked-frame accuracy with fixed crops and masks.
+
+    ``batches`` are global batches (:func:`~speechprompt.hubert_data.dev_batches` of the update's size); each
+    process takes its share of every one in micro-batches, as in training, so that the crops and masks, and the
+    result, do not depend on the number of processes.
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
-    for rows, crop_seed, mask_seed in batches[d.rank :: d.world_size]:
-        batch = maker.make(rows, slice(0, len(rows)), crop_seed, mask_seed)
-        out = masked_prediction(model, batch.source.to(device), [t.to(device) for t in batch.targets],
-                                batch.mask.to(device), logit_temp=cfg.logit_temp, skip_nomask=cfg.skip_nomask)
-        loss, n, stats = pretraining_loss(out, cfg.pred_masked_weight, cfg.pred_nomask_weight,
-                                          cfg.features_pen_weight)
-        totals += _stats_vector(loss, n, stats)
+    for rows, crop_seed, mask_seed in batches:
+        batch = maker.make(rows, share(len(rows), d.rank, d.world_size), crop_seed, mask_seed)
+        for micro in batch.split(cfg.grad_accum):
+            out = masked_prediction(model, micro.source.to(device), [t.to(device) for t in micro.targets],
+                                    micro.mask.to(device), logit_temp=cfg.logit_temp, skip_nomask=cfg.skip_nomask)
+            loss, n, stats = pretraining_loss(out, cfg.pred_masked_weight, cfg.pred_nomask_weight,
+                                              cfg.features_pen_weight)
+            totals += _stats_vector(loss, n, stats)
     totals = d.all_reduce(totals.to(device)).cpu()
     model.train(was_training)
     return _summary(totals, "dev_")
@@ -363,7 +369,7 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
               for data in (train_data, dev_data)]
     global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
     batches = StepBatches(makers[0], global_batch, cfg.seed, d.rank, d.world_size)
-    dev = dev_batches(makers[1], cfg.batch_size, cfg.seed)
+    dev = dev_batches(makers[1], global_batch, cfg.seed)
     ckpt_cfg = _checkpoint_cfg(cfg, model_cfg)
     if d.main:
         for name, dictionary in zip(cfg.label_names(), dictionaries):
