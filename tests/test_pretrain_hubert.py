@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,59 @@ def test_bf16_autocast_trains_with_fp32_weights(corpus, tmp_path, run_cli):
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state["model"].values())
     losses = [float(v) for _, m, v in _rows(run_dir)[1:] if m == "train_loss"]
     assert len(losses) == 12 and all(np.isfinite(losses))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The recipe
+
+_FAKE_SPEECHPROMPT = """#!/usr/bin/env bash
+# Records its command line and leaves what the real command would write, so that the next stage finds it.
+echo "speechprompt $*" >> "{log}"
+prev=
+for a in "$@"; do
+    case "$prev" in --out) out=$a ;; --manifest) manifest=$a ;; esac
+    case "$a" in run_dir=*) mkdir -p "${{a#run_dir=}}" && touch "${{a#run_dir=}}/checkpoint_best.pt" ;; esac
+    prev=$a
+done
+case "$1" in
+    kmeans) mkdir -p "$(dirname "$out")" && touch "$out" ;;
+    prepare) mkdir -p "$out" && touch "$out/$(basename "$manifest" .tsv).units" ;;
+esac
+"""
+
+
+def test_the_recipe_runs_both_iterations_on_a_manifest(tmp_path: Path) -> None:
+    bin_dir, log, exp = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "exp"
+    bin_dir.mkdir()
+    (bin_dir / "speechprompt").write_text(_FAKE_SPEECHPROMPT.format(log=log))
+    (bin_dir / "speechprompt").chmod(0o755)
+    train, dev = tmp_path / "train.tsv", tmp_path / "valid.tsv"
+    train.write_text("/\n")
+    dev.write_text("/\n")
+    config = REPO / "recipes" / "pretrain_hubert" / "conf" / "base.yaml"
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "pretrain_hubert" / "run.sh"), "--train", str(train),
+                           "--dev", str(dev), "--exp", str(exp), "--config", str(config), "--k2", "500", "--layer",
+                           "6", "--steps1", "250000", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    km1, km2, it1 = exp / "km_mfcc100.safetensors", exp / "km_it1_L6_500.safetensors", exp / "it1/checkpoint_best.pt"
+    layer6 = f"--checkpoint {it1} --layer 6"
+
+    def iteration(n: int, k: int, rate: int, steps: str) -> str:
+        return (f"speechprompt pretrain-hubert --config {config} train={train} dev={dev} n_units={k} "
+                f"label_rate={rate} train_labels={exp}/it{n}_labels/train.units "
+                f"dev_labels={exp}/it{n}_labels/valid.units run_dir={exp}/it{n} device=cpu{steps}")
+
+    assert log.read_text().splitlines() == [  # no stage 0: a manifest was given
+        f"speechprompt kmeans --manifest {train} --features mfcc --k 100 --percent 1.0 --seed 0 --device cpu "
+        f"--out {km1}",
+        *(f"speechprompt prepare --manifest {m} --features mfcc --kmeans {km1} --out {exp}/it1_labels --device cpu"
+          for m in (train, dev)),
+        iteration(1, 100, 100, " max_steps=250000"),
+        f"speechprompt kmeans --manifest {train} --features hubert {layer6} --k 500 --percent 1.0 --seed 0 "
+        f"--device cpu --out {km2}",
+        *(f"speechprompt prepare --manifest {m} --features hubert {layer6} --kmeans {km2} --out {exp}/it2_labels "
+          f"--device cpu" for m in (train, dev)),
+        iteration(2, 500, 50, ""),
+    ]
