@@ -462,7 +462,7 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
     now = time.monotonic()
     metrics = {
         "step": pos.step,
-        **{k: v for k, v in train_metrics.items()},
+        **train_metrics,
         **dev_metrics,
         "best_dev_loss": pos.best_dev_loss,
         "best_step": pos.best_step,

@@ -333,8 +333,9 @@ class FbankFeatureExtractor(nn.Module):
 
     def forward(self, source: Tensor) -> Tensor:
         rows = []
-        with torch.no_grad():
-            for wav in source.float():  # fbank computes one waveform at a time, in float32 even under autocast
+        # float32 even under autocast: a bf16 power spectrum would lose the small energies the log reads.
+        with torch.no_grad(), torch.autocast(source.device.type, enabled=False):
+            for wav in source.float():  # one waveform at a time
                 feats = fbank(wav, n_mels=self.n_mels)  # (frames10, M)
                 usable = feats.shape[0] // self.stack * self.stack
                 rows.append(feats[:usable].reshape(-1, self.stack * self.n_mels))  # (frames, stack * M)
