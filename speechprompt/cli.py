@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "kmeans": "speechprompt.data_prep.kmeans",
     "prepare": "speechprompt.data_prep.speech2unit",
     "pretrain-ulm": "speechprompt.pretrain",
+    "pretrain-hubert": "speechprompt.pretrain_hubert",
     "score": "speechprompt.score",
     "train": "speechprompt.train",
     "evaluate": "speechprompt.evaluate",

@@ -12,6 +12,7 @@ import _compat_pickle
 import argparse
 import bz2
 import collections
+import copyreg
 import gzip
 import io
 import lzma
@@ -27,6 +28,7 @@ import torch
 
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
+from speechprompt.fileio import atomic_open
 
 # --------------------------------------------------------------------------------------------------------------
 # Inert records of foreign objects
@@ -271,16 +273,80 @@ def _convert_dictionaries(obj: Any) -> Any:
     return obj
 
 
+class _AsFairseqDictionary:
+    """A :class:`Dictionary` that pickles as fairseq's ``fairseq.data.dictionary.Dictionary`` (HuBERT keeps its
+    label dictionaries in ``task_state``), without fairseq: the class is written by name, the state is the
+    attributes fairseq's ``Dictionary.__init__`` sets, which unpickling restores as its ``__dict__``."""
+
+    FAIRSEQ_CLASS = ("fairseq.data.dictionary", "Dictionary")
+
+    def __init__(self, d: Dictionary) -> None:
+        self.state = {
+            "bos_word": d.bos_word, "unk_word": d.unk_word, "pad_word": d.pad_word, "eos_word": d.eos_word,
+            "symbols": list(d.symbols), "count": [int(c) for c in d.count], "indices": dict(d.indices),
+            "bos_index": d.bos_index, "pad_index": d.pad_index, "eos_index": d.eos_index, "unk_index": d.unk_index,
+            "nspecial": d.nspecial,
+        }
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return copyreg.__newobj__, (type(self),), self.state
+
+
+class _FairseqPickler(pickle._Pickler):  # the pure-Python pickler, whose save_global can be extended
+    """Writes :class:`_AsFairseqDictionary` under fairseq's class name (its module need not be importable)."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is not _AsFairseqDictionary:
+            super().save_global(obj, name)
+            return
+        module, qualname = obj.FAIRSEQ_CLASS
+        if self.proto >= 4:
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("ascii"))
+        self.memoize(obj)
+
+
+class _FairseqPickleModule:
+    """What ``torch.save(pickle_module=...)`` needs: the pickler above, and ``dump`` for torch's header."""
+
+    __name__ = "speechprompt_fairseq_pickle"
+    Pickler = _FairseqPickler
+
+    @staticmethod
+    def dump(obj: Any, file: Any, protocol: int | None = None) -> None:
+        _FairseqPickler(file, protocol).dump(obj)
+
+
+def _fairseq_objects(obj: Any) -> Any:
+    """``obj`` with every :class:`Dictionary` turned into one that pickles as fairseq's."""
+    if isinstance(obj, Dictionary):
+        return _AsFairseqDictionary(obj)
+    if isinstance(obj, dict):
+        return {k: _fairseq_objects(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fairseq_objects(v) for v in obj)
+    return obj
+
+
 def save_fairseq_checkpoint(
-    path: str | os.PathLike, model_state: dict[str, torch.Tensor], cfg: dict[str, Any]
+    path: str | os.PathLike,
+    model_state: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    task_state: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    num_updates: int = 0,
 ) -> None:
     """Write a checkpoint in fairseq's layout (``model``, ``cfg``, ``args``, ``extra_state``...), atomically.
 
     ``cfg`` is a plain dict, as fairseq itself saves it (``OmegaConf.to_container``). fairseq's
-    ``load_checkpoint_to_cpu`` reads the result and rebuilds the model from ``cfg``.
+    ``load_checkpoint_to_cpu`` reads the result and rebuilds the model from ``cfg``. Every :class:`Dictionary` in
+    ``task_state`` (HuBERT's ``{"dictionaries": [...]}``) is written as a fairseq ``Dictionary``, as fairseq's
+    trainer saves it, so that fairseq's task and :func:`load_fairseq_checkpoint` both read it back; the file then
+    needs ``weights_only=False`` (or that class allowed) in ``torch.load``, as every official HuBERT checkpoint.
     """
-    from speechprompt.fileio import torch_save
-
     state = {
         "args": None,
         "cfg": cfg,
@@ -288,13 +354,14 @@ def save_fairseq_checkpoint(
         "criterion": None,
         "optimizer_history": [
             {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "lr_scheduler_state": {},
-             "num_updates": 0}
+             "num_updates": int(num_updates)}
         ],
-        "task_state": {},
-        "extra_state": {"metrics": {}, "previous_training_time": 0},
+        "task_state": _fairseq_objects(task_state or {}),
+        "extra_state": {"metrics": {}, "previous_training_time": 0, **(extra_state or {})},
         "last_optimizer_state": None,
     }
-    torch_save(state, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f, pickle_module=_FairseqPickleModule)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ def config_class(command: str) -> type:
     """The config dataclass of a ``speechprompt`` subcommand that takes ``--config``."""
     from speechprompt.compare import CompareConfig
     from speechprompt.pretrain import PretrainConfig
+    from speechprompt.pretrain_hubert import PretrainHubertConfig
     from speechprompt.superb import SuperbConfig
     from speechprompt.train import TrainConfig
 
-    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig, "compare": CompareConfig, "superb": SuperbConfig}
+    classes = {"train": TrainConfig, "pretrain-ulm": PretrainConfig, "compare": CompareConfig, "superb": SuperbConfig,
+               "pretrain-hubert": PretrainHubertConfig}
     assert command in classes, f"no config class known for `speechprompt {command}`: add it to this test"
     return classes[command]
 

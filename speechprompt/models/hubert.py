@@ -5,8 +5,10 @@ HuBERT turns a sample padding mask into a frame one by its own rule (``frame_pad
 mirrors fairseq's ``HubertModel`` so that ``hubert_base_ls960.pt`` loads with ``strict=True``::
 
     feature_extractor, layer_norm, post_extract_proj, mask_emb, encoder    see speechprompt.models.wav2vec2
-    final_proj, target_glu, label_embs_concat                              pretraining heads, kept so that the
-                                                                           state dict matches
+    final_proj, target_glu, label_embs_concat                              pretraining heads (what
+                                                                           speechprompt.models.hubert_pretraining
+                                                                           trains), kept so that the state dict
+                                                                           matches
 
 The multilingual variants are the same model with another conv stack (mHuBERT-25Hz: one more stride-2 conv,
 640 samples per frame); ``conv_feature_layers`` describes any stack.

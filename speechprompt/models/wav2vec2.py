@@ -8,6 +8,8 @@ for key (Hugging Face directories go through the key tables of :mod:`speechpromp
                                        GroupNorm after the first ("default") or LayerNorm after each ("layer_norm")
     feature_extractor.conv_adapters.{i}  an adapter slot after each conv block, empty (``None``) unless a tuning
                                        method (CNN adapters) sets it
+                                       (``frontend: fbank``, the light front end: no parameters, see
+                                       :class:`FbankFeatureExtractor`)
     layer_norm                         LayerNorm over the conv channels
     post_extract_proj                  Linear C -> D (fairseq: only when C != D; Hugging Face: always)
     mask_emb                           (D,) the pretraining mask vector (unused for feature extraction)
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechprompt.audio import fbank
 from speechprompt.config import ConfigError, from_dict, option
 from speechprompt.models.transformer import ACTIVATIONS, LayerKV, MultiheadAttention, TransformerLayer, attention_mask
 
@@ -57,6 +60,16 @@ class ExtractorMode(str, enum.Enum):
 
     DEFAULT = "default"  # GroupNorm (one group per channel) after the first conv only: base models
     LAYER_NORM = "layer_norm"  # LayerNorm over channels after every conv: large models, data2vec, XLS-R
+
+
+class FrontEnd(str, enum.Enum):
+    """What turns the waveform into frames. The config stores the plain string, as :class:`FramePadding`."""
+
+    CONV = "conv"  # the strided conv stack of ``conv_feature_layers``: every published checkpoint
+    FBANK = "fbank"  # stacked Kaldi log-mel frames (MelHuBERT's light front end): no conv to train or run
+
+
+FBANK_WINDOW, FBANK_HOP = 400, 160  # samples of one 25 ms fbank frame and of its 10 ms hop, at 16 kHz
 
 
 class FramePadding(str, enum.Enum):
@@ -176,9 +189,19 @@ class Wav2Vec2Config:
     always_project: bool = option(False, help="build post_extract_proj even when the conv and encoder widths match "
                                   "(HF models always have one)")
     has_mask_emb: bool = option(True, help="the checkpoint has the pretraining mask vector")
+    frontend: str = option(FrontEnd.CONV.value, help="conv (the waveform conv stack of conv_feature_layers) or fbank "
+                           "(fbank_mels log-mel energies every 10 ms, fbank_stack frames concatenated: the light front "
+                           "end for small compute; not a fairseq architecture)")
+    fbank_mels: int = option(40, help="fbank front end: mel filters per 25 ms frame")
+    fbank_stack: int = option(2, help="fbank front end: consecutive 10 ms frames concatenated into one (2: 50 Hz)")
 
     def __post_init__(self) -> None:
         self.extractor_mode = ExtractorMode(self.extractor_mode)
+        if self.frontend not in {m.value for m in FrontEnd}:
+            raise ConfigError(f"frontend {self.frontend!r} is not one of {[m.value for m in FrontEnd]}")
+        self.frontend = FrontEnd(self.frontend).value
+        if self.fbank_mels < 1 or self.fbank_stack < 1:
+            raise ConfigError("fbank_mels and fbank_stack must be at least 1")
         if self.frame_padding not in {m.value for m in FramePadding}:
             raise ConfigError(f"frame_padding {self.frame_padding!r} is not one of {[m.value for m in FramePadding]}")
         self.frame_padding = FramePadding(self.frame_padding).value
@@ -203,6 +226,23 @@ class Wav2Vec2Config:
     def conv_layers(self) -> list[tuple[int, int, int]]:
         """``conv_feature_layers`` parsed into ``(dim, kernel, stride)`` tuples."""
         return parse_conv_layers(self.conv_feature_layers)
+
+    @property
+    def frame_layers(self) -> list[tuple[int, int, int]]:
+        """The front end's geometry as ``(dim, kernel, stride)`` layers: the conv stack, or for the fbank front end
+        its 25 ms / 10 ms framing followed by the stacking of ``fbank_stack`` frames. Frame counts, the receptive
+        field and the samples per frame all follow from it, whichever the front end."""
+        if self.frontend == FrontEnd.FBANK:
+            return [(self.fbank_mels, FBANK_WINDOW, FBANK_HOP),
+                    (self.fbank_mels * self.fbank_stack, self.fbank_stack, self.fbank_stack)]
+        return self.conv_layers
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the front end gives for ``num_samples`` samples (0 below its receptive field)."""
+        n = num_samples
+        for _, kernel, stride in self.frame_layers:
+            n = max((n - kernel) // stride + 1, 0)
+        return n
 
     @classmethod
     def from_fairseq(cls, model_cfg: Mapping[str, Any], **overrides: Any) -> Wav2Vec2Config:
@@ -289,6 +329,32 @@ class ConvFeatureExtractor(nn.Module):
             if adapter is not None:
                 x = adapter(x)
         return x  # (B, C, frames)
+
+
+class FbankFeatureExtractor(nn.Module):
+    """The light front end: Kaldi log-mel energies (:func:`speechprompt.audio.fbank`, 25 ms povey window, 10 ms hop)
+    of each row, ``stack`` consecutive frames concatenated, as MelHuBERT feeds its transformer.
+
+    Input ``(B, T)`` samples; output ``(B, n_mels * stack, frames)`` with ``frames = (1 + (T - 400) // 160) // stack``
+    (the geometry of :attr:`Wav2Vec2Config.frame_layers`). It has no parameters and passes no gradient: the model's
+    ``layer_norm`` and ``post_extract_proj`` are the first trained layers, as after the conv stack.
+    """
+
+    adapted = False  # no convolutions, so no slots for CNN adapters
+
+    def __init__(self, n_mels: int, stack: int) -> None:
+        super().__init__()
+        self.n_mels, self.stack = n_mels, stack
+
+    def forward(self, source: Tensor) -> Tensor:
+        rows = []
+        # float32 even under autocast: a bf16 power spectrum would lose the small energies the log reads.
+        with torch.no_grad(), torch.autocast(source.device.type, enabled=False):
+            for wav in source.float():  # one waveform at a time
+                feats = fbank(wav, n_mels=self.n_mels)  # (frames10, M)
+                usable = feats.shape[0] // self.stack * self.stack
+                rows.append(feats[:usable].reshape(-1, self.stack * self.n_mels))  # (frames, stack * M)
+        return torch.stack(rows).transpose(1, 2)  # (B, stack * M, frames)
 
 
 class WeightNormConv1d(nn.Module):
@@ -484,7 +550,7 @@ class Wav2Vec2Encoder(nn.Module):
         return table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, last_layer: int | None = None,
-                prefix: Sequence[LayerKV | None] | None = None) -> list[Tensor]:
+                prefix: Sequence[LayerKV | None] | None = None, layerdrop: float = 0.0) -> list[Tensor]:
         """Add positions and run the layers up to ``last_layer`` (1-based; ``None`` = all). No final LayerNorm.
 
         Args:
@@ -492,6 +558,8 @@ class Wav2Vec2Encoder(nn.Module):
             padding_mask: ``(B, frames)`` True at padded frames.
             prefix: per-layer projected keys/values prepended to the attention (see
                 :meth:`Wav2Vec2Model.extract_features`).
+            layerdrop: in training mode, skip each layer with this probability (fairseq's ``encoder_layerdrop``;
+                a skipped layer passes its input on, drawn from torch's RNG).
 
         Returns:
             ``[layers' input, layer 1 output, ..., layer last_layer output]``, each ``(B, frames, D)``.
@@ -508,6 +576,9 @@ class Wav2Vec2Encoder(nn.Module):
         masks: dict[int, Tensor | None] = {}  # by prefix length: layers may carry prefixes of different lengths
         hidden = [x]
         for i, layer in enumerate(self.layers[:last_layer]):
+            if layerdrop and self.training and float(torch.rand(())) < layerdrop:
+                hidden.append(x)
+                continue
             p = prefix[i] if prefix is not None else None
             n_prefix = len(p) if p is not None else 0
             if n_prefix not in masks:
@@ -546,15 +617,17 @@ class Wav2Vec2Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.architecture = architecture
-        conv_layers = cfg.conv_layers
-        embed = conv_layers[-1][0]
+        frame_layers = cfg.frame_layers
+        embed = frame_layers[-1][0]
         D = cfg.encoder_embed_dim
         self.encoder_embed_dim = D
-        self.downsample = math.prod(stride for _, _, stride in conv_layers)  # samples per frame (320)
+        self.downsample = math.prod(stride for _, _, stride in frame_layers)  # samples per frame (320)
         self.receptive_field = 1  # samples per frame's window (400): a shorter input gives no frame
-        for _, kernel, stride in reversed(conv_layers):
+        for _, kernel, stride in reversed(frame_layers):
             self.receptive_field = (self.receptive_field - 1) * stride + kernel
-        self.feature_extractor = ConvFeatureExtractor(conv_layers, cfg.extractor_mode, cfg.conv_bias)
+        self.feature_extractor: nn.Module = (
+            FbankFeatureExtractor(cfg.fbank_mels, cfg.fbank_stack) if cfg.frontend == FrontEnd.FBANK
+            else ConvFeatureExtractor(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias))
         self.layer_norm = nn.LayerNorm(embed, eps=cfg.layer_norm_eps) if cfg.feature_layer_norm else None
         self.post_extract_proj = nn.Linear(embed, D) if embed != D or cfg.always_project else None
         self.dropout_input = nn.Dropout(cfg.dropout_input)
@@ -631,12 +704,16 @@ class Wav2Vec2Model(nn.Module):
                 padding_mask = padding_mask[:, : T - extra]
             return padding_mask.reshape(B, num_frames, -1).all(dim=-1)  # (B, frames)
         lengths = (~padding_mask).sum(dim=-1)  # (B,)
-        for _, kernel, stride in self.cfg.conv_layers:
+        for _, kernel, stride in self.cfg.frame_layers:
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]  # (B, frames)
 
-    def _features(self, source: Tensor) -> Tensor:
-        """Conv front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``."""
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the front end gives for ``num_samples`` samples (0 below the receptive field)."""
+        return self.cfg.num_frames(num_samples)
+
+    def frontend_features(self, source: Tensor) -> Tensor:
+        """The front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``."""
         mult = self.cfg.feature_grad_mult
         if self.feature_extractor.adapted:
             # Adapters in the front end train through it: neither fairseq's no-grad shortcut (mult 0) nor its
@@ -668,7 +745,7 @@ class Wav2Vec2Model(nn.Module):
         if source.shape[1] < self.receptive_field:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the conv front end's receptive "
                              f"field ({self.receptive_field} samples): it gives no frame")
-        x = self._features(source)  # (B, frames, C)
+        x = self.frontend_features(source)  # (B, frames, C)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if padding_mask is not None:

@@ -1,7 +1,7 @@
 """The training core every trainer shares: plumbing, not loops.
 
-``train`` (tasks on the frozen unit LM), ``superb`` (SUPERB downstreams on an encoder) and ``pretrain-ulm`` (unit
-LM pretraining) each keep a short loop of their own and share, from here:
+``train`` (tasks on the frozen unit LM), ``superb`` (SUPERB downstreams on an encoder), ``pretrain-ulm`` (unit LM
+pretraining) and ``pretrain-hubert`` (HuBERT pretraining) each keep a short loop of their own and share, from here:
 
 ======================  =======================================================================================
 module                  what

@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warmup, then inverse square root, cosine, tri-stage or constant.
+"""Learning-rate schedules: linear warmup, then inverse square root, cosine, tri-stage, linear decay or constant.
 
 Each schedule is a pure function of the update count that returns a *multiplier* of the peak learning rate, so a
 trainer needs no scheduler state to resume: the step number is the whole state. :func:`lr_at` looks a schedule up
@@ -77,11 +77,26 @@ def tri_stage(step: int, warmup_steps: int = 0, total_steps: int = 0, min_ratio:
     return math.exp(math.log(min_ratio) * progress)
 
 
+def polynomial_decay(step: int, warmup_steps: int = 0, total_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warmup to 1, then a straight line down to ``min_ratio`` at update ``total_steps`` (fairseq's
+    ``polynomial_decay`` with power 1, HuBERT's pretraining schedule, shifted by one update as ``inverse_sqrt``).
+
+    Updates past ``total_steps`` stay at ``min_ratio``.
+    """
+    w = _warmup(step, warmup_steps)
+    if w is not None:
+        return w
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step + 1 - warmup_steps) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+
+
 SCHEDULES: dict[str, Schedule] = {
     "constant": constant,
     "inverse_sqrt": inverse_sqrt,
     "cosine": cosine,
     "tri_stage": tri_stage,
+    "polynomial_decay": polynomial_decay,
 }
 
 

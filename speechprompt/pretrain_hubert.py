@@ -1,0 +1,497 @@
+"""Pretrain a HuBERT by masked prediction of cluster labels (one iteration; one CPU, one GPU or torchrun).
+
+HuBERT (Hsu et al., 2021) is trained in iterations. Each predicts, at masked frames, the k-means cluster of every
+frame, and each iteration's clusters come from better features than the last:
+
+  iteration 1  labels = k-means of MFCC frames (100 Hz, label_rate=100)
+      speechprompt kmeans  --manifest train.tsv --features mfcc --k 100 --out km_mfcc.safetensors
+      speechprompt prepare --manifest train.tsv --features mfcc --kmeans km_mfcc.safetensors --out it1   (no --dedup)
+      speechprompt prepare --manifest dev.tsv   --features mfcc --kmeans km_mfcc.safetensors --out it1
+      speechprompt pretrain-hubert --config C.yaml train=train.tsv train_labels=it1/train.units dev=dev.tsv \\
+          dev_labels=it1/dev.units n_units=100 label_rate=100 run_dir=exp/hubert_it1
+  iteration 2  labels = k-means of a layer of the iteration-1 model (50 Hz, label_rate=50)
+      speechprompt kmeans  --manifest train.tsv --features hubert --checkpoint exp/hubert_it1/checkpoint_best.pt \\
+          --layer L --k 500 --out km_it1.safetensors
+      speechprompt prepare ... --features hubert --checkpoint exp/hubert_it1/checkpoint_best.pt --layer L ...
+      speechprompt pretrain-hubert --config C.yaml ... n_units=500 label_rate=50 run_dir=exp/hubert_it2
+
+The model's frames are 50 Hz (320 samples); 100 Hz labels are read every second frame, as fairseq's
+``label_rate`` handling does. The computation is fairseq's (masks, cosine logits over label embeddings, the
+``hubert`` criterion with its feature penalty): see speechprompt.models.hubert_pretraining and speechprompt.hubert_data.
+``frontend=conv`` is the published architecture on raw waveforms (``model=base`` or ``large`` for GPUs);
+``frontend=fbank`` replaces the conv stack by stacked log-mel frames (MelHuBERT's light front end, for small
+compute).
+
+The run directory receives ``config.yaml``, ``log.csv`` (masked-frame loss and accuracy, dev loss),
+``checkpoint_last.pt`` / ``checkpoint_best.pt`` (best dev loss) in fairseq's format with ``dict.<label>.txt``,
+``train_state.pt`` (exact resume), ``learning_curves.png`` and ``metrics.json``. A conv-front-end checkpoint loads in
+fairseq (``checkpoint_utils.load_model_ensemble_and_task``, with fairseq's ``Dictionary`` allowed in ``torch.load``)
+and in ``speechprompt`` (``--features hubert --checkpoint``, SUPERB, every tuning method); an fbank one in
+``speechprompt`` only. A run killed at any point resumes where it stopped (resume=auto) to the weights of an
+uninterrupted run; under ``torchrun --nproc_per_node N`` each process takes 1/N of every update's utterances.
+
+Example:
+  speechprompt pretrain-hubert --config recipes/pretrain_hubert/conf/tiny.yaml train=... train_labels=...
+  torchrun --nproc_per_node 8 -m speechprompt.cli pretrain-hubert --config recipes/pretrain_hubert/conf/base.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speechprompt.config import ConfigError, describe, from_dict, load_config, option, to_dict
+from speechprompt.devices import torch_threads
+from speechprompt.dictionary import Dictionary
+from speechprompt.fileio import write_json
+from speechprompt.hubert_data import BatchMaker, LabeledAudio, Masking, StepBatches, dev_batches, share
+from speechprompt.models.hubert import HubertConfig, HubertModel
+from speechprompt.models.hubert_pretraining import (
+    fairseq_hubert_cfg,
+    init_like_fairseq,
+    masked_prediction,
+    min_maskable_frames,
+    pretraining_loss,
+    save_hubert_checkpoint,
+)
+from speechprompt.models.transformer import set_activation_checkpointing
+from speechprompt.models.wav2vec2 import FrontEnd
+from speechprompt.rng import seed_everything
+from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
+from speechprompt.training.distributed import Dist, distributed
+from speechprompt.training.ema import maybe_averaged
+from speechprompt.training.optim import OptimConfig, Updater, check_schedule_unchanged
+from speechprompt.training.precision import MixedPrecision
+from speechprompt.training.run import RunDir
+from speechprompt.training.schedule import SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+KIND = "pretrain-hubert"
+STATE_VERSION = 1
+
+# Config keys that may change when a run is resumed: they do not change what the next update computes.
+MAY_CHANGE = RUN_KEYS_MAY_CHANGE | {"max_steps", "eval_every", "save_every", "num_workers"}
+
+# Named architectures: HubertConfig fields, and the recipe values that go with them in fairseq's configs.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # 2 layers of width 32: for tests.
+    "tiny": {"model": dict(conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", encoder_layers=2,
+                           encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4, conv_pos=16,
+                           conv_pos_groups=4, final_dim=16, untie_final_proj=True),
+             "layerdrop": 0.0, "normalize": False},
+    # 4 layers of width 128 (0.9M parameters in the transformer): pretrains on an hour of speech on one CPU thread.
+    "small": {"model": dict(conv_feature_layers="[(128,10,5)] + [(128,3,2)] * 4 + [(128,2,2)] * 2",
+                            encoder_layers=4, encoder_embed_dim=128, encoder_ffn_embed_dim=512,
+                            encoder_attention_heads=4, conv_pos=32, conv_pos_groups=8, final_dim=64,
+                            untie_final_proj=True),
+              "layerdrop": 0.0, "normalize": False},
+    # fairseq's hubert_base_librispeech.yaml (95M parameters).
+    "base": {"model": to_dict(HubertConfig.base()), "layerdrop": 0.05, "normalize": False},
+    # fairseq's hubert_large_librivox.yaml (316M parameters): LayerNorm conv stack on normalised audio.
+    "large": {"model": to_dict(HubertConfig.large()), "layerdrop": 0.0, "normalize": True},
+}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclasses.dataclass(kw_only=True)
+class PretrainHubertConfig(RunOptions):
+    """Everything ``speechprompt pretrain-hubert`` reads; see ``--help`` for each key."""
+
+    train: str = option("", help="training manifest (root line, then relpath<TAB>num_samples at 16 kHz)")
+    train_labels: str | list[str] = option(
+        [], help="frame-label file(s) of the training manifest, one per label set: one line of units per row "
+        "(`speechprompt prepare` without --dedup)")
+    dev: str = option("", help="dev manifest, for the dev loss and checkpoint_best.pt")
+    dev_labels: str | list[str] = option([], help="frame-label file(s) of the dev manifest, as train_labels")
+    n_units: int | list[int] = option(100, help="clusters of each label set (unit u is class u+4 of dict.<label>.txt)")
+    label_rate: float = option(100.0, help="label frames per second: 100 for MFCC units (iteration 1), 50 for "
+                               "HuBERT units (iteration 2)")
+    normalize: bool | None = option(None, help="layer-normalise each waveform (fairseq's task.normalize; null: the "
+                                    "architecture's, true for large)")
+    max_sample_size: int = option(250000, help="crop utterances to at most this many samples")
+    min_sample_size: int = option(32000, help="skip utterances shorter than this (samples); a batch is cropped to "
+                                  "its shortest utterance")
+    model: str = option("base", help=f"architecture: {', '.join(ARCHITECTURES)}")
+    frontend: str = option("conv", help="conv: the waveform conv stack (a fairseq architecture); fbank: stacked "
+                           "log-mel frames instead (MelHuBERT's light front end; loads in speechprompt only)")
+    model_overrides: dict[str, Any] = option(
+        {}, help="HubertConfig fields over the architecture's, e.g. model_overrides.encoder_layers=6")
+    layerdrop: float | None = option(None, help="probability of skipping a transformer layer in training (null: the "
+                                     "architecture's, 0.05 for base)")
+    mask_prob: float = option(0.8, help="span starts per frame, times mask_length (HuBERT: 0.8)")
+    mask_length: int = option(10, help="frames per masked span (HuBERT: 10)")
+    logit_temp: float = option(0.1, help="cosine similarities are divided by this")
+    pred_masked_weight: float = option(1.0, help="weight of the loss on masked frames")
+    pred_nomask_weight: float = option(0.0, help="weight of the loss on unmasked frames")
+    features_pen_weight: float = option(10.0, help="weight of the mean squared conv output (fairseq's "
+                                        "loss_weights: [10]); nothing to penalise with the fbank front end")
+    skip_nomask: bool = option(False, help="do not compute unmasked frames' logits (then acc_u is not logged)")
+    batch_size: int = option(8, help="utterances per micro-batch and process (an update takes batch_size x "
+                             "grad_accum x processes)")
+    max_steps: int = option(400000, help="number of updates to train for")
+    lr: float = option(5e-4, help="peak learning rate")
+    warmup_steps: int = option(32000, help="updates of linear warmup from 0 to lr")
+    schedule: str = option("polynomial_decay", help=f"LR schedule after warmup: {', '.join(SCHEDULES)}")
+    lr_decay_steps: int = option(0, help="updates over which the rate decays (0: max_steps); fix it to extend a run")
+    min_lr_ratio: float = option(0.0, help="where the decay ends, as a fraction of lr")
+    betas: tuple[float, float] = option((0.9, 0.98), help="Adam betas")
+    adam_eps: float = option(1e-6, help="Adam epsilon")
+    weight_decay: float = option(0.01, help="decoupled (AdamW) weight decay, on every parameter as fairseq")
+    clip_norm: float = option(10.0, help="clip the gradient norm to this (0 disables)")
+    eval_every: int = option(10000, help="evaluate the dev loss every this many updates (and at the end)")
+    save_every: int = option(10000, help="save checkpoint_last.pt and the training state every this many updates")
+    seed: int = option(1337, help="seeds model init, dropout, the batch order, crops and masks")
+    run_dir: str = option("exp/pretrain_hubert", help="output directory (a moved run directory resumes where it is)")
+    num_workers: int = option(0, help="DataLoader worker processes reading and cropping audio")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.train_labels = [str(p) for p in _as_list(self.train_labels)]
+        self.dev_labels = [str(p) for p in _as_list(self.dev_labels)]
+        self.n_units = [int(k) for k in _as_list(self.n_units)]
+        self.betas = tuple(self.betas)
+        if not self.train or not self.train_labels:
+            raise ConfigError("train and train_labels: give the training manifest and its label file(s)")
+        if not self.dev or not self.dev_labels:
+            raise ConfigError("dev and dev_labels: give the dev manifest and its label file(s)")
+        if not len(self.train_labels) == len(self.dev_labels) == len(self.n_units):
+            raise ConfigError(f"train_labels ({len(self.train_labels)}), dev_labels ({len(self.dev_labels)}) and "
+                              f"n_units ({len(self.n_units)}) must name the same label sets")
+        if min(self.n_units) < 1 or self.label_rate <= 0:
+            raise ConfigError("n_units and label_rate must be positive")
+        for name in ("batch_size", "max_steps", "eval_every", "save_every", "mask_length", "max_sample_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "lr_decay_steps", "num_workers", "min_sample_size", "pred_masked_weight",
+                     "pred_nomask_weight", "features_pen_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(f"model {self.model!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.frontend not in {m.value for m in FrontEnd}:
+            raise ConfigError(f"frontend {self.frontend!r} is not one of {[m.value for m in FrontEnd]}")
+        if not 0 < self.mask_prob < 1 or self.logit_temp <= 0:
+            raise ConfigError("mask_prob must be in (0, 1) and logit_temp positive")
+        if self.layerdrop is not None and not 0 <= self.layerdrop < 1:
+            raise ConfigError(f"layerdrop must be in [0, 1), got {self.layerdrop}")
+        if self.pred_masked_weight == 0 and self.pred_nomask_weight == 0:
+            raise ConfigError("pred_masked_weight and pred_nomask_weight are both 0: nothing to learn")
+        if self.pred_nomask_weight > 0 and self.skip_nomask:
+            raise ConfigError("pred_nomask_weight > 0 needs the unmasked frames' logits: set skip_nomask=false")
+        if self.max_sample_size < self.min_sample_size:
+            raise ConfigError(f"max_sample_size {self.max_sample_size} < min_sample_size {self.min_sample_size}")
+        self.optim()
+        cfg = self.model_config()
+        # A crop of min_sample_size must leave frames that cannot all be masked (fairseq fails there mid-run).
+        need = min_maskable_frames(self.mask_prob, self.mask_length)
+        have = cfg.num_frames(self.min_sample_size) - 1  # one frame may go to label trimming
+        if have < need:
+            raise ConfigError(f"min_sample_size={self.min_sample_size} gives {have} frames, but spans of "
+                              f"mask_length={self.mask_length} at mask_prob={self.mask_prob} need at least {need}: "
+                              f"raise min_sample_size to {math.ceil((need + 2) * 16000 / cfg.num_frames(16000))}")
+
+    def optim(self) -> OptimConfig:
+        """The optimizer settings in the form every trainer shares."""
+        return OptimConfig(lr=self.lr, betas=list(self.betas), eps=self.adam_eps, weight_decay=self.weight_decay,
+                           clip=self.clip_norm, schedule=self.schedule, warmup_steps=self.warmup_steps,
+                           min_lr_ratio=self.min_lr_ratio, decay_steps=self.lr_decay_steps)
+
+    def model_config(self) -> HubertConfig:
+        """The architecture: the named one, the front end, then ``model_overrides``."""
+        fields = {**ARCHITECTURES[self.model]["model"], "frontend": self.frontend, **self.model_overrides}
+        return from_dict(HubertConfig, fields, "model_overrides")
+
+    @property
+    def encoder_layerdrop(self) -> float:
+        return ARCHITECTURES[self.model]["layerdrop"] if self.layerdrop is None else self.layerdrop
+
+    @property
+    def task_normalize(self) -> bool:
+        return ARCHITECTURES[self.model]["normalize"] if self.normalize is None else self.normalize
+
+    def label_names(self) -> list[str]:
+        """A name per label set for ``task.labels`` and ``dict.<name>.txt``: the label file's suffix (``km``,
+        ``units``), numbered when two sets share one."""
+        names = []
+        for path in self.train_labels:
+            name = Path(path).suffix.lstrip(".") or "km"
+            names.append(name if name not in names else f"{name}{len(names)}")
+        return names
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+_STAT_KEYS = ("loss", "sample_size", "loss_m", "correct_m", "count_m", "loss_u", "correct_u", "count_u",
+              "features_pen")
+
+
+def _summary(totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Means from summed statistics (ordered as :data:`_STAT_KEYS`): loss per sample-size term, masked and unmasked
+    cross entropy per frame (nats, summed over label sets) and accuracy, the feature penalty."""
+    t = dict(zip(_STAT_KEYS, totals.tolist()))
+    out = {f"{prefix}loss": t["loss"] / max(t["sample_size"], 1),
+           f"{prefix}loss_m": t["loss_m"] / max(t["count_m"], 1),
+           f"{prefix}acc_m": t["correct_m"] / max(t["count_m"], 1),
+           f"{prefix}features_pen": t["features_pen"] / max(t["sample_size"], 1)}
+    if t["count_u"]:
+        out[f"{prefix}loss_u"] = t["loss_u"] / t["count_u"]
+        out[f"{prefix}acc_u"] = t["correct_u"] / t["count_u"]
+    return out
+
+
+def _stats_vector(loss: torch.Tensor, sample_size: int, stats: dict[str, float]) -> torch.Tensor:
+    values = {"loss": float(loss.detach()), "sample_size": float(sample_size), **stats}
+    return torch.tensor([values.get(k, 0.0) for k in _STAT_KEYS], dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(model: HubertModel, maker: BatchMaker, batches: list[Any], cfg: PretrainHubertConfig,
+             device: torch.device, d: Dist) -> dict[str, float]:
+    """The dev loss and masked-frame accuracy with fixed crops and masks.
+
+    ``batches`` are global batches (:func:`~speechprompt.hubert_data.dev_batches` of the update's size); each
+    process takes its share of every one in micro-batches, as in training, so that the crops and masks, and the
+    result, do not depend on the number of processes.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+    for rows, crop_seed, mask_seed in batches:
+        batch = maker.make(rows, share(len(rows), d.rank, d.world_size), crop_seed, mask_seed)
+        for micro in batch.split(cfg.grad_accum):
+            out = masked_prediction(model, micro.source.to(device), [t.to(device) for t in micro.targets],
+                                    micro.mask.to(device), logit_temp=cfg.logit_temp, skip_nomask=cfg.skip_nomask)
+            loss, n, stats = pretraining_loss(out, cfg.pred_masked_weight, cfg.pred_nomask_weight,
+                                              cfg.features_pen_weight)
+            totals += _stats_vector(loss, n, stats)
+    totals = d.all_reduce(totals.to(device)).cpu()
+    model.train(was_training)
+    return _summary(totals, "dev_")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class _Position:
+    step: int = 0
+    best_dev_loss: float = math.inf
+    best_step: int = -1
+    seconds: float = 0.0  # training time of earlier sessions
+
+
+def _checkpoint_cfg(cfg: PretrainHubertConfig, model_cfg: HubertConfig) -> dict[str, Any]:
+    """The ``cfg`` of the fairseq checkpoints: fairseq's sections, resolved, and this run's config."""
+    pretraining = {
+        "mask_prob": cfg.mask_prob, "mask_length": cfg.mask_length, "mask_selection": "static", "mask_other": 0.0,
+        "no_mask_overlap": False, "mask_min_space": 1, "mask_channel_prob": 0.0, "logit_temp": cfg.logit_temp,
+        "skip_masked": False, "skip_nomask": cfg.skip_nomask, "encoder_layerdrop": cfg.encoder_layerdrop,
+        "checkpoint_activations": cfg.activation_checkpointing,
+    }
+    names = cfg.label_names()
+    return {
+        "_name": None,
+        "common": {"seed": cfg.seed, "fp16": cfg.precision.value == "fp16", "bf16": cfg.precision.value == "bf16",
+                   "tpu": False},
+        "model": fairseq_hubert_cfg(model_cfg, cfg.label_rate, pretraining),
+        "task": {
+            "_name": "hubert_pretraining", "data": str(Path(cfg.train).resolve().parent), "fine_tuning": False,
+            "labels": names, "label_dir": str(Path(cfg.train_labels[0]).resolve().parent),
+            "label_rate": cfg.label_rate, "sample_rate": 16000, "normalize": cfg.task_normalize,
+            "enable_padding": False, "max_keep_size": None, "max_sample_size": cfg.max_sample_size,
+            "min_sample_size": cfg.min_sample_size, "single_target": False, "random_crop": True, "pad_audio": False,
+        },
+        "criterion": {"_name": "hubert", "pred_masked_weight": cfg.pred_masked_weight,
+                      "pred_nomask_weight": cfg.pred_nomask_weight, "loss_weights": [cfg.features_pen_weight],
+                      "log_keys": []},
+        "optimization": {"max_update": cfg.max_steps, "lr": [cfg.lr], "clip_norm": cfg.clip_norm},
+        "optimizer": {"_name": "adam", "adam_betas": list(cfg.betas), "adam_eps": cfg.adam_eps,
+                      "weight_decay": cfg.weight_decay},
+        "lr_scheduler": {"_name": cfg.schedule, "warmup_updates": cfg.warmup_steps},
+        "speechprompt": {"pretrain_hubert_config": to_dict(cfg)},
+    }
+
+
+def pretrain_hubert(cfg: PretrainHubertConfig) -> dict[str, Any]:
+    """Run (or resume) one pretraining iteration as ``cfg`` says. Returns the final metrics (also in
+    ``run_dir/metrics.json``)."""
+    with torch_threads(cfg.threads), distributed(cfg.device) as (d, device), \
+            RunDir(cfg.run_dir, KIND, cfg, STATE_VERSION, MAY_CHANGE, cfg.resume, d) as run:
+        return _pretrain(cfg, run, d, device)
+
+
+def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.device) -> dict[str, Any]:
+    model_cfg = cfg.model_config()
+    dictionaries = [Dictionary.for_units(k) for k in cfg.n_units]
+    train_data = LabeledAudio(cfg.train, cfg.train_labels, cfg.n_units, cfg.label_rate, cfg.min_sample_size,
+                              cfg.task_normalize)
+    dev_data = LabeledAudio(cfg.dev, cfg.dev_labels, cfg.n_units, cfg.label_rate, cfg.min_sample_size,
+                            cfg.task_normalize)
+
+    seed_everything(cfg.seed)  # the same initial weights on every process
+    model = HubertModel(model_cfg, num_classes=[len(x) for x in dictionaries])
+    init_like_fairseq(model)
+    model.to(device)
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(model)
+    seed_everything(cfg.seed + d.rank)  # dropout differs between processes; every RNG is part of the saved state
+    optim = cfg.optim()
+    updater = Updater(model.parameters(), optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
+    pos = _Position()
+    if run.saved is not None:
+        saved = run.saved
+        check_schedule_unchanged(optim, saved["config"]["max_steps"], cfg.max_steps, saved["position"]["step"],
+                                 run.state_path)
+        model.load_state_dict(saved["model"])
+        updater.load_state_dict(saved["updater"])
+        pos = _Position(**saved["position"])
+        run.restore_rng(saved)
+
+    masking = Masking(cfg.mask_prob, cfg.mask_length)
+    makers = [BatchMaker(data, model.num_frames, model.downsample, masking, cfg.max_sample_size)
+              for data in (train_data, dev_data)]
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
+    batches = StepBatches(makers[0], global_batch, cfg.seed, d.rank, d.world_size)
+    dev = dev_batches(makers[1], global_batch, cfg.seed)
+    ckpt_cfg = _checkpoint_cfg(cfg, model_cfg)
+    if d.main:
+        for name, dictionary in zip(cfg.label_names(), dictionaries):
+            dictionary.save(run.path / f"dict.{name}.txt")
+
+    def save_checkpoint(name: str, metrics: dict[str, Any]) -> None:
+        """A fairseq checkpoint of the weights (the moving average when there is one); main process."""
+        save_hubert_checkpoint(run.path / name, model, dictionaries, ckpt_cfg, num_updates=pos.step,
+                               extra_state={"speechprompt": {"step": pos.step, **metrics}})
+
+    def save() -> None:
+        """checkpoint_last.pt, then the training state, whose atomic rename commits the step."""
+        if d.main:
+            with maybe_averaged(updater.ema):
+                save_checkpoint("checkpoint_last.pt", {})
+        run.save_state(position=dataclasses.asdict(pos), model=model.state_dict(), updater=updater.state_dict())
+
+    def evaluate_dev() -> dict[str, float]:
+        """Dev loss (of the moving average when there is one); a new best is saved as checkpoint_best.pt."""
+        with maybe_averaged(updater.ema):
+            metrics = evaluate(model, makers[1], dev, cfg, device, d)
+            improved = metrics["dev_loss"] < pos.best_dev_loss
+            if improved:
+                pos.best_dev_loss, pos.best_step = metrics["dev_loss"], pos.step
+                if d.main:
+                    save_checkpoint("checkpoint_best.pt", metrics)
+        log.log(pos.step, **metrics)
+        if d.main:
+            logger.info("step %d: dev loss %.4f, masked-frame accuracy %.3f%s", pos.step, metrics["dev_loss"],
+                        metrics["dev_acc_m"], " (best)" if improved else "")
+        return metrics
+
+    # Update s takes global batch s, cropped and masked from (seed, s) alone (hubert_data.StepBatches): resuming
+    # at step s replays exactly, with any number of loader workers.
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(pos.step, cfg.max_steps), num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator(),  # never draw from the global RNG
+    )
+    if d.main:
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "%s on %s: HuBERT %s (%s front end), %d parameters; train %d utterances (%.1f min; dropped %s), dev %d; "
+            "%d utterances per update, %d updates per epoch", f"resuming at step {pos.step}" if pos.step else
+            "starting", f"{d.world_size} processes" if d.active else device, cfg.model, cfg.frontend, n_params,
+            len(train_data), train_data.seconds / 60, train_data.dropped, len(dev_data), global_batch,
+            batches.batches_per_epoch)
+    session_start = seconds_mark = time.monotonic()
+    window = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+    window_start, window_audio, session_audio = session_start, 0.0, 0.0
+    train_metrics: dict[str, float] = {}
+    dev_metrics: dict[str, float] | None = None
+    with run.logger(pos.step) as log, run.progress(cfg.max_steps, pos.step, every=cfg.log_every) as bar:
+        model.train()
+        for batch in loader:
+            lr = optim.lr_at(pos.step, cfg.max_steps)
+            for micro in batch.split(cfg.grad_accum):
+                with updater.precision.autocast():
+                    out = masked_prediction(model, micro.source.to(device), [t.to(device) for t in micro.targets],
+                                            micro.mask.to(device), logit_temp=cfg.logit_temp,
+                                            layerdrop=cfg.encoder_layerdrop, skip_nomask=cfg.skip_nomask)
+                    loss, sample_size, stats = pretraining_loss(out, cfg.pred_masked_weight, cfg.pred_nomask_weight,
+                                                                cfg.features_pen_weight)
+                updater.backward(loss, sample_size)
+                window += _stats_vector(loss, sample_size, stats)
+            window_audio += batch.source.numel() / 16000
+            step_stats = updater.step(lr)
+            pos.step += 1
+            bar.update(loss=step_stats.loss, lr=lr)
+            last = pos.step == cfg.max_steps
+            if pos.step % cfg.log_every == 0 or last:
+                totals = d.all_reduce(window.to(device)).cpu()
+                audio = float(d.all_reduce(torch.tensor([window_audio], dtype=torch.float64, device=device)))
+                now = time.monotonic()
+                train_metrics = _summary(totals, "train_")
+                log.log(pos.step, **train_metrics, lr=lr, grad_norm=step_stats.grad_norm,
+                        audio_s_per_s=audio / max(now - window_start, 1e-9), epoch=batches.epoch_of(pos.step))
+                session_audio += audio
+                window.zero_()
+                window_start, window_audio = now, 0.0
+            if pos.step % cfg.eval_every == 0 or last:
+                dev_metrics = evaluate_dev()
+            if pos.step % cfg.save_every == 0 or last:
+                now = time.monotonic()
+                pos.seconds, seconds_mark = pos.seconds + now - seconds_mark, now
+                save()
+
+        if dev_metrics is None:  # a finished run resumed: nothing trained, report what is there
+            with maybe_averaged(updater.ema):
+                dev_metrics = evaluate(model, makers[1], dev, cfg, device, d)
+    now = time.monotonic()
+    metrics = {
+        "step": pos.step,
+        **train_metrics,
+        **dev_metrics,
+        "best_dev_loss": pos.best_dev_loss,
+        "best_step": pos.best_step,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "train_utterances": len(train_data),
+        "train_hours": train_data.seconds / 3600,
+        "world_size": d.world_size,
+        "wall_time_s": pos.seconds + now - seconds_mark,
+        "audio_s_per_s": session_audio / max(now - session_start, 1e-9),  # this session's speed
+    }
+    if d.main:
+        write_json(run.path / "metrics.json", metrics)
+        run.plot_learning_curves(f"HuBERT pretraining ({cfg.model}, {cfg.frontend} front end)")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (keys below); key=value overrides are applied after it")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=500")
+    parser.epilog = "config keys:\n" + describe(PretrainHubertConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(PretrainHubertConfig, args.config, args.overrides)
+    metrics = pretrain_hubert(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics), file=sys.stdout, flush=True)
+    return 0
