@@ -22,12 +22,8 @@ from sklearn.cluster import MiniBatchKMeans
 
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, UnsafeCheckpointError
-from speechprompt.fairseq_compat import (
-    load_fairseq_checkpoint,
-    read_kmeans_pickle,
-    safe_torch_load,
-    save_fairseq_checkpoint,
-)
+from speechprompt.fairseq_compat import load_fairseq_checkpoint, safe_torch_load, save_fairseq_checkpoint
+from speechprompt.kmeans_pickle import read_kmeans_pickle
 
 
 class _Exploit:

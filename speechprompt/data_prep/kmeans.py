@@ -254,7 +254,7 @@ def _is_safetensors(path: Path) -> bool:
 
 def load_quantizer(path: str | os.PathLike) -> Quantizer:
     """Read our safetensors centroid file or an official sklearn ``km.bin`` (centroids only, safely)."""
-    from speechprompt.fairseq_compat import read_kmeans_pickle
+    from speechprompt.kmeans_pickle import read_kmeans_pickle
 
     p = Path(path)
     if not p.is_file():
