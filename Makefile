@@ -30,6 +30,10 @@ else
 ORACLE_FOR_TESTS := oracle-env
 endif
 
+# The suite runs on every core (pytest-xdist), at most 4 workers: each test is single-threaded, and some start
+# their own subprocesses. PYTEST_JOBS= runs it in one process.
+PYTEST_JOBS ?= -n auto --maxprocesses=4
+
 # install-test is done once per environment, checkout and torch pin (and again when pyproject.toml changes).
 TEST_STAMP := $(abspath $(BIN)..)/.speechprompt-test-$(shell printf '%s' '$(CURDIR) $(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
@@ -86,11 +90,11 @@ demo: install
 
 test: install-test $(ORACLE_FOR_TESTS)
 	$(PY) -m ruff check .
-	PATH="$(BIN):$$PATH" $(PY) -m pytest -q
+	PATH="$(BIN):$$PATH" $(PY) -m pytest -q $(PYTEST_JOBS)
 
 # The suite without the slow end-to-end tests, for the edit-test loop.
 test-fast: install-test $(ORACLE_FOR_TESTS)
-	PATH="$(BIN):$$PATH" $(PY) -m pytest -q -m "not slow"
+	PATH="$(BIN):$$PATH" $(PY) -m pytest -q -m "not slow" $(PYTEST_JOBS)
 
 lint:
 	$(PY) -m ruff check .

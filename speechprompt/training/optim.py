@@ -84,9 +84,22 @@ def check_schedule_unchanged(optim: OptimConfig, saved_total: int, total: int, s
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam, or AdamW when ``weight_decay > 0`` (the same update when it is 0)."""
+    """Adam, or AdamW when ``weight_decay > 0`` (the same update when it is 0), with the fused kernel where torch has
+    one: on a CPU the default (foreach) step of a 151M-parameter LM took 1.2-1.9 s with model-sized temporaries, the
+    fused one 0.15 s with none (docs/benchmarks.md)."""
+    params = list(params)
     cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-    return cls(list(params), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+               fused=_fused_supported(params) or None)
+
+
+def _fused_supported(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused Adam runs on these parameters: floating point, on CUDA, or on a CPU from torch 2.4."""
+    if not params or not all(p.is_floating_point() for p in params):
+        return False
+    devices = {p.device.type for p in params}
+    cpu_ok = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    return devices == {"cuda"} or (devices == {"cpu"} and cpu_ok)
 
 
 @dataclasses.dataclass
