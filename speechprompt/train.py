@@ -42,8 +42,8 @@ from speechprompt.checkpoint import base_fingerprint, base_record, save_checkpoi
 from speechprompt.config import ConfigError, option
 from speechprompt.devices import torch_threads
 from speechprompt.fileio import write_json
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.models.transformer import set_activation_checkpointing
-from speechprompt.models.unit_lm import load_unit_lm
 from speechprompt.rng import seed_everything
 from speechprompt.tasks.data import batch_indices, collate_rows, load_split, units_summary
 from speechprompt.tasks.evaluation import evaluate_split, write_report
@@ -106,12 +106,19 @@ class DecodeConfig:
             raise ConfigError("decode.beam_size and decode.max_new_tokens must be >= 1")
 
 
+# train's `base_dtype` -> the dtype load_speech_lm holds the frozen weights in (None: as stored, float32).
+BASE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig(RunOptions):
     """A training run on the frozen unit LM. Paths are as given (relative to the working directory)."""
 
     data: DataConfig = option(help="data files and task type")
-    base: str = option(help="the frozen base unit LM checkpoint (its dict.txt beside it)")
+    base: str = option(help="the frozen base unit LM: a fairseq checkpoint (its dict.txt beside it), or a slamkit "
+                       "(TWIST/SLAM) or Hugging Face OPT/LLaMA/Qwen2 causal-LM directory (docs/speech_lms.md)")
+    base_dtype: str = option("float32", help="dtype the frozen base is held in: float32, or bfloat16 (half the memory "
+                             "of a large speech LM; the method's own tensors stay float32)")
     method: MethodConfig = option(help="what trains", default_factory=MethodConfig)
     verbalizer: VerbalizerConfig = option(help="labels <-> unit tokens", default_factory=VerbalizerConfig)
     optim: OptimConfig = option(help="optimizer", default_factory=OptimConfig)
@@ -140,6 +147,8 @@ class TrainConfig(RunOptions):
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.eval_every < 0 or self.patience < 0:
             raise ConfigError("eval_every and patience must be >= 0")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         sequence_verbalizer = self.verbalizer.kind is VerbalizerKind.SEQUENCE
         if (self.data.task is TaskType.SEQUENCE) != sequence_verbalizer and self.method.name != "linear_probe":
             raise ConfigError("data.task=sequence goes with verbalizer.kind=sequence, and only with it")
@@ -201,17 +210,16 @@ def _finished(cfg: TrainConfig, saved: dict[str, Any]) -> bool:
 
 def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    model, dictionary = load_unit_lm(cfg.base)
-    n_units = len(dictionary) - dictionary.nspecial
+    model, vocab = load_speech_lm(cfg.base, dtype=BASE_DTYPES[cfg.base_dtype])
     fingerprint = base_fingerprint(model)  # before any method attaches
     base_params = sum(p.numel() for p in model.parameters())
-    train_split = load_split(cfg.data.train_units, cfg.data.train_labels, n_units, cfg.data.max_len, "train")
-    dev_split = load_split(cfg.data.dev_units, cfg.data.dev_labels, n_units, cfg.data.max_len, "dev") \
+    train_split = load_split(cfg.data.train_units, cfg.data.train_labels, vocab, cfg.data.max_len, "train")
+    dev_split = load_split(cfg.data.dev_units, cfg.data.dev_labels, vocab, cfg.data.max_len, "dev") \
         if cfg.data.dev_units else None
     probe = cfg.method.name == "linear_probe"
-    verbalizer = None if probe else build_verbalizer(cfg.verbalizer, train_split.labels, train_split.tokens, n_units)
+    verbalizer = None if probe else build_verbalizer(cfg.verbalizer, train_split.labels, train_split.tokens, vocab)
     if verbalizer is not None:
-        verbalizer.check_vocab(len(dictionary))
+        verbalizer.check_vocab(vocab)
     labels = sorted(set(train_split.labels)) if probe else list(verbalizer.labels)
     method = build_method(cfg.method.resolved(), model)
     params = freeze_except(model, method)
