@@ -50,7 +50,7 @@ from speechprompt.tasks.evaluation import evaluate_split, write_report
 from speechprompt.tasks.metrics import METRICS
 from speechprompt.tasks.registry import Task, build_task, task_kind
 from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
-from speechprompt.training.distributed import Dist, distributed
+from speechprompt.training.distributed import Dist, distributed, shard_frozen_backbone
 from speechprompt.training.early_stopping import BestTracker
 from speechprompt.training.ema import maybe_averaged
 from speechprompt.training.optim import OptimConfig, Updater, check_schedule_unchanged
@@ -137,6 +137,9 @@ class TrainConfig(RunOptions):
     dropout: bool = option(
         True, help="keep the frozen LM's dropout active while training (as fairseq does when prompt tuning)"
     )
+    fsdp: bool = option(False, help="under torchrun, shard the frozen base's weights over the processes (FSDP2), "
+                        "for a backbone one device cannot hold; the method's tensors stay replicated. Methods whose "
+                        "tensors live outside the backbone only (prompt, prefix)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -234,6 +237,9 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
             module.to(device)
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model)
+    sharded = cfg.fsdp and d.active
+    if sharded:
+        shard_frozen_backbone(model, params)
     select_key, higher_better = _selection(task, cfg.metric)
     updater = Updater(params, cfg.optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
 
@@ -284,9 +290,10 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         model.eval()
         metrics: dict[str, Any] = {}
         with maybe_averaged(updater.ema):
-            if dev_split is not None and d.main:
+            if dev_split is not None and (d.main or sharded):  # a sharded backbone needs every process
                 metrics, _ = evaluate_split(task, dev_split, cfg.eval_batch_size, device)
-                log.log(pos.step, **{f"dev_{k}": v for k, v in metrics.items() if k != "n"})
+                if d.main:
+                    log.log(pos.step, **{f"dev_{k}": v for k, v in metrics.items() if k != "n"})
             snap = snapshot()
         metrics = d.broadcast_object(metrics)
         # Without dev, the last evaluation is the best.
@@ -365,7 +372,7 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         "processes": d.world_size,
         **peak_memory(device),
     }
-    if d.main:
+    if d.main or sharded:
         assert best_state is not None
         method.load_exported_state_dict({k: v.to(device) for k, v in best_state["method"].items()})
         if head is not None:
@@ -373,8 +380,10 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         model.eval()
         if dev_split is not None:
             metrics, preds = evaluate_split(task, dev_split, cfg.eval_batch_size, device)
-            write_report(task, dev_split, metrics, preds, run.path)
+            if d.main:
+                write_report(task, dev_split, metrics, preds, run.path)
             summary["dev"] = metrics
+    if d.main:
         best_path = save_checkpoint(run.path / "best", best_state["method"], best_state["head"],
                                     {**meta, "training": dict(summary)})
         summary["checkpoint"] = str(best_path)

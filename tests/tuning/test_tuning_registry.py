@@ -15,8 +15,8 @@ from torch import nn
 from speechprompt.config import ConfigError, to_dict
 from speechprompt.models.hubert import HubertConfig, HubertModel
 from speechprompt.models.speech_lm import SpeechLM, SpeechLMConfig
-from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.tuning import (
     METHODS,
     TuningError,
