@@ -120,3 +120,22 @@ def test_prefix_with_fixed_verbalizer_decodes_unit_tokens(corpus):
     meta = ck.load_checkpoint(root / "prefix" / "best").meta
     # The verbalizer file stores unit ids (0..K-1), not this LM's token ids: the same map serves any LM.
     assert all(0 <= u < K for units in meta["verbalizer"]["map"].values() for u in units)
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_checkpointed_training_under_torchrun(corpus, run_cli, capsys):
+    """Two gloo processes shard the bf16 backbone; the checkpoint then evaluates on one process, on a base loaded in
+    bf16 again (its fingerprint is of the bf16 weights)."""
+    root, _, _ = corpus
+    data = [f"data.train_units={root}/units/train.units", f"data.train_labels={root}/train.labels",
+            f"data.dev_units={root}/units/train.units", f"data.dev_labels={root}/train.labels"]
+    result = run_cli(["train", *data, f"base={root}/slam", f"run_dir={root}/fsdp", "batch_size=4", "max_steps=4",
+                      "eval_every=2", "verbalizer.kind=learnable", "fsdp=true", "base_dtype=bfloat16",
+                      "activation_checkpointing=true", "device=cpu"], torchrun=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2
+    assert main(["evaluate", "--checkpoint", str(root / "fsdp" / "best"), "--units", str(root / "units" / "train.units"),
+                 "--labels", str(root / "train.labels"), "--out", str(root / "eval_fsdp"), "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert metrics["argmax.accuracy"] == pytest.approx(summary["dev"]["argmax.accuracy"])
