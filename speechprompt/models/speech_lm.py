@@ -225,6 +225,23 @@ class SpeechLM(UnitLM):
         return dec.output_projection(hidden)
 
 
+# The published speech LMs' shapes over slamkit's 500-unit vocabulary (502 tokens), for counts and benchmarks
+# (random weights: the real ones load from their directories). TWIST (Hassid et al. 2023) warm-starts from OPT-350M,
+# OPT-1.3B and LLaMA-7B; SLAM (Maimon et al. 2025) from Qwen2.5-0.5B.
+_OPT = dict(family="opt", norm="layer", norm_eps=1e-5, ffn="mlp", activation="relu", qkv_bias=True, out_bias=True,
+            ffn_bias=True, learned_pos=True, max_positions=2048)
+PUBLISHED_SHAPES: dict[str, dict[str, Any]] = {
+    "twist_350m": dict(_OPT, vocab_size=502, embed_dim=1024, word_embed_dim=512, ffn_dim=4096, layers=24, heads=16,
+                       kv_heads=16, head_dim=64, normalize_before=False, final_layer_norm=False),
+    "twist_1.3b": dict(_OPT, vocab_size=502, embed_dim=2048, ffn_dim=8192, layers=24, heads=32, kv_heads=32,
+                       head_dim=64),
+    "twist_7b": dict(family="llama", vocab_size=502, embed_dim=4096, ffn_dim=11008, layers=32, heads=32, kv_heads=32,
+                     head_dim=128, qkv_bias=False, tie_embeddings=False, max_positions=2048),
+    "slam_qwen2.5_0.5b": dict(family="qwen2", vocab_size=502, embed_dim=896, ffn_dim=4864, layers=24, heads=14,
+                              kv_heads=2, head_dim=64, rope_theta=1000000.0),
+}
+
+
 def num_parameters(cfg: SpeechLMConfig) -> int:
     """Parameters of the architecture (tied weights counted once), without building it."""
     with torch.device("meta"):
@@ -232,5 +249,5 @@ def num_parameters(cfg: SpeechLMConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["FAMILIES", "RotaryPositions", "SpeechLM", "SpeechLMConfig", "SpeechLMDecoder", "num_parameters",
-           "rope_type"]
+__all__ = ["FAMILIES", "PUBLISHED_SHAPES", "RotaryPositions", "SpeechLM", "SpeechLMConfig", "SpeechLMDecoder",
+           "num_parameters", "rope_type"]

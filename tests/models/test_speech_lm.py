@@ -174,3 +174,31 @@ def test_loading_never_imports_transformers(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "SpeechLM hf"
+
+
+def test_published_shapes_and_their_counts_on_the_meta_device():
+    """Parameter counts of the published speech LMs' shapes (over 502 tokens) and of the methods' defaults on them,
+    the numbers docs/speech_lms.md gives. Deep prompt L=5 with the separator: (2 * layers + 1) * 5 * d + e."""
+    from speechprompt.models.speech_lm import PUBLISHED_SHAPES
+    from speechprompt.tuning import TuningError, build_method
+
+    expected = {  # base, deep prompt L=5, prefix L=10, LoRA r=8 on q and v
+        "twist_350m": (305_714_176, 49 * 5 * 1024 + 512, 2 * 24 * 10 * 1024, 24 * 2 * 8 * (1024 + 1024)),
+        "twist_1.3b": (1_213_829_120, 49 * 5 * 2048 + 2048, 2 * 24 * 10 * 2048, 24 * 2 * 8 * (2048 + 2048)),
+        "twist_7b": (6_480_384_000, 65 * 5 * 4096 + 4096, 2 * 32 * 10 * 4096, 32 * 2 * 8 * (4096 + 4096)),
+        # Qwen2.5-0.5B: GQA, so prefixes and LoRA's v side are 2 k/v heads x 64 = 128 wide.
+        "slam_qwen2.5_0.5b": (358_347_904, 49 * 5 * 896 + 896, 2 * 24 * 10 * 128,
+                              24 * 8 * ((896 + 896) + (896 + 128))),
+    }
+    for name, (base, prompt, prefix, lora) in expected.items():
+        with torch.device("meta"):
+            model = SpeechLM(SpeechLMConfig(**PUBLISHED_SHAPES[name], padding_idx=0))
+        assert sum(p.numel() for p in model.parameters()) == base, name
+        for method, count in (("prompt", prompt), ("prefix", prefix), ("lora", lora)):
+            m = build_method(method, model)
+            assert m.trainable_parameters() == count, (name, method)
+            m.detach()
+    with torch.device("meta"):
+        llama = SpeechLM(SpeechLMConfig(**PUBLISHED_SHAPES["twist_7b"], padding_idx=0))
+    with pytest.raises(TuningError, match="BitFit found no bias"):
+        build_method("bitfit", llama)
