@@ -15,7 +15,7 @@ the Python runtime). Prints ONE JSON object.
 
     python benchmarks/speechlm.py                  # 0.5B shape; minutes on a CPU
     python benchmarks/speechlm.py --shape twist_350m --dtype bfloat16
-    python benchmarks/speechlm.py --quick          # a 4-layer smoke run
+    python benchmarks/speechlm.py --quick          # a 2-layer smoke run, tiny batches, one repeat
 
 transformers and peft are benchmark-only dependencies (``pip install peft``), never imported by the toolkit.
 """
@@ -72,7 +72,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shape = dict(PUBLISHED_SHAPES[args.shape], **({"layers": 4} if args.quick else {}))
+    shape = dict(PUBLISHED_SHAPES[args.shape], **({"layers": 2} if args.quick else {}))
     B, T, new = args.batch, args.length, args.new_tokens
     tokens = torch.randint(2, shape["vocab_size"], (B, T), device=device)
     targets = torch.randint(2, shape["vocab_size"], (B, T), device=device)
@@ -150,10 +150,12 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--quick", action="store_true", help="4 layers, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 16 tokens, 4 new, one repeat")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one configuration (subprocess)
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.length, args.new_tokens, args.repeats = 2, 16, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
@@ -176,7 +178,7 @@ def main() -> int:
         for key in ("train_tokens_per_s", "decode_new_tokens_per_s"):
             if key in r and key in ref:
                 r[f"{key}_vs_ours_deep_prompt"] = round(r[key] / ref[key], 3)
-    print(json.dumps({"benchmark": "speechlm", "shape": args.shape + (" (4 layers)" if args.quick else ""),
+    print(json.dumps({"benchmark": "speechlm", "shape": args.shape + (" (2 layers)" if args.quick else ""),
                       "dtype": args.dtype, "device": args.device, "batch": args.batch, "length": args.length,
                       "new_tokens": args.new_tokens, "results": rows}))
     return 0
