@@ -136,6 +136,7 @@ def test_fsdp_bf16_checkpointed_training_under_torchrun(corpus, run_cli, capsys)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["processes"] == 2
     assert main(["evaluate", "--checkpoint", str(root / "fsdp" / "best"), "--units",
-                 str(root / "units" / "train.units"), "--labels", str(root / "train.labels"), "--out", str(root / "eval_fsdp"), "--device", "cpu"]) == 0
+                 str(root / "units" / "train.units"), "--labels", str(root / "train.labels"), "--out",
+                 str(root / "eval_fsdp"), "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out.splitlines()[0])
     assert metrics["argmax.accuracy"] == pytest.approx(summary["dev"]["argmax.accuracy"])

@@ -59,19 +59,21 @@ def build_hf_decoder(name: str, vocab_size: int = 42, pad: int = 0, bos: int = 1
     return model.eval()
 
 
-def save_slamkit(model: Any, directory: Path, num_units: int, dedup: bool = True) -> Path:
+def save_slamkit(model: Any, directory: Path, num_units: int, dedup: bool = True, tokeniser: bool = True) -> Path:
     """Write ``model`` as slamkit (TWIST/SLAM) saves it: ``config.json`` with ``model_type:
     speech_language_model`` and the decoder's config under ``base_config``, weights under ``lm.``, and a
     ``tokeniser_config.json``."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    base = model.config.to_dict()
-    config = {"model_type": "speech_language_model", "base_config": base, "vocab_size": model.config.vocab_size,
-              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+    base = model.config.to_dict()  # slamkit keeps the special ids here (pad 0, bos = eos 1), not at the top level
+    config = {"model_type": "speech_language_model", "base_model_name": "Qwen/Qwen2.5-0.5B", "base_config": base,
+              "vocab_size": model.config.vocab_size, "twist_init": True, "tie_word_embeddings":
+              model.config.tie_word_embeddings}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
-    (directory / "tokeniser_config.json").write_text(json.dumps(
-        {"num_units": num_units, "bos_eos_token_id": 1, "pad_token_id": 0, "dedup": dedup}))
+    if tokeniser:
+        (directory / "tokeniser_config.json").write_text(json.dumps(
+            {"num_units": num_units, "bos_eos_token_id": 1, "pad_token_id": 0, "dedup": dedup}))
     state = {f"lm.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm.lm_head.weight", None)

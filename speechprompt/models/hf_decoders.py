@@ -155,10 +155,18 @@ def decoder_config(cfg: Mapping[str, Any], where: Path, padding_idx: int) -> Spe
 
 
 def _slamkit_vocab(directory: Path, cfg: Mapping[str, Any], size: int) -> UnitVocab:
+    """slamkit's layout: its tokeniser's ``tokeniser_config.json`` when present, else the special ids slamkit gives
+    the decoder's config (``base_config``; its own defaults pad 0, bos = eos 1)."""
     tok = read_optional_json(directory, "tokeniser_config.json") or {}
-    pad = int(tok.get("pad_token_id", cfg.get("pad_token_id", 0)))
-    bos = int(tok.get("bos_eos_token_id", cfg.get("bos_token_id", 1)))
-    eos = int(tok.get("bos_eos_token_id", cfg.get("eos_token_id", bos)))
+    base = cfg.get("base_config") or {}
+
+    def special(key: str, default: int) -> int:
+        value = cfg.get(key, base.get(key))
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+    pad = int(tok.get("pad_token_id", special("pad_token_id", 0)))
+    bos = int(tok.get("bos_eos_token_id", special("bos_token_id", 1)))
+    eos = int(tok.get("bos_eos_token_id", special("eos_token_id", bos)))
     offset = max(pad, bos, eos) + 1
     num_units = int(tok.get("num_units", size - offset))
     try:

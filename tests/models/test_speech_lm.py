@@ -105,6 +105,9 @@ def test_slamkit_directory_loads_with_its_unit_layout(tmp_path):
     real = tokens.ne(0)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens)[real], _hf_logits(hf, tokens)[real], atol=1e-5, rtol=1e-5)
+    # Without the tokeniser's file, the special ids come from base_config (where slamkit writes them).
+    _, vocab = load_speech_lm(save_slamkit(hf, tmp_path / "bare", num_units=40, tokeniser=False))
+    assert (vocab.pad, vocab.bos, vocab.eos, vocab.unit_offset, vocab.num_units) == (0, 1, 1, 2, 40)
 
 
 @pytest.mark.transformers
