@@ -176,8 +176,19 @@ class SpeechLMDecoder(nn.Module):
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
         self.output_projection = nn.Linear(e, cfg.vocab_size, bias=False)
         self.dropout = Dropout(cfg.dropout)
+        self._init_weights()
         if cfg.tie_embeddings:
             self.output_projection.weight = self.embed_tokens.weight
+
+    def _init_weights(self, std: float = 0.02) -> None:
+        """The families' own initialisation (their ``initializer_range``, 0.02): weights N(0, std^2), biases 0.
+        Loading replaces every tensor; this matters for models built from a config (tests, benchmarks), whose
+        logits would otherwise be those of PyTorch's unit-variance embeddings."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class SpeechLM(UnitLM):
