@@ -329,9 +329,17 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
                     head.train()
                 lr = cfg.optim.lr_at(pos.step, total_steps)
                 t0 = time.perf_counter()
-                for rows in _micro_batches(groups[i], d, cfg.grad_accum):
+                for rows in _micro_batches(groups[i], d, cfg.grad_accum, keep_empty=sharded):
                     with updater.precision.autocast():
-                        loss_sum, terms = task.loss(collate_rows(train_split, rows, verbalizer).to(device))
+                        # A sharded backbone gathers each layer's weights from every process, so every process
+                        # makes every pass: an empty share runs one row of the batch, at weight zero.
+                        loss_sum, terms = task.loss(collate_rows(train_split, rows or groups[i][:1], verbalizer)
+                                                    .to(device))
+                    if not rows:
+                        loss_sum, terms = loss_sum * 0.0, 0
+                    if sharded and not terms:
+                        loss_sum.backward()  # zero gradients, but the backward's gathers happen on every process
+                        loss_sum = loss_sum.detach()
                     updater.backward(loss_sum, terms)
                 stats = updater.step(lr)
                 if device.type == "cuda":
@@ -395,13 +403,14 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
     return summary
 
 
-def _micro_batches(rows: list[int], d: Dist, grad_accum: int) -> list[list[int]]:
+def _micro_batches(rows: list[int], d: Dist, grad_accum: int, keep_empty: bool = False) -> list[list[int]]:
     """This process's share of one update's utterances, cut into ``grad_accum`` near-equal micro-batches (a short
-    last batch may leave some empty: they are skipped)."""
+    last batch may leave some empty: they are skipped, or kept with ``keep_empty``, so that every process makes
+    ``grad_accum`` passes)."""
     mine = d.shard(rows)
     n = len(mine)
     pieces = [mine[n * j // grad_accum : n * (j + 1) // grad_accum] for j in range(grad_accum)]
-    return [p for p in pieces if p]
+    return pieces if keep_empty else [p for p in pieces if p]
 
 
 def _units_meta(cfg: TrainConfig) -> dict[str, Any]:
