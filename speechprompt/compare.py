@@ -48,7 +48,7 @@ from speechprompt.devices import resolve_device, torch_threads
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import write_json, write_text
 from speechprompt.lock import DirectoryLock
-from speechprompt.models.unit_lm import load_unit_lm
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.plots import plot_metric_vs_params
 from speechprompt.superb import (
     SuperbConfig,
@@ -155,12 +155,11 @@ def _run_unit_lm(conf: Path, overrides: list[str], splits: dict[str, SplitFiles]
     """``speechprompt train`` and the task's metrics on units files."""
     train_cfg = C.load_config(TrainConfig, conf, overrides)
     summary = train(train_cfg)
-    task, ckpt, dictionary = load_task(summary["checkpoint"], device=train_cfg.device)
+    task, ckpt, vocab = load_task(summary["checkpoint"], device=train_cfg.device)
     device = resolve_device(train_cfg.device)
     results = {}
     for name, files in splits.items():
-        split = load_split(files.units, files.labels, len(dictionary) - dictionary.nspecial, train_cfg.data.max_len,
-                           name=name)
+        split = load_split(files.units, files.labels, vocab, train_cfg.data.max_len, name=name)
         metrics, preds = evaluate_split(task, split, train_cfg.eval_batch_size, device)
         write_report(task, split, metrics, preds, run_dir, {"checkpoint": str(ckpt.path)})
         results[name] = metrics
@@ -357,8 +356,8 @@ def _base_params(runs: list[dict[str, Any]], trainer: Trainer = Trainer.TRAIN) -
         if n:
             return int(n)
         path = (meta.get("base") or {}).get("path")
-        if trainer is Trainer.TRAIN and path and os.path.isfile(path):
-            model, _ = load_unit_lm(path)
+        if trainer is Trainer.TRAIN and path and os.path.exists(path):
+            model, _ = load_speech_lm(path)
             return sum(p.numel() for p in model.parameters())
     return None
 

@@ -71,12 +71,12 @@ def _evaluate_unit_lm(args: argparse.Namespace) -> int:
             "the manifest by `speechprompt prepare` (with the quantizer recorded in the checkpoint)"
         )
     splits = _splits(args, args.units)
-    task, ckpt, dictionary = load_task(args.checkpoint, args.base, args.device)
+    task, ckpt, vocab = load_task(args.checkpoint, args.base, args.device)
     device = resolve_device(args.device)
     max_len = (ckpt.meta.get("units") or {}).get("max_len")
     out_dir = Path(args.out) if args.out else ckpt.path.parent
     for name, units, labels in splits:
-        split = load_split(units, labels, len(dictionary) - dictionary.nspecial, max_len, name=name)
+        split = load_split(units, labels, vocab, max_len, name=name)
         metrics, preds = evaluate_split(task, split, args.batch_size, device)
         write_report(task, split, metrics, preds, out_dir, {"checkpoint": str(ckpt.path)})
         print(json.dumps({"split": name, **metrics}))

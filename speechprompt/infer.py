@@ -46,6 +46,7 @@ from speechprompt.devices import resolve_device
 from speechprompt.errors import AudioError, CheckpointError, SpeechPromptError
 from speechprompt.models.encoders import load_encoder
 from speechprompt.models.heads import CTCOutput
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.superb import load_superb
 from speechprompt.tasks.data import collate
 from speechprompt.tasks.loading import load_task
@@ -63,10 +64,12 @@ class UnitPipeline:
         hubert: HuBERT checkpoint overriding the recorded one (hubert features only).
         device: Where features are computed.
         check: The checkpoint, whose ``check_quantizer`` refuses a quantizer with another fingerprint.
+        vocab: The LM's unit layout (default GSLM's with the quantizer's number of units).
     """
 
     def __init__(
-        self, units_meta: dict[str, Any], kmeans: str | None, hubert: str | None, device: str, check: Any
+        self, units_meta: dict[str, Any], kmeans: str | None, hubert: str | None, device: str, check: Any,
+        vocab: UnitVocab | None = None,
     ) -> None:
         features = units_meta.get("features") or {}
         quantizer_meta = units_meta.get("quantizer") or {}
@@ -86,17 +89,21 @@ class UnitPipeline:
         self.quantizer = load_quantizer(km_path)
         self.quantizer.check_features(self.reader)
         self.dedup = bool(units_meta.get("dedup"))
+        self.vocab, self.unit_offset = vocab, NSPECIAL if vocab is None else vocab.unit_offset
         self.max_len = units_meta.get("max_len")
 
     def tokens(self, path: str) -> list[int]:
-        """Unit token ids (unit + 4) of one audio file. Raises ``AudioError`` for an unusable file."""
+        """Unit token ids (unit + 4 in GSLM's layout) of one audio file. Raises ``AudioError`` for an unusable
+        file."""
         wav = load_audio(path)  # (T,) float32 at 16 kHz
         units = self.quantizer.units(self.reader.read(wav), deduplicate=self.dedup, source=path)
         if not units:
             raise AudioError(path, "too short: no feature frame")
         if self.max_len is not None:
             units = units[: self.max_len]
-        return [u + NSPECIAL for u in units]
+        if self.vocab is not None:
+            self.vocab.check_units(units, path)
+        return [u + self.unit_offset for u in units]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,15 +159,15 @@ def predict_files(
 
 
 def _unit_lm(args: argparse.Namespace) -> tuple[Callable[[str], Any], Callable[[list[Any]], list[str]]]:
-    task, ckpt, _ = load_task(args.checkpoint, args.base, args.device)
+    task, ckpt, vocab = load_task(args.checkpoint, args.base, args.device)
     device = resolve_device(args.device)
     decoder = args.decoder or task.default_metric.split(".")[0]
     if decoder not in task.decoders:
         raise SpeechPromptError(f"--decoder {decoder!r} is not one of this task's: {', '.join(task.decoders)}")
-    pipeline = UnitPipeline(ckpt.meta.get("units") or {}, args.kmeans, args.hubert, str(device), ckpt)
+    pipeline = UnitPipeline(ckpt.meta.get("units") or {}, args.kmeans, args.hubert, str(device), ckpt, vocab)
 
     def predict(tokens: list[list[int]]) -> list[str]:
-        return task.predict(collate(tokens, [""] * len(tokens), None).to(device))[decoder]
+        return task.predict(collate(tokens, [""] * len(tokens), None, vocab=vocab).to(device))[decoder]
 
     return pipeline.tokens, predict
 

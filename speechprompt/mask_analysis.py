@@ -38,7 +38,7 @@ from speechprompt.checkpoint import TaskCheckpoint, checkpoint_kind, load_base, 
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import write_json, write_text
 from speechprompt.models.encoders import load_encoder
-from speechprompt.models.unit_lm import load_unit_lm
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.plots import PlotError, save_figure
 from speechprompt.tuning.base import LinearName
 from speechprompt.tuning.mask import top_k_mask, unpack_bitmask
@@ -191,7 +191,7 @@ def _load_base_model(ckpt: TaskCheckpoint, base: str | os.PathLike | None) -> nn
         model, _, _ = load_base(ckpt, base, lambda p: (load_encoder(p).model, None), what="upstream",
                                 flag="--base")
     else:
-        model, _, _ = load_base(ckpt, base, load_unit_lm, what="base unit LM")
+        model, _, _ = load_base(ckpt, base, load_speech_lm, what="base unit LM")
     return model
 
 

@@ -48,8 +48,8 @@ from speechprompt.fairseq_compat import safe_torch_load
 from speechprompt.hf_compat import WEIGHT_FILES, read_config, read_weights
 from speechprompt.mask_analysis import write_tables
 from speechprompt.models.encoders import load_encoder
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.models.hf_keys import AST_KEYS, MODEL_TYPES, WAV2VEC2_KEYS, rename
-from speechprompt.models.unit_lm import load_unit_lm
 from speechprompt.plots import PlotError, save_figure
 from speechprompt.superb import evaluate_superb, load_audio_split, load_superb
 from speechprompt.tuning import MaskConfig, S3Router
@@ -74,10 +74,8 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     try:
         return load_encoder(path).model
     except CheckpointError as encoder_error:
-        if Path(path).is_dir():
-            raise
-        try:
-            return load_unit_lm(path)[0]
+        try:  # a unit LM: a fairseq file, or a slamkit / HF causal-LM directory
+            return load_speech_lm(path)[0]
         except CheckpointError:
             raise encoder_error from None
 

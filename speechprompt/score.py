@@ -19,13 +19,17 @@ from speechprompt.devices import resolve_device
 from speechprompt.dictionary import Dictionary
 from speechprompt.errors import SpeechPromptError
 from speechprompt.models.generation import sequence_logprob
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.models.unit_lm import UnitLM, load_unit_lm
+from speechprompt.models.unit_vocab import UnitVocab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="unit LM checkpoint (fairseq format)")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="unit LM: a fairseq checkpoint, or a slamkit (TWIST/SLAM) or HF causal-LM directory")
     parser.add_argument("--units", required=True, type=Path, help="file of unit sequences, one per line")
-    parser.add_argument("--dict", type=Path, default=None, help="the LM's dict.txt; None: the one beside --checkpoint")
+    parser.add_argument("--dict", type=Path, default=None,
+                        help="the LM's dict.txt; None: the one beside --checkpoint (fairseq checkpoints only)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--device", default="auto", help="torch device, or 'auto' for cuda when available")
 
@@ -50,6 +54,26 @@ def read_unit_lines(path: Path, dictionary: Dictionary) -> list[list[int]]:
                 )
             ids.append(idx)
         out.append(ids)
+    return out
+
+
+def read_unit_ids(path: Path, vocab: UnitVocab) -> list[list[int]]:
+    """Token ids of every line of ``path`` in the LM's unit layout (no </s> added); a unit the LM does not have
+    raises with the line number."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SpeechPromptError(f"{path}: cannot read units ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpeechPromptError(f"{path}: not a UTF-8 text file of units") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            units = [int(u) for u in line.split()]
+        except ValueError:
+            raise SpeechPromptError(f"{path}:{n}: expected space-separated unit ids, got {line[:60]!r}") from None
+        vocab.check_units(units, f"{path}:{n}")
+        out.append([vocab.token(u) for u in units])
     return out
 
 
@@ -79,15 +103,22 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SpeechPromptError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    model, dictionary = load_unit_lm(args.checkpoint, args.dict)
-    sequences = read_unit_lines(args.units, dictionary)
+    if args.checkpoint.is_dir():
+        if args.dict is not None:
+            raise SpeechPromptError(f"--dict applies to fairseq checkpoints; {args.checkpoint} is a directory whose "
+                                    "unit layout comes from its own files")
+        model, vocab = load_speech_lm(args.checkpoint)
+        sequences, eos = read_unit_ids(args.units, vocab), vocab.eos
+    else:
+        model, dictionary = load_unit_lm(args.checkpoint, args.dict)
+        sequences, eos = read_unit_lines(args.units, dictionary), dictionary.eos_index
     if model.cfg.learned_pos:
         for n, seq in enumerate(sequences, 1):
             if len(seq) + 2 > model.cfg.max_positions:
                 raise SpeechPromptError(f"{args.units}:{n}: {len(seq)} units exceed the LM's "
                                         f"{model.cfg.max_positions} positions")
     model.to(device)
-    for result in score_sequences(model, sequences, dictionary.eos_index, args.batch_size):
+    for result in score_sequences(model, sequences, eos, args.batch_size):
         sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

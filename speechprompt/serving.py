@@ -44,18 +44,17 @@ import torch
 from torch import Tensor, nn
 
 from speechprompt.checkpoint import base_fingerprint, load_base, load_checkpoint, load_into
-from speechprompt.dictionary import Dictionary
 from speechprompt.errors import CheckpointError, SpeechPromptError
 from speechprompt.models.generation import greedy
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.models.transformer import KVCache, LayerKV
-from speechprompt.models.unit_lm import UnitLM, load_unit_lm
+from speechprompt.models.unit_lm import UnitLM
+from speechprompt.models.unit_vocab import model_vocab
 from speechprompt.tasks.data import collate
 from speechprompt.tuning import Adapters, PrefixTuning, PromptTuning, build_method, method_config
 from speechprompt.tuning.adapter import AdapterSlot
 from speechprompt.tuning.base import TuningMethod, module_paths
 from speechprompt.verbalizers import verbalizer_from_dict
-
-BOS, EOS = Dictionary.bos_index, Dictionary.eos_index
 
 
 class ServingError(SpeechPromptError, ValueError):
@@ -136,6 +135,7 @@ class TaskBank:
         if not isinstance(model, UnitLM):
             raise ServingError(f"multi-task serving needs the unit LM, got {type(model).__name__}")
         self.model = model.eval()
+        self.vocab = model_vocab(model)  # <s> </s> and the unit ids of this LM's vocabulary
         for p in model.parameters():
             p.requires_grad_(False)
         self.base_path = base_path
@@ -150,7 +150,8 @@ class TaskBank:
         every checkpoint."""
         if not paths:
             raise ServingError("no task checkpoints given")
-        model, _, base = load_base(load_checkpoint(paths[0]), base, load_unit_lm, what="base unit LM", flag="base=")
+        model, _, base = load_base(load_checkpoint(paths[0]), base, load_speech_lm, what="base unit LM",
+                                   flag="base=")
         bank = cls(model, base)
         for p in paths:
             bank.add_checkpoint(p)
@@ -185,7 +186,7 @@ class TaskBank:
             method.load_exported_state_dict(ckpt.method_state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path}: method tensors do not fit method {method_name!r} ({e})") from None
-        verbalizer = verbalizer_from_dict(meta["verbalizer"]) if meta.get("verbalizer") else None
+        verbalizer = verbalizer_from_dict(meta["verbalizer"], self.vocab) if meta.get("verbalizer") else None
         kind = meta.get("task", {}).get("kind")
         head = None
         if kind == "learnable":
@@ -226,13 +227,13 @@ class TaskBank:
                 L = k_in.shape[0]
                 k = attn.k_proj(k_in.to(attn.k_proj.weight.dtype)).float()  # (L, D)
                 v = attn.v_proj(v_in.to(attn.v_proj.weight.dtype)).float()
-                prefix.append(torch.stack([k, v]).view(2, L, attn.num_heads, attn.head_dim).transpose(1, 2))
+                prefix.append(torch.stack([k, v]).view(2, L, attn.num_kv_heads, attn.head_dim).transpose(1, 2))
             task.prefix = torch.stack(prefix)  # (layers, 2, H, L, hd)
         else:
             # Run the prompt once before a throw-away token: the cache then holds the prompt's keys and values.
             cache = KVCache()
             prompt = method.prompt.detach()[None].to(self.model.decoder.embed_tokens.weight.dtype)  # (1, L, D)
-            token = torch.full((1, 1), EOS, device=self.device)
+            token = torch.full((1, 1), self.vocab.eos, device=self.device)
             with self.routing(torch.full((1,), -1, device=self.device)):  # no task's adapter applies
                 self.model(token, input_prompt=prompt, cache=cache)
             L = prompt.shape[1]
@@ -284,12 +285,13 @@ class TaskBank:
             return self._banks
         tasks, dev = list(self.tasks.values()), self.device
         cfg = self.model.cfg
-        n, D = len(tasks), cfg.embed_dim
-        H = self.model.transformer_layers()[0].self_attn.num_heads
+        attn = self.model.transformer_layers()[0].self_attn
+        n, D = len(tasks), self.model.decoder.embed_tokens.weight.shape[1]  # the separator is an embedding row
+        H, hd = attn.num_kv_heads, attn.head_dim  # prefixes are projected keys/values: the k/v heads
         P = max((t.prefix.shape[3] for t in tasks if t.prefix is not None), default=0)
-        prefix = torch.zeros(n, cfg.layers, 2, H, P, D // H)
+        prefix = torch.zeros(n, cfg.layers, 2, H, P, hd)
         prefix_pad = torch.ones(n, P, dtype=torch.bool)
-        frozen_bos = self.model.decoder.embed_tokens.weight[BOS].detach().float().cpu()
+        frozen_bos = self.model.decoder.embed_tokens.weight[self.vocab.bos].detach().float().cpu()
         separator = frozen_bos.expand(n, D).clone()
         for i, t in enumerate(tasks):
             if t.prefix is not None:
@@ -308,7 +310,7 @@ class TaskBank:
             rows: ``(B,)`` task indices (:meth:`task_indices`).
         """
         banks = self._stacked()
-        kwargs: dict[str, Any] = {"embed_override": {BOS: banks["separator"][rows]}}  # (B, D)
+        kwargs: dict[str, Any] = {"embed_override": {self.vocab.bos: banks["separator"][rows]}}  # (B, D)
         prefix_pad = banks["prefix_pad"][rows]  # (B, P)
         used = prefix_pad.shape[1] - int((~prefix_pad).sum(1).max()) if prefix_pad.numel() else 0
         if prefix_pad.shape[1] > used:
@@ -347,7 +349,7 @@ class TaskBank:
         """
         rows = self.task_indices(tasks)
         with self.routing(rows):
-            return greedy(self.model, prefix.to(self.device), max_new_tokens, EOS,
+            return greedy(self.model, prefix.to(self.device), max_new_tokens, self.vocab.eos,
                           model_kwargs=self.forward_kwargs(rows))
 
     @torch.no_grad()
@@ -364,8 +366,10 @@ class TaskBank:
         for t in served:
             if t.kind not in ("verbalized", "learnable") or t.verbalizer is None:
                 raise ServingError(f"task {t.name!r} ({t.kind}) has no classification verbalizer to predict with")
-        first_unit = Dictionary().nspecial
-        prefix = collate([[u + first_unit for u in row] for row in units], [""] * len(units), None).prefix
+        for row in units:
+            self.vocab.check_units(row)
+        prefix = collate([[self.vocab.token(u) for u in row] for row in units], [""] * len(units), None,
+                         vocab=self.vocab).prefix
         # Verbalized rows decode greedily for as many steps as the longest label among them needs; each row then
         # keeps its own task's label length, which is what its task alone generates.
         steps = max((t.verbalizer.target_length for t in served if t.kind == "verbalized"), default=0)

@@ -42,15 +42,15 @@ from speechprompt.checkpoint import base_fingerprint, base_record, save_checkpoi
 from speechprompt.config import ConfigError, option
 from speechprompt.devices import torch_threads
 from speechprompt.fileio import write_json
+from speechprompt.models.hf_decoders import load_speech_lm
 from speechprompt.models.transformer import set_activation_checkpointing
-from speechprompt.models.unit_lm import load_unit_lm
 from speechprompt.rng import seed_everything
 from speechprompt.tasks.data import batch_indices, collate_rows, load_split, units_summary
 from speechprompt.tasks.evaluation import evaluate_split, write_report
 from speechprompt.tasks.metrics import METRICS
 from speechprompt.tasks.registry import Task, build_task, task_kind
 from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
-from speechprompt.training.distributed import Dist, distributed
+from speechprompt.training.distributed import Dist, distributed, shard_frozen_backbone
 from speechprompt.training.early_stopping import BestTracker
 from speechprompt.training.ema import maybe_averaged
 from speechprompt.training.optim import OptimConfig, Updater, check_schedule_unchanged
@@ -106,12 +106,19 @@ class DecodeConfig:
             raise ConfigError("decode.beam_size and decode.max_new_tokens must be >= 1")
 
 
+# train's `base_dtype` -> the dtype load_speech_lm holds the frozen weights in (None: as stored, float32).
+BASE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig(RunOptions):
     """A training run on the frozen unit LM. Paths are as given (relative to the working directory)."""
 
     data: DataConfig = option(help="data files and task type")
-    base: str = option(help="the frozen base unit LM checkpoint (its dict.txt beside it)")
+    base: str = option(help="the frozen base unit LM: a fairseq checkpoint (its dict.txt beside it), or a slamkit "
+                       "(TWIST/SLAM) or Hugging Face OPT/LLaMA/Qwen2 causal-LM directory (docs/speech_lms.md)")
+    base_dtype: str = option("float32", help="dtype the frozen base is held in: float32, or bfloat16 (half the memory "
+                             "of a large speech LM; the method's own tensors stay float32)")
     method: MethodConfig = option(help="what trains", default_factory=MethodConfig)
     verbalizer: VerbalizerConfig = option(help="labels <-> unit tokens", default_factory=VerbalizerConfig)
     optim: OptimConfig = option(help="optimizer", default_factory=OptimConfig)
@@ -130,6 +137,9 @@ class TrainConfig(RunOptions):
     dropout: bool = option(
         True, help="keep the frozen LM's dropout active while training (as fairseq does when prompt tuning)"
     )
+    fsdp: bool = option(False, help="under torchrun, shard the frozen base's weights over the processes (FSDP2), "
+                        "for a backbone one device cannot hold; the method's tensors stay replicated. Methods whose "
+                        "tensors live outside the backbone only (prompt, prefix)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +150,8 @@ class TrainConfig(RunOptions):
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.eval_every < 0 or self.patience < 0:
             raise ConfigError("eval_every and patience must be >= 0")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         sequence_verbalizer = self.verbalizer.kind is VerbalizerKind.SEQUENCE
         if (self.data.task is TaskType.SEQUENCE) != sequence_verbalizer and self.method.name != "linear_probe":
             raise ConfigError("data.task=sequence goes with verbalizer.kind=sequence, and only with it")
@@ -201,17 +213,16 @@ def _finished(cfg: TrainConfig, saved: dict[str, Any]) -> bool:
 
 def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    model, dictionary = load_unit_lm(cfg.base)
-    n_units = len(dictionary) - dictionary.nspecial
+    model, vocab = load_speech_lm(cfg.base, dtype=BASE_DTYPES[cfg.base_dtype])
     fingerprint = base_fingerprint(model)  # before any method attaches
     base_params = sum(p.numel() for p in model.parameters())
-    train_split = load_split(cfg.data.train_units, cfg.data.train_labels, n_units, cfg.data.max_len, "train")
-    dev_split = load_split(cfg.data.dev_units, cfg.data.dev_labels, n_units, cfg.data.max_len, "dev") \
+    train_split = load_split(cfg.data.train_units, cfg.data.train_labels, vocab, cfg.data.max_len, "train")
+    dev_split = load_split(cfg.data.dev_units, cfg.data.dev_labels, vocab, cfg.data.max_len, "dev") \
         if cfg.data.dev_units else None
     probe = cfg.method.name == "linear_probe"
-    verbalizer = None if probe else build_verbalizer(cfg.verbalizer, train_split.labels, train_split.tokens, n_units)
+    verbalizer = None if probe else build_verbalizer(cfg.verbalizer, train_split.labels, train_split.tokens, vocab)
     if verbalizer is not None:
-        verbalizer.check_vocab(len(dictionary))
+        verbalizer.check_vocab(vocab)
     labels = sorted(set(train_split.labels)) if probe else list(verbalizer.labels)
     method = build_method(cfg.method.resolved(), model)
     params = freeze_except(model, method)
@@ -226,6 +237,9 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
             module.to(device)
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model)
+    sharded = cfg.fsdp and d.active
+    if sharded:
+        shard_frozen_backbone(model, params)
     select_key, higher_better = _selection(task, cfg.metric)
     updater = Updater(params, cfg.optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
 
@@ -276,9 +290,10 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         model.eval()
         metrics: dict[str, Any] = {}
         with maybe_averaged(updater.ema):
-            if dev_split is not None and d.main:
+            if dev_split is not None and (d.main or sharded):  # a sharded backbone needs every process
                 metrics, _ = evaluate_split(task, dev_split, cfg.eval_batch_size, device)
-                log.log(pos.step, **{f"dev_{k}": v for k, v in metrics.items() if k != "n"})
+                if d.main:
+                    log.log(pos.step, **{f"dev_{k}": v for k, v in metrics.items() if k != "n"})
             snap = snapshot()
         metrics = d.broadcast_object(metrics)
         # Without dev, the last evaluation is the best.
@@ -314,9 +329,17 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
                     head.train()
                 lr = cfg.optim.lr_at(pos.step, total_steps)
                 t0 = time.perf_counter()
-                for rows in _micro_batches(groups[i], d, cfg.grad_accum):
+                for rows in _micro_batches(groups[i], d, cfg.grad_accum, keep_empty=sharded):
                     with updater.precision.autocast():
-                        loss_sum, terms = task.loss(collate_rows(train_split, rows, verbalizer).to(device))
+                        # A sharded backbone gathers each layer's weights from every process, so every process
+                        # makes every pass: an empty share runs one row of the batch, at weight zero.
+                        loss_sum, terms = task.loss(collate_rows(train_split, rows or groups[i][:1], verbalizer)
+                                                    .to(device))
+                    if not rows:
+                        loss_sum, terms = loss_sum * 0.0, 0
+                    if sharded and not terms:
+                        loss_sum.backward()  # zero gradients, but the backward's gathers happen on every process
+                        loss_sum = loss_sum.detach()
                     updater.backward(loss_sum, terms)
                 stats = updater.step(lr)
                 if device.type == "cuda":
@@ -357,7 +380,7 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         "processes": d.world_size,
         **peak_memory(device),
     }
-    if d.main:
+    if d.main or sharded:
         assert best_state is not None
         method.load_exported_state_dict({k: v.to(device) for k, v in best_state["method"].items()})
         if head is not None:
@@ -365,8 +388,10 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
         model.eval()
         if dev_split is not None:
             metrics, preds = evaluate_split(task, dev_split, cfg.eval_batch_size, device)
-            write_report(task, dev_split, metrics, preds, run.path)
+            if d.main:
+                write_report(task, dev_split, metrics, preds, run.path)
             summary["dev"] = metrics
+    if d.main:
         best_path = save_checkpoint(run.path / "best", best_state["method"], best_state["head"],
                                     {**meta, "training": dict(summary)})
         summary["checkpoint"] = str(best_path)
@@ -378,13 +403,14 @@ def _train(cfg: TrainConfig, run: RunDir, d: Dist, device: torch.device) -> dict
     return summary
 
 
-def _micro_batches(rows: list[int], d: Dist, grad_accum: int) -> list[list[int]]:
+def _micro_batches(rows: list[int], d: Dist, grad_accum: int, keep_empty: bool = False) -> list[list[int]]:
     """This process's share of one update's utterances, cut into ``grad_accum`` near-equal micro-batches (a short
-    last batch may leave some empty: they are skipped)."""
+    last batch may leave some empty: they are skipped, or kept with ``keep_empty``, so that every process makes
+    ``grad_accum`` passes)."""
     mine = d.shard(rows)
     n = len(mine)
     pieces = [mine[n * j // grad_accum : n * (j + 1) // grad_accum] for j in range(grad_accum)]
-    return [p for p in pieces if p]
+    return pieces if keep_empty else [p for p in pieces if p]
 
 
 def _units_meta(cfg: TrainConfig) -> dict[str, Any]:

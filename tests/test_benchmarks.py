@@ -60,3 +60,23 @@ def test_vs_fairseq_quick_runs_every_case_and_both_sides_agree() -> None:
                 assert set(row["speed"]) >= {"target", "met"} and set(row["memory"]) >= {"target", "met"}
             else:
                 assert "target" in row and "met" in row
+
+
+@pytest.mark.slow
+@pytest.mark.transformers
+def test_speechlm_quick_runs_ours_and_reports_peft_or_why_not() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speechlm.py"), "--quick", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["benchmark"] == "speechlm" and out["shape"] == "slam_qwen2.5_0.5b (2 layers)"
+    rows = {r["config"]: r for r in out["results"]}
+    assert set(rows) == {"ours_deep_prompt", "ours_full_ft", "peft_prefix", "peft_prompt"}
+    for name, row in rows.items():
+        if name.startswith("peft") and "error" in row:  # peft is a benchmark-only dependency
+            assert "peft" in row["error"]
+            continue
+        assert row["train_tokens_per_s"] > 0 and row["decode_new_tokens_per_s"] > 0, name
+    # Deep prompt L=5 with the separator on 2 layers of width 896: (2 * 2 + 1) * 5 * 896 + 896.
+    assert rows["ours_deep_prompt"]["trainable_params"] == 5 * 5 * 896 + 896
+    assert rows["ours_full_ft"]["trainable_params"] == rows["ours_full_ft"]["base_params"]

@@ -71,7 +71,7 @@ class Captured:
     """The objects ``train`` builds, captured through the names it looks up."""
 
     def __init__(self, monkeypatch):
-        real_load, real_build, real_task = T.load_unit_lm, T.build_method, T.build_task
+        real_load, real_build, real_task = T.load_speech_lm, T.build_method, T.build_task
 
         def load(*a, **k):
             self.model, d = real_load(*a, **k)
@@ -86,7 +86,7 @@ class Captured:
             self.task = real_task(*a, **k)
             return self.task
 
-        monkeypatch.setattr(T, "load_unit_lm", load)
+        monkeypatch.setattr(T, "load_speech_lm", load)
         monkeypatch.setattr(T, "build_method", build)
         monkeypatch.setattr(T, "build_task", task)
 

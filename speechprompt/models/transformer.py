@@ -15,6 +15,9 @@ implementation serves both backbones, and every tuning method attaches to both t
 With nothing attached, the forward is fairseq's (the same values up to float rounding; the parity tests hold it to
 1e-5). Two optional arguments serve other encoders: ``attn_bias`` adds a float bias to the attention scores (WavLM's
 gated relative position bias), and ``layer_norm_eps`` sets the LayerNorms' epsilon (1e-12 in AST's ViT layers).
+Today's decoder LMs (OPT, LLaMA, Qwen2; :mod:`speechprompt.models.speech_lm`) take the rest of the options, each
+off by default: RMSNorm, a SwiGLU FFN (``mlp.{gate,up,down}_proj``), rotary positions applied to q and k (``rope``),
+grouped-query attention (fewer k/v heads), per-projection bias flags and a head width other than ``d / heads``.
 Where it saves time or memory, it takes a faster route to the same values: SDPA's causal flag instead of a
 materialised mask, an in-place KV cache when no gradient is wanted, and, for backward, byte masks instead of float
 noise for dropout and relu, and attention probabilities recomputed instead of kept (see each class for when).
@@ -135,7 +138,59 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
     "tanh": torch.tanh,
     "linear": lambda x: x,
+    "silu": F.silu,
 }
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square LayerNorm (LLaMA, Qwen2): ``x / rms(x) * weight``, no mean and no bias.
+
+    Computed in float32 whatever the input dtype and cast back before the weight, as the LLaMA family's reference
+    does: a bf16 backbone then normalises exactly as its authors' code.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., D)`` -> ``(..., D)``."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """The gated FFN of LLaMA and Qwen2: ``down_proj(act(gate_proj(x)) * up_proj(x))``, ``(B, T, D)`` in and out.
+
+    The three projections are plain ``nn.Linear`` children, so LoRA and masks target them by name (``gate_proj``,
+    ``up_proj``, ``down_proj``) as they do ``fc1``/``fc2``.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, activation: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.activation = activation
+        self.gate_proj = nn.Linear(embed_dim, ffn_dim, bias=bias)
+        self.up_proj = nn.Linear(embed_dim, ffn_dim, bias=bias)
+        self.down_proj = nn.Linear(ffn_dim, embed_dim, bias=bias)
+
+    def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
+        h = ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # (B, T, ffn_dim)
+        return self.down_proj(h if dropout is None else dropout(h))
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, H, T, hd)`` by per-position angles, ``cos``/``sin`` ``(B, T, hd)`` (the "rotate half"
+    layout of the LLaMA family: dimension ``i`` pairs with ``i + hd/2``). A position with ``cos = 1, sin = 0`` is
+    left as it is: that is how prompt positions, which have no position, pass through."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 @dataclass
@@ -252,23 +307,47 @@ class MultiheadAttention(nn.Module):
     a bias computed over the real positions leaves the prefix keys in front of them unbiased.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
+        out_bias: bool | None = None,
+    ) -> None:
+        """``num_kv_heads`` < ``num_heads`` is grouped-query attention (each k/v head serves ``num_heads /
+        num_kv_heads`` query heads); ``head_dim`` defaults to ``embed_dim / num_heads``; ``qkv_bias``/``out_bias``
+        override ``bias`` for the q/k/v and the output projections (Qwen2: biased q/k/v, no output bias)."""
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            head_dim = embed_dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.num_kv_heads = num_kv_heads
+        self.kv_dim = num_kv_heads * head_dim  # width of the k/v projections' outputs
         self.dropout = dropout
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        out_bias = bias if out_bias is None else out_bias
+        self.k_proj = nn.Linear(embed_dim, self.kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(embed_dim, self.kv_dim, bias=qkv_bias)
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=out_bias)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H or H_kv, T, hd)
 
     def project_kv(self, k_in: Tensor, v_in: Tensor) -> LayerKV:
-        """Key/value *inputs* ``(B, S, D)`` through the frozen k/v projections: ``(B, H, S, hd)`` each."""
+        """Key/value *inputs* ``(B, S, D)`` through the frozen k/v projections: ``(B, H_kv, S, hd)`` each (no
+        rotary position: what enters here is a prompt, which has none)."""
         return LayerKV(self._heads(self.k_proj(k_in)), self._heads(self.v_proj(v_in)))
 
     def forward(
@@ -281,6 +360,7 @@ class MultiheadAttention(nn.Module):
         layer_idx: int = 0,
         attn_bias: Tensor | None = None,
         is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` (B, T, D), optionally with the tuning hooks (see the module docstring).
 
@@ -293,6 +373,8 @@ class MultiheadAttention(nn.Module):
             is_causal: query ``i`` attends to keys ``0..i``, without a materialised mask (SDPA's own causal kernel:
                 no ``(T, S)`` mask to build, convert and read). Only with ``attn_mask=None``, no ``attn_bias`` and
                 no earlier keys (prefix or cached positions), since SDPA aligns the causal diagonal at key 0.
+            rope: rotary ``(cos, sin)``, each ``(B, T, hd)``, for this call's positions: queries and keys are rotated
+                before the cache stores the keys (prefix entries, which have no position, are never rotated).
         """
         B, T, D = x.shape
         k_in = v_in = x
@@ -302,8 +384,10 @@ class MultiheadAttention(nn.Module):
             k_in = torch.cat([pk.expand(B, -1, -1).to(x.dtype), x[:, L:]], dim=1)
             v_in = torch.cat([pv.expand(B, -1, -1).to(x.dtype), x[:, L:]], dim=1)
         q = self._heads(self.q_proj(x))  # (B, H, T, hd)
-        k = self._heads(self.k_proj(k_in))
+        k = self._heads(self.k_proj(k_in))  # (B, H_kv, T, hd)
         v = self._heads(self.v_proj(v_in))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         elif prefix is not None:
@@ -313,6 +397,10 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 "is_causal needs attn_mask=None, no attn_bias and no prefix or cached keys before the queries"
             )
+        if self.num_kv_heads != self.num_heads:
+            # Grouped-query attention: the cache keeps H_kv heads; each serves H / H_kv consecutive query heads.
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, S, hd)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         if attn_bias is not None:
             attn_mask = _merge_bias(attn_mask, attn_bias.to(q.dtype), k.shape[2])
         dropout = self.dropout if self.training else 0.0
@@ -322,7 +410,7 @@ class MultiheadAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
         # out: (B, H, T, hd)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 def _merge_bias(attn_mask: Tensor | None, bias: Tensor, num_keys: int) -> Tensor:
@@ -340,6 +428,10 @@ class TransformerLayer(nn.Module):
 
     ``normalize_before`` selects pre-LN (LN at the start of each sublayer, as ``transformer_lm_big`` and HuBERT large)
     or post-LN (LN after each residual, as HuBERT base). Input and output are ``(B, T, D)``.
+
+    Decoder-LM options (defaults: fairseq's layer): ``norm="rms"`` makes both norms :class:`RMSNorm`;
+    ``ffn="swiglu"`` replaces ``fc1``/``fc2`` by ``mlp`` (a :class:`SwiGLU`, ``activation`` its gate's); the
+    attention options are :class:`MultiheadAttention`'s.
 
     Adapter slots (``None`` until a tuning method sets them, so the frozen state dict is unchanged):
         post_attn: applied to the attention output, before its residual (Houlsby's first adapter).
@@ -363,17 +455,35 @@ class TransformerLayer(nn.Module):
         activation_dropout: float = 0.0,
         bias: bool = True,
         layer_norm_eps: float = 1e-5,
+        *,
+        norm: str = "layer",
+        ffn: str = "mlp",
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
+        out_bias: bool | None = None,
+        ffn_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        if norm not in ("layer", "rms") or ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"norm must be 'layer' or 'rms' and ffn 'mlp' or 'swiglu', got {norm!r}, {ffn!r}")
         self.normalize_before = normalize_before
         self.activation = activation
-        self.self_attn = MultiheadAttention(embed_dim, num_heads, attention_dropout, bias)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
-        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.self_attn = MultiheadAttention(embed_dim, num_heads, attention_dropout, bias, num_kv_heads=num_kv_heads,
+                                            head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias)
+        make_norm = (lambda: RMSNorm(embed_dim, layer_norm_eps)) if norm == "rms" else (
+            lambda: nn.LayerNorm(embed_dim, eps=layer_norm_eps))
+        self.self_attn_layer_norm = make_norm()
+        ffn_bias = bias if ffn_bias is None else ffn_bias
+        self.mlp: SwiGLU | None = None
+        if ffn == "swiglu":
+            self.mlp = SwiGLU(embed_dim, ffn_dim, activation, ffn_bias)
+        else:
+            self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=ffn_bias)
+            self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=ffn_bias)
+        self.final_layer_norm = make_norm()
         self.dropout = Dropout(dropout)
         self.activation_dropout = Dropout(activation_dropout)
         self.post_attn = self.post_ffn = self.parallel_ffn = None
@@ -390,15 +500,16 @@ class TransformerLayer(nn.Module):
         layer_idx: int = 0,
         attn_bias: Tensor | None = None,
         is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """``(B, T, D)`` -> ``(B, T, D)``; the arguments are :meth:`MultiheadAttention.forward`'s."""
         if self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays dropout with the saved RNG state: the same outputs and gradients.
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, attn_bias, is_causal,
+                self._forward, x, attn_mask, kv_replace, prefix, None, layer_idx, attn_bias, is_causal, rope,
                 use_reentrant=False,
             )
-        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal)
+        return self._forward(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal, rope)
 
     def _forward(
         self,
@@ -410,11 +521,12 @@ class TransformerLayer(nn.Module):
         layer_idx: int,
         attn_bias: Tensor | None,
         is_causal: bool,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal)
+        x = self.self_attn(x, attn_mask, kv_replace, prefix, cache, layer_idx, attn_bias, is_causal, rope)
         if self.post_attn is not None:
             x = self.post_attn(x)
         x = residual + self.dropout(x)
@@ -424,7 +536,10 @@ class TransformerLayer(nn.Module):
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        h = self.fc2(self.activation_dropout(self._activation(self.fc1(x))))
+        if self.mlp is not None:
+            h = self.mlp(x, self.activation_dropout)
+        else:
+            h = self.fc2(self.activation_dropout(self._activation(self.fc1(x))))
         if self.post_ffn is not None:
             h = self.post_ffn(h)
         if self.parallel_ffn is not None:

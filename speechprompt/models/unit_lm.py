@@ -370,7 +370,11 @@ class UnitLM(nn.Module):
     def __init__(self, cfg: UnitLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.decoder = UnitLMDecoder(cfg)
+        self.decoder = self._build_decoder(cfg)
+
+    def _build_decoder(self, cfg: Any) -> nn.Module:
+        """The ``decoder`` child (a subclass builds its own family's; see :mod:`speechprompt.models.speech_lm`)."""
+        return UnitLMDecoder(cfg)
 
     @property
     def padding_idx(self) -> int:
@@ -393,6 +397,23 @@ class UnitLM(nn.Module):
                 vector = vector[:, None]  # (B, 1, D): one vector per row
             emb = torch.where(tokens.eq(token_id)[..., None], vector.to(emb.dtype), emb)
         return emb
+
+    def input_embeddings(self, tokens: Tensor, embed_override: Mapping[int, Tensor] | None = None) -> Tensor:
+        """What the first layer receives for ``tokens`` ``(B, T)``, without positions: ``(B, T, D)`` (the scaled
+        embeddings here). Prompts initialised from unit tokens start from these."""
+        return self.decoder.embed_scale * self.embed(tokens, embed_override)
+
+    def _token_states(
+        self, tokens: Tensor, offset: Tensor | None, embed_override: Mapping[int, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The first layer's input at the token positions ``(B, T, D)``, and the rotary ``(cos, sin)`` of those
+        positions (``None``: this family adds its positions to the embeddings instead). ``offset`` ``(B,)`` counts
+        each row's tokens already in the cache."""
+        dec = self.decoder
+        positions = make_positions(tokens, self.padding_idx, offset)  # (B, T)
+        x = self.input_embeddings(tokens, embed_override) + dec.embed_positions(positions).to(
+            dec.embed_tokens.weight.dtype)
+        return x, None
 
     def features(
         self,
@@ -455,12 +476,13 @@ class UnitLM(nn.Module):
 
         pad = tokens.eq(self.padding_idx)  # (B, T)
         offset = cache.positions if cache is not None and cache.positions is not None else None
-        positions = make_positions(tokens, self.padding_idx, offset)  # (B, T)
-        x = dec.embed_scale * self.embed(tokens, embed_override) + dec.embed_positions(positions).to(
-            dec.embed_tokens.weight.dtype
-        )  # (B, T, D)
+        x, rope = self._token_states(tokens, offset, embed_override)  # (B, T, D)
         if input_prompt is not None:
             x = torch.cat([input_prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, L + T, D)
+            if rope is not None:
+                # Prompts have no position: the identity rotation (cos 1, sin 0) at theirs.
+                cos, sin = rope
+                rope = (F.pad(cos, (0, 0, L, 0), value=1.0), F.pad(sin, (0, 0, L, 0)))  # (B, L + T, hd)
         x = dec.dropout(x)
 
         if cache is not None and not past and prefix is not None:
@@ -499,6 +521,7 @@ class UnitLM(nn.Module):
                 cache=cache,
                 layer_idx=i,
                 is_causal=is_causal,
+                rope=rope,
             )
         x = x[:, L:]  # (B, T, D): the prompt positions give no output
         if dec.layer_norm is not None:

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from speechprompt.models.generation import greedy_from_cache, split_step_kwargs
 from speechprompt.models.transformer import KVCache
+from speechprompt.models.unit_vocab import model_vocab
 from speechprompt.tasks import metrics as M
 from speechprompt.tasks.data import IGNORE, Batch, class_loss, lm_logits, lm_loss, mean_loss
-from speechprompt.verbalizers import EOS, UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
+from speechprompt.verbalizers import UNKNOWN_LABEL, FixedVerbalizer, LearnableVerbalizer
 
 
 def classification_metrics(
@@ -80,6 +81,7 @@ class VerbalizedClassifier:
         self.head: nn.Module | None = None
         self.labels = verbalizer.labels
         self.slot_separator = verbalizer.slot_separator
+        self.eos = model_vocab(model).eos
 
     def loss(self, batch: Batch) -> tuple[Tensor, int]:
         return lm_loss(lm_logits(self.model, self.method, batch.tokens), batch.targets)
@@ -107,11 +109,12 @@ class VerbalizedClassifier:
             labels = cands[batch.class_ids.clamp(min=0)]  # (B, L)
             rest = self.model(labels, cache=cache.index_select(torch.arange(B, device=dev)), **step_kwargs)
             logits = torch.cat([first[:, None], rest.float()], dim=1)  # (B, L + 1, V)
-            targets = torch.cat([labels, labels.new_full((B, 1), EOS)], dim=1)  # (B, L + 1)
+            targets = torch.cat([labels, labels.new_full((B, 1), self.eos)], dim=1)  # (B, L + 1)
             targets = targets.masked_fill(batch.class_ids.lt(0)[:, None], IGNORE)
             loss = mean_loss(lm_loss(logits, targets))
         scores = self._candidate_scores(cache, first, cands, step_kwargs)  # (B, C)
-        ids = greedy_from_cache(self.model, cache, first, self.verbalizer.target_length, EOS, step_kwargs=step_kwargs)
+        ids = greedy_from_cache(self.model, cache, first, self.verbalizer.target_length, self.eos,
+                                step_kwargs=step_kwargs)
         preds = {
             "greedy": [self.verbalizer.decode(row) for row in ids.tolist()],
             "constrained": [self.labels[i] for i in scores.argmax(dim=1).tolist()],

@@ -4,7 +4,8 @@ A split is a ``.units`` file (one utterance per line, space-separated unit ids, 
 and a ``.labels`` file (one label or transcript per line, same order). An empty units line is an utterance that
 ``prepare`` could not convert; it is dropped here together with its label, and the count is logged.
 
-Unit ``u`` becomes token ``u + 4`` (fairseq's GSLM dictionary), the label becomes the verbalizer's tokens, and
+Unit ``u`` becomes the LM's token for it (``u + 4`` in fairseq's GSLM dictionary; see
+:class:`~speechprompt.models.unit_vocab.UnitVocab` for the others), the label becomes the verbalizer's tokens, and
 :func:`collate` right-pads rows with ``<pad>`` and marks which positions carry a loss: the ``<s>`` position and
 every label position, each predicting the next token (``y1 ... yM </s>``).
 """
@@ -22,11 +23,14 @@ from torch import Tensor
 
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import read_json
-from speechprompt.verbalizers import BOS, EOS, NSPECIAL, PAD, Verbalizer
+from speechprompt.models.unit_vocab import UnitVocab
+from speechprompt.verbalizers import Verbalizer
+from speechprompt.verbalizers.base import Units, as_vocab
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # target id that cross-entropy skips
+GSLM_BOS, GSLM_PAD, GSLM_EOS = 0, 1, 2  # fairseq's dictionary, the default layout
 
 
 class DataError(SpeechPromptError, ValueError):
@@ -76,12 +80,14 @@ def units_summary(units_path: str | os.PathLike) -> dict | None:
 
 @dataclasses.dataclass
 class Split:
-    """The utterances of one split that have units, as unit *token* ids (unit + 4), with their labels."""
+    """The utterances of one split that have units, as unit *token* ids of the LM's vocabulary (unit + 4 in
+    GSLM's), with their labels."""
 
     tokens: list[list[int]]
     labels: list[str]
     rows: list[int]  # line numbers (0-based) in the source files, for reports
     name: str = ""
+    vocab: UnitVocab | None = None  # the LM's unit layout (None: GSLM's), which batches use for <s> </s> <pad>
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -90,7 +96,7 @@ class Split:
 def load_split(
     units_path: str | os.PathLike,
     labels_path: str | os.PathLike | None,
-    n_units: int,
+    n_units: Units,
     max_len: int | None = None,
     name: str = "",
 ) -> Split:
@@ -99,13 +105,16 @@ def load_split(
     Args:
         units_path: The ``.units`` file.
         labels_path: Its ``.labels`` file (same number of lines), or ``None`` for unlabelled inference data.
-        n_units: Number of units K of the unit LM; every unit id must be in ``[0, K)``.
+        n_units: Number of units K of the unit LM (GSLM's layout), or its :class:`UnitVocab`; every unit id must be
+            in ``[0, K)``.
         max_len: Keep at most this many units per utterance (the first ones); ``None`` keeps all.
         name: Name of the split in messages.
 
     Raises:
         DataError: mismatched line counts, a unit outside the dictionary, or no usable utterance.
     """
+    vocab = as_vocab(n_units)
+    n_units = vocab.num_units
     units = read_units(units_path)
     labels = read_labels(labels_path) if labels_path is not None else [""] * len(units)
     if len(labels) != len(units):
@@ -118,10 +127,10 @@ def load_split(
         bad = [x for x in u if not 0 <= x < n_units]
         if bad:
             raise DataError(f"{units_path}:{i + 1}: unit {bad[0]} is outside the unit LM's {n_units} units "
-                            "(units from another quantizer?)")
+                            f"({vocab.layout} vocabulary; units from another quantizer?)")
         if max_len is not None:
             u = u[:max_len]
-        tokens.append([x + NSPECIAL for x in u])
+        tokens.append([x + vocab.unit_offset for x in u])
         kept_labels.append(label)
         rows.append(i)
     if len(tokens) < len(units):
@@ -129,7 +138,7 @@ def load_split(
                     len(units) - len(tokens), len(units))
     if not tokens:
         raise DataError(f"{units_path}: no utterance has units")
-    return Split(tokens, kept_labels, rows, name or Path(units_path).stem)
+    return Split(tokens, kept_labels, rows, name or Path(units_path).stem, vocab)
 
 
 @dataclasses.dataclass
@@ -182,15 +191,18 @@ def collate(
     labels: Sequence[str],
     verbalizer: Verbalizer | None,
     index: Sequence[int] | None = None,
+    vocab: UnitVocab | None = None,
 ) -> Batch:
     """Build a :class:`Batch` from unit token ids and labels.
 
     Args:
-        sources: Unit token ids (unit + 4) per utterance.
+        sources: Unit token ids (unit + 4 in GSLM's layout) per utterance.
         labels: One label per utterance.
         verbalizer: Encodes labels into target tokens. ``None`` (a linear probe) gives empty targets.
         index: Position of each utterance in its split (default ``0..B-1``).
+        vocab: The LM's unit layout, for ``<s>``, ``</s>`` and ``<pad>`` (default GSLM's).
     """
+    bos, eos, pad = (GSLM_BOS, GSLM_EOS, GSLM_PAD) if vocab is None else (vocab.bos, vocab.eos, vocab.pad)
     class_index = {label: i for i, label in enumerate(verbalizer.labels)} if verbalizer is not None else {}
     rows, targets = [], []
     for src, label in zip(sources, labels):
@@ -198,15 +210,15 @@ def collate(
         # gets a prediction, which counts as wrong. Sequence verbalizers have no closed set and encode any text.
         known = verbalizer is not None and (label in class_index or not class_index)
         y = list(verbalizer.encode(label)) if known else []
-        row = list(src) + [BOS] + y  # u1..uN <s> y1..yM
-        nxt = [IGNORE] * len(src) + y + [EOS] if y else [IGNORE] * (len(src) + 1)  # next token at each position
+        row = list(src) + [bos] + y  # u1..uN <s> y1..yM
+        nxt = [IGNORE] * len(src) + y + [eos] if y else [IGNORE] * (len(src) + 1)  # next token at each position
         rows.append(row)
         targets.append(nxt)
-    prefixes = [list(s) + [BOS] for s in sources]
+    prefixes = [list(s) + [bos] for s in sources]
     return Batch(
-        tokens=_pad(rows, PAD),
+        tokens=_pad(rows, pad),
         targets=_pad(targets, IGNORE),
-        prefix=_pad(prefixes, PAD, left=True),
+        prefix=_pad(prefixes, pad, left=True),
         prefix_lengths=torch.tensor([len(p) for p in prefixes], dtype=torch.long),
         source_lengths=torch.tensor([len(s) for s in sources], dtype=torch.long),
         class_ids=torch.tensor([class_index.get(label, -1) for label in labels], dtype=torch.long),
@@ -239,7 +251,7 @@ def batch_indices(
 
 def collate_rows(split: Split, rows: Sequence[int], verbalizer: Verbalizer | None) -> Batch:
     """The :class:`Batch` of utterances ``rows`` of ``split`` (its ``index`` says which)."""
-    return collate([split.tokens[i] for i in rows], [split.labels[i] for i in rows], verbalizer, rows)
+    return collate([split.tokens[i] for i in rows], [split.labels[i] for i in rows], verbalizer, rows, split.vocab)
 
 
 def batches(

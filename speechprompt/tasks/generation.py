@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from speechprompt.models.generation import beam_search, greedy
+from speechprompt.models.unit_vocab import model_vocab
 from speechprompt.tasks import metrics as M
 from speechprompt.tasks.data import Batch, lm_logits, lm_loss, mean_loss
-from speechprompt.verbalizers import EOS, NSPECIAL, SequenceVerbalizer
+from speechprompt.verbalizers import SequenceVerbalizer
 from speechprompt.verbalizers.sequence import normalize_text
 
 _SLOT_TAG = re.compile(r"(^|\s)B-\S+")
@@ -55,7 +56,8 @@ class SequenceTask:
         self.decoders = (self.decoder,)
         self.default_metric = f"{self.decoder}.wer"
         # Only pieces and </s> may be emitted: a special or unassigned unit would decode to nothing.
-        self.allowed = sorted({u + NSPECIAL for _, u in verbalizer.pieces()} | {EOS})
+        self.eos = model_vocab(model).eos
+        self.allowed = sorted({verbalizer.vocab.token(u) for _, u in verbalizer.pieces()} | {self.eos})
 
     def loss(self, batch: Batch) -> tuple[Tensor, int]:
         return lm_loss(lm_logits(self.model, self.method, batch.tokens), batch.targets)
@@ -65,9 +67,9 @@ class SequenceTask:
         """``(B, N)`` generated token ids after each left-padded ``u1..uN <s>`` prefix (``<pad>`` after ``</s>``)."""
         kwargs = self.method.forward_kwargs(prefix.size(0))
         if self.beam_size == 1:
-            return greedy(self.model, prefix, self.max_new_tokens, EOS, model_kwargs=kwargs,
+            return greedy(self.model, prefix, self.max_new_tokens, self.eos, model_kwargs=kwargs,
                           allowed_tokens=self.allowed)
-        return beam_search(self.model, prefix, self.max_new_tokens, EOS, beam_size=self.beam_size,
+        return beam_search(self.model, prefix, self.max_new_tokens, self.eos, beam_size=self.beam_size,
                            length_penalty=self.length_penalty, model_kwargs=kwargs, allowed_tokens=self.allowed)
 
     def predict(self, batch: Batch) -> dict[str, list[str]]:

@@ -148,3 +148,30 @@ def all_reduce_gradients(params: Sequence[Tensor], d: Dist) -> None:
                     b.copy_(flat[offset : offset + b.numel()].view_as(b))
                     offset += b.numel()
             bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+
+
+def shard_frozen_backbone(model: torch.nn.Module, trained: Sequence[Tensor]) -> int:
+    """Shard a frozen backbone's weights over the process group with FSDP2 (``fully_shard``): each transformer layer
+    (and its attention, whose ``project_kv`` deep prompts call outside the layer's forward) is a unit gathered just
+    before it runs and freed after, and the embeddings and head form the root unit. Returns the number of units.
+
+    The trained tensors must live outside the backbone (prompts, prefixes, verbalizers): they stay plain replicated
+    tensors, whose gradients :func:`all_reduce_gradients` sums as without FSDP. Every process must then run every
+    forward (evaluation included), since each layer's weights are gathered from all of them.
+
+    Raises:
+        ConfigError: a trained tensor is a backbone parameter (LoRA, adapters, BitFit, masks live in the backbone).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    inside = {id(p) for p in model.parameters()} & {id(p) for p in trained}
+    if inside:
+        raise ConfigError("fsdp shards the frozen backbone, but this method trains tensors inside it; use fsdp with "
+                          "a method whose tensors live outside it (prompt, prefix)")
+    layers = list(model.transformer_layers())  # type: ignore[operator]
+    for layer in layers:
+        fully_shard(layer.self_attn)
+        register_fsdp_forward_method(layer.self_attn, "project_kv")
+        fully_shard(layer)
+    fully_shard(model)
+    return 2 * len(layers) + 1

@@ -92,7 +92,7 @@ class AdapterBias(TuningMethod):
         paths = module_paths(model)
         self._targets: list[str] = []  # backbone paths of the hooked fc2 linears
         for i in select_layers(len(blocks), config.layers):
-            fc2 = blocks[i].get_submodule(LinearName.FC2.path)
+            fc2 = blocks[i].get_submodule(LinearName.FC2.paths(blocks[i])[0])  # SwiGLU: down_proj
             if not isinstance(fc2, nn.Linear):
                 raise TuningError(f"AdapterBias: fc2 of layer {i} is a {type(fc2).__name__}, not an nn.Linear "
                                   "(is another method attached?)")

@@ -51,7 +51,23 @@ class TuningError(SpeechPromptError, ValueError):
 
 
 class LinearName(str, enum.Enum):
-    """The linear projections of a :class:`TransformerLayer` that LoRA and S3-Router masks can target."""
+    """The linear projections of a :class:`TransformerLayer` that LoRA and S3-Router masks can target.
+
+    A layer's FFN is either ``fc1``/``fc2`` (fairseq, OPT, the encoders) or SwiGLU's ``gate_proj``/``up_proj``/
+    ``down_proj`` (LLaMA, Qwen2). Either spelling works on either backbone, so one config targets "the FFN" anywhere:
+
+    ============  ======================  =============
+    name          SwiGLU layer            fc1/fc2 layer
+    ============  ======================  =============
+    fc1           gate_proj and up_proj   fc1
+    fc2           down_proj               fc2
+    gate_proj     gate_proj               fc1
+    up_proj       up_proj                 fc1
+    down_proj     down_proj               fc2
+    ============  ======================  =============
+
+    A projection named twice (``fc1`` and ``gate_proj``) is targeted once.
+    """
 
     Q = "q_proj"
     K = "k_proj"
@@ -59,15 +75,36 @@ class LinearName(str, enum.Enum):
     OUT = "out_proj"
     FC1 = "fc1"
     FC2 = "fc2"
+    GATE = "gate_proj"
+    UP = "up_proj"
+    DOWN = "down_proj"
 
     @property
     def path(self) -> str:
-        """Dotted path of the projection inside a layer."""
-        return self.value if self in (LinearName.FC1, LinearName.FC2) else f"self_attn.{self.value}"
+        """Dotted path of the projection inside a layer (of fairseq's kind for fc1/fc2)."""
+        if self in (LinearName.FC1, LinearName.FC2):
+            return self.value
+        if self in (LinearName.GATE, LinearName.UP, LinearName.DOWN):
+            return f"mlp.{self.value}"
+        return f"self_attn.{self.value}"
+
+    def paths(self, layer: nn.Module) -> list[str]:
+        """The dotted paths this name selects in ``layer`` (see the class docstring's table)."""
+        swiglu = getattr(layer, "mlp", None) is not None
+        if swiglu and self is LinearName.FC1:
+            return ["mlp.gate_proj", "mlp.up_proj"]
+        if swiglu and self is LinearName.FC2:
+            return ["mlp.down_proj"]
+        if not swiglu and self in (LinearName.GATE, LinearName.UP):
+            return ["fc1"]
+        if not swiglu and self is LinearName.DOWN:
+            return ["fc2"]
+        return [self.path]
 
 
-ALL_LINEARS = list(LinearName)
-FFN_LINEARS = [LinearName.FC1, LinearName.FC2]
+# The default target set of "every linear": q, k, v, out, fc1, fc2 (fc1/fc2 cover SwiGLU's three projections).
+ALL_LINEARS = [LinearName.Q, LinearName.K, LinearName.V, LinearName.OUT, LinearName.FC1, LinearName.FC2]
+FFN_LINEARS = [LinearName.FC1, LinearName.FC2, LinearName.GATE, LinearName.UP, LinearName.DOWN]
 
 
 def transformer_layers(model: nn.Module) -> list[TransformerLayer]:
@@ -110,10 +147,12 @@ def target_linears(
     paths = module_paths(model)
     out = []
     for i in select_layers(len(blocks), layers):
-        for target in targets:
-            linear = blocks[i].get_submodule(target.path)
+        chosen = dict.fromkeys(path for target in targets for path in target.paths(blocks[i]))  # once each, in order
+        for path in chosen:
+            linear = blocks[i].get_submodule(path)
             if not isinstance(linear, nn.Linear):
-                raise TuningError(f"{method} target {target.value} of layer {i} is a {type(linear).__name__}, "
+                name = path.rpartition(".")[2]
+                raise TuningError(f"{method} target {name} of layer {i} is a {type(linear).__name__}, "
                                   "not an nn.Linear (is another method attached?)")
             out.append((paths[id(linear)], linear))
     return out

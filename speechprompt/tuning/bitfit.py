@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from speechprompt.config import option
-from speechprompt.tuning.base import TuningMethod, as_enum, module_paths, transformer_layers
+from speechprompt.tuning.base import TuningError, TuningMethod, as_enum, module_paths, transformer_layers
 
 
 class BitFitScope(str, enum.Enum):
@@ -59,6 +59,9 @@ class BitFit(TuningMethod):
                     continue
                 seen.add(id(bias))
                 self._own(f"{paths[id(module)]}.bias", bias)
+        if not seen:  # LLaMA's linears and RMSNorms have no bias at all
+            raise TuningError(f"BitFit found no bias to train in {type(model).__name__} (scope "
+                              f"{config.scope.value}): this backbone has none")
         # The values at construction, so that restore() can undo training without reloading the base model.
         self._initial = {name: p.detach().clone() for name, p in self.named_parameters()}
 

@@ -67,7 +67,8 @@ class MaskConfig:
     threshold: float | None = option(None, help="keep weights with |score| > threshold instead of a fixed ratio")
     init: ScoreInit = option(ScoreInit.MAGNITUDE, help="score init: kaiming | magnitude | rank")
     targets: list[LinearName] = option(
-        list(ALL_LINEARS), help="linears to mask: q_proj, k_proj, v_proj, out_proj, fc1, fc2"
+        list(ALL_LINEARS), help="linears to mask: q_proj, k_proj, v_proj, out_proj, fc1, fc2 "
+        "(on SwiGLU layers fc1 = gate_proj + up_proj, fc2 = down_proj), gate_proj, up_proj, down_proj"
     )
     ffn_only: bool = option(False, help="mask only the FFN (fc1, fc2) of the targets")
     layers: list[int] | None = option(None, help="layer indices to mask (negative counts from the top); null = all")

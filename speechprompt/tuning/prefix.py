@@ -58,8 +58,10 @@ class PrefixTuning(TuningMethod):
         super().__init__(config)
         layers = transformer_layers(model)
         attn = layers[0].self_attn
-        self.num_layers, self.num_heads, self.head_dim = len(layers), attn.num_heads, attn.head_dim
-        D, L = attn.embed_dim, config.length
+        # Prefixes are post-projection keys/values: as many heads as the k/v projections have (fewer than the
+        # query heads under grouped-query attention), each head_dim wide.
+        self.num_layers, self.num_heads, self.head_dim = len(layers), attn.num_kv_heads, attn.head_dim
+        D, L = attn.kv_dim, config.length
         if config.reparameterize:
             self.embedding = nn.Parameter(torch.randn(L, D) * config.init_std)
             self.mlp = nn.Sequential(
@@ -74,10 +76,10 @@ class PrefixTuning(TuningMethod):
     def _inject(self, model: nn.Module) -> None:
         layers = transformer_layers(model)
         attn = layers[0].self_attn
-        if (len(layers), attn.num_heads, attn.head_dim) != (self.num_layers, self.num_heads, self.head_dim):
+        if (len(layers), attn.num_kv_heads, attn.head_dim) != (self.num_layers, self.num_heads, self.head_dim):
             raise TuningError(
                 f"prefix was built for {self.num_layers} layers x {self.num_heads} heads x {self.head_dim}, the model "
-                f"has {len(layers)} x {attn.num_heads} x {attn.head_dim}"
+                f"has {len(layers)} x {attn.num_kv_heads} x {attn.head_dim}"
             )
 
     def prefixes(self) -> Tensor:

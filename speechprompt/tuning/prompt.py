@@ -12,7 +12,10 @@
   them in every layer. The papers' normal init stays the default (see docs/demo.md for how the two compared).
 
 For gslm_big (d=1024, 12 layers), L=5, deep, with the separator: ``25 * 1024 * 5 + 1024 = 129,024`` trainable
-parameters, the count SpeechPrompt reports.
+parameters, the count SpeechPrompt reports. The speech LMs of :mod:`speechprompt.models.speech_lm` (OPT, LLaMA, Qwen2)
+take the same prompts: their width is the layers' (``cfg.embed_dim``), the separator is their vocabulary's ``<s>``
+(slamkit's BOS) and unit-token inits use their own unit ids. On a model with fewer k/v heads (GQA) the deep prompt
+is still ``d`` wide per position: it is the key/value *input*, before the k/v projections.
 
 Note on deep prompts: when every layer's key/value inputs at the prompt positions are replaced, the token outputs no
 longer depend on the input prompt's values (see ``UnitLM.features``), so it receives no gradient. It is kept, as in
@@ -29,8 +32,8 @@ import torch
 from torch import nn
 
 from speechprompt.config import ConfigError, option
-from speechprompt.dictionary import Dictionary
 from speechprompt.models.unit_lm import UnitLM
+from speechprompt.models.unit_vocab import model_vocab
 from speechprompt.tuning.base import TuningError, TuningMethod, as_enum
 
 
@@ -104,11 +107,12 @@ class PromptTuning(TuningMethod):
         super().__init__(config)
         if not isinstance(model, UnitLM):
             raise TuningError(f"prompt tuning prepends to unit tokens: needs the unit LM, got {type(model).__name__}")
-        table = model.decoder.embed_tokens.weight.detach()  # (V, D)
-        L, D, n_layers = config.length, table.shape[1], len(model.transformer_layers())
+        table = model.decoder.embed_tokens.weight.detach()  # (V, E): E = D but for OPT's project_in
+        L, D, n_layers = config.length, model.cfg.embed_dim, len(model.transformer_layers())
         self.length = L
-        ids = self._init_tokens(table.shape[0])
-        self.prompt = nn.Parameter(self._initial_prompt(table, model.decoder.embed_scale, ids))
+        self.vocab = model_vocab(model)
+        ids = self._init_tokens()
+        self.prompt = nn.Parameter(self._initial_prompt(model, ids))
         if config.deep and config.deep_init is DeepInit.ACTIVATIONS:
             kv_in = _kv_inputs(model, ids.to(table.device))  # (layers, L, D)
             self.deep_key = nn.Parameter(kv_in.clone())
@@ -116,31 +120,34 @@ class PromptTuning(TuningMethod):
         elif config.deep:
             self.deep_key = nn.Parameter(torch.randn(n_layers, L, D) * config.init_std)
             self.deep_value = nn.Parameter(torch.randn(n_layers, L, D) * config.init_std)
-        self.separator_id = Dictionary.bos_index
+        self.separator_id = self.vocab.bos
         if config.train_separator:
             self.separator = nn.Parameter(table[self.separator_id].to(torch.float32, copy=True))
         self.to(table.device)
 
-    def _init_tokens(self, vocab: int) -> torch.Tensor | None:
+    def _init_tokens(self) -> torch.Tensor | None:
         """``(L,)`` token ids the prompts start from (``None`` for ``init=normal``)."""
-        cfg = self.config
-        first_unit = Dictionary().nspecial  # <s> <pad> </s> <unk>, then the units: unit u is token u + 4
+        cfg, vocab = self.config, self.vocab
+        first_unit = vocab.unit_offset  # GSLM: <s> <pad> </s> <unk>, then the units: unit u is token u + 4
         if cfg.init is PromptInit.NORMAL:
             return None
         if cfg.init is PromptInit.SAMPLED_UNITS:
-            return torch.randint(first_unit, vocab, (cfg.length,))
+            return torch.randint(first_unit, first_unit + vocab.num_units, (cfg.length,))
         units = [int(u) for u in cfg.init_units.split()]
         ids = torch.tensor([units[i % len(units)] for i in range(cfg.length)]) + first_unit
-        if int(ids.max()) >= vocab:
+        if int(ids.max()) >= first_unit + vocab.num_units:
             raise TuningError(f"init_units has unit {int(ids.max()) - first_unit}, but the LM knows only "
-                              f"{vocab - first_unit} units")
+                              f"{vocab.num_units} units")
         return ids
 
-    def _initial_prompt(self, table: torch.Tensor, embed_scale: float, ids: torch.Tensor | None) -> torch.Tensor:
-        """``(L, D)`` starting values: the input prompt lives after scaling, so unit rows are scaled too."""
+    def _initial_prompt(self, model: UnitLM, ids: torch.Tensor | None) -> torch.Tensor:
+        """``(L, D)`` starting values: the input prompt lives where the first layer's input does (after scaling,
+        and OPT's ``project_in``), so unit rows are taken from there too."""
         if ids is None:
-            return torch.randn(self.config.length, table.shape[1]) * self.config.init_std
-        return table[ids.to(table.device)].float() * embed_scale  # a copy (advanced indexing)
+            return torch.randn(self.config.length, model.cfg.embed_dim) * self.config.init_std
+        device = model.decoder.embed_tokens.weight.device
+        with torch.no_grad():
+            return model.input_embeddings(ids.to(device)[None])[0].float().clone()  # (L, D)
 
     def _inject(self, model: nn.Module) -> None:
         if not isinstance(model, UnitLM):

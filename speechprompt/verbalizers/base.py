@@ -1,8 +1,11 @@
 """What every verbalizer shares: the token layout, the error type, the registry and unit frequency ranking.
 
 A verbalizer turns a task label into the unit tokens that the frozen unit LM is taught to emit after the
-``<s>`` separator, and turns emitted tokens back into a label. Token ids follow fairseq's GSLM dictionary:
-``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then unit ``u`` is token ``u + 4``.
+``<s>`` separator, and turns emitted tokens back into a label. Token ids follow the LM's
+:class:`~speechprompt.models.unit_vocab.UnitVocab`: wherever a verbalizer takes ``n_units`` it also takes the LM's
+vocabulary instead. A bare number means fairseq's GSLM dictionary (``<s>``=0, ``<pad>``=1, ``</s>``=2,
+``<unk>``=3, then unit ``u`` is token ``u + 4``), the layout of every verbalizer file written before; files store
+unit ids, never token ids, so the same map serves any LM with as many units.
 
 Each kind registers a *builder* (fits the verbalizer from training data and a :class:`VerbalizerConfig`) and a
 *loader* (rebuilds it from its :meth:`Verbalizer.to_dict`), so that adding a kind is one file and no ``if/elif``.
@@ -21,6 +24,7 @@ import torch
 
 from speechprompt.config import option
 from speechprompt.errors import SpeechPromptError
+from speechprompt.models.unit_vocab import UnitVocab
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NSPECIAL = 4  # unit u is token u + NSPECIAL
@@ -125,15 +129,38 @@ class Verbalizer(Protocol):
         """Raise :class:`VerbalizerError` unless the model's dictionary has ``n_tokens`` = units + 4 tokens."""
 
 
-Builder = Callable[[VerbalizerConfig, Sequence[str], Sequence[Sequence[int]], int], Verbalizer]
-Loader = Callable[[dict[str, Any]], Verbalizer]
+Units = int | UnitVocab  # a number of units (GSLM's layout) or an LM's unit vocabulary
+Builder = Callable[[VerbalizerConfig, Sequence[str], Sequence[Sequence[int]], Units], Verbalizer]
+Loader = Callable[[dict[str, Any], UnitVocab | None], Verbalizer]
+
+
+def as_vocab(units: Units) -> UnitVocab:
+    """``units`` as a :class:`UnitVocab`: a number of units is GSLM's layout."""
+    if isinstance(units, UnitVocab):
+        return units
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise VerbalizerError(f"n_units must be positive, got {units}")
+    return UnitVocab.gslm(units)
+
+
+def stored_vocab(d: dict[str, Any], vocab: UnitVocab | None) -> UnitVocab:
+    """The vocabulary to rebuild a stored verbalizer on: ``vocab`` (the loaded LM's), which must have the stored
+    number of units, or GSLM's layout."""
+    try:
+        n_units = int(d["n_units"])
+    except KeyError:
+        raise VerbalizerError("verbalizer description lacks 'n_units'") from None
+    if vocab is None:
+        return as_vocab(n_units)
+    check_n_units(n_units, vocab)
+    return vocab
 
 _BUILDERS: dict[str, Builder] = {}
 _LOADERS: dict[str, Loader] = {}
 
 
 def register_builder(*kinds: str) -> Callable[[Builder], Builder]:
-    """Register ``fn(cfg, train_labels, train_units, n_units) -> Verbalizer`` for ``kinds``."""
+    """Register ``fn(cfg, train_labels, train_units, n_units or vocab) -> Verbalizer`` for ``kinds``."""
 
     def deco(fn: Builder) -> Builder:
         for kind in kinds:
@@ -144,7 +171,7 @@ def register_builder(*kinds: str) -> Callable[[Builder], Builder]:
 
 
 def register_loader(*kinds: str) -> Callable[[Loader], Loader]:
-    """Register ``fn(to_dict output) -> Verbalizer`` for ``kinds``."""
+    """Register ``fn(to_dict output, LM vocabulary or None) -> Verbalizer`` for ``kinds``."""
 
     def deco(fn: Loader) -> Loader:
         for kind in kinds:
@@ -155,22 +182,23 @@ def register_loader(*kinds: str) -> Callable[[Loader], Loader]:
 
 
 def build_verbalizer(
-    cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]], n_units: int
+    cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]], n_units: Units
 ) -> Verbalizer:
     """Fit the verbalizer ``cfg.kind`` on a training split.
 
     Args:
         cfg: The verbalizer config.
         train_labels: One label (classification) or transcript (sequence tasks) per training utterance.
-        train_units: The training inputs as unit *token* ids (unit + 4), one list per utterance; only their
-            unit frequencies are used.
-        n_units: Number of units K of the unit LM's dictionary.
+        train_units: The training inputs as unit *token* ids (unit + 4 in GSLM's layout), one list per utterance;
+            only their unit frequencies are used.
+        n_units: Number of units K of the unit LM's dictionary, or the LM's :class:`UnitVocab`.
     """
     return _BUILDERS[VerbalizerKind(cfg.kind).value](cfg, train_labels, train_units, n_units)
 
 
-def verbalizer_from_dict(d: dict[str, Any]) -> Verbalizer:
-    """Rebuild any verbalizer from its :meth:`~Verbalizer.to_dict` output."""
+def verbalizer_from_dict(d: dict[str, Any], vocab: UnitVocab | None = None) -> Verbalizer:
+    """Rebuild any verbalizer from its :meth:`~Verbalizer.to_dict` output, on the LM vocabulary ``vocab`` (default:
+    GSLM's layout with the stored number of units)."""
     if not isinstance(d, dict) or "kind" not in d:
         raise VerbalizerError("a verbalizer description must be a mapping with a 'kind'")
     version = d.get("format_version", FORMAT_VERSION)
@@ -181,11 +209,17 @@ def verbalizer_from_dict(d: dict[str, Any]) -> Verbalizer:
     loader = _LOADERS.get(d["kind"])
     if loader is None:
         raise VerbalizerError(f"unknown verbalizer kind {d['kind']!r}; known kinds: {', '.join(sorted(_LOADERS))}")
-    return loader(d)
+    return loader(d, vocab)
 
 
-def check_n_units(n_units: int, n_tokens: int) -> None:
-    """The shared body of ``check_vocab``: the model's dictionary must hold exactly ``n_units`` units."""
+def check_n_units(n_units: int, n_tokens: int | UnitVocab) -> None:
+    """The shared body of ``check_vocab``: the model's dictionary (its size with GSLM's 4 specials, or its
+    :class:`UnitVocab`) must hold exactly ``n_units`` units."""
+    if isinstance(n_tokens, UnitVocab):
+        if n_tokens.num_units != n_units:
+            raise VerbalizerError(f"verbalizer was built for {n_units} units but the model has "
+                                  f"{n_tokens.num_units} ({n_tokens.layout} vocabulary)")
+        return
     model_units = n_tokens - NSPECIAL
     if model_units != n_units:
         raise VerbalizerError(
@@ -194,7 +228,7 @@ def check_n_units(n_units: int, n_tokens: int) -> None:
         )
 
 
-def unit_ranking(train_units: Iterable[Sequence[int]], n_units: int) -> list[int]:
+def unit_ranking(train_units: Iterable[Sequence[int]], n_units: Units) -> list[int]:
     """Unit token ids from the most to the least frequent in the training inputs.
 
     Ties (including units never seen) are broken by the smaller id, so the ranking is deterministic.
@@ -202,23 +236,23 @@ def unit_ranking(train_units: Iterable[Sequence[int]], n_units: int) -> list[int
     Raises:
         VerbalizerError: an id is not a unit token (they are unit + 4: raw unit ids would be misread).
     """
-    if n_units < 1:
-        raise VerbalizerError(f"n_units must be positive, got {n_units}")
+    vocab = as_vocab(n_units)
+    first, n = vocab.unit_offset, vocab.num_units
     tokens = np.fromiter(itertools.chain.from_iterable(train_units), dtype=np.int64)
-    bad = tokens[(tokens < NSPECIAL) | (tokens >= NSPECIAL + n_units)]
+    bad = tokens[(tokens < first) | (tokens >= first + n)]
     if bad.size:
         raise VerbalizerError(
             f"training inputs hold token id {int(bad[0])}, which is not a unit token (units are ids "
-            f"{NSPECIAL}..{NSPECIAL + n_units - 1}: unit u is token u + {NSPECIAL})"
+            f"{first}..{first + n - 1}: unit u is token u + {first})"
         )
-    counts = np.bincount(tokens, minlength=NSPECIAL + n_units).tolist()
-    return sorted(range(NSPECIAL, NSPECIAL + n_units), key=lambda t: (-counts[t], t))
+    counts = np.bincount(tokens, minlength=first + n).tolist()
+    return sorted(range(first, first + n), key=lambda t: (-counts[t], t))
 
 
-def strip_eos(ids: Sequence[int]) -> list[int]:
-    """Token ids up to (not including) the first ``</s>``."""
+def strip_eos(ids: Sequence[int], eos: int = EOS) -> list[int]:
+    """Token ids up to (not including) the first ``eos`` (``</s>``)."""
     ids = [int(i) for i in ids]
-    return ids[: ids.index(EOS)] if EOS in ids else ids
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 def unseen_label_error(label: str, known: Sequence[str]) -> VerbalizerError:

@@ -27,15 +27,18 @@ from typing import Any
 
 import torch
 
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.verbalizers.base import (
     FORMAT_VERSION,
-    NSPECIAL,
     UNKNOWN_LABEL,
+    Units,
     VerbalizerConfig,
     VerbalizerError,
+    as_vocab,
     check_n_units,
     register_builder,
     register_loader,
+    stored_vocab,
     strip_eos,
     unit_ranking,
     unseen_label_error,
@@ -48,7 +51,7 @@ class FixedVerbalizer:
     Args:
         units: ``{label: [unit ids]}``, unit ids in ``[0, n_units)``, every sequence of the same length. The
             mapping's order is the class order.
-        n_units: Number of units K of the unit LM's dictionary.
+        n_units: Number of units K of the unit LM's dictionary, or its :class:`UnitVocab` (token ids follow it).
         kind: How the map was made (``freq``, ``random`` or ``map``); recorded, not interpreted.
         slot_separator: The separator the labels were split at when the map was made, if any; recorded.
 
@@ -59,12 +62,12 @@ class FixedVerbalizer:
     def __init__(
         self,
         units: Mapping[str, Sequence[int]],
-        n_units: int,
+        n_units: Units,
         kind: str = "map",
         slot_separator: str | None = None,
     ) -> None:
-        if n_units < 1:
-            raise VerbalizerError(f"n_units must be positive, got {n_units}")
+        self.vocab = as_vocab(n_units)
+        n_units = self.vocab.num_units
         if not units:
             raise VerbalizerError("a verbalizer needs at least one label")
         self.kind = kind
@@ -90,7 +93,7 @@ class FixedVerbalizer:
                     f"label {label!r} has {len(seq)} units but the others have {length}: all labels of a "
                     "classification task need the same number of units"
                 )
-            tokens = tuple(u + NSPECIAL for u in seq)
+            tokens = tuple(self.vocab.token(u) for u in seq)
             if tokens in inverse:
                 raise VerbalizerError(
                     f"labels {inverse[tokens]!r} and {label!r} both map to units {list(seq)}: the map must be "
@@ -108,7 +111,7 @@ class FixedVerbalizer:
         cls,
         train_labels: Sequence[str],
         train_units: Sequence[Sequence[int]],
-        n_units: int,
+        n_units: Units,
         slot_separator: str | None = None,
     ) -> FixedVerbalizer:
         """Most frequent label (slot value) -> most frequent unit in the training inputs.
@@ -134,22 +137,22 @@ class FixedVerbalizer:
             if r < len(values)
         ]
         _check_capacity(len(order), n_units, slot_separator)
-        unit_of = {pair: ranked_units[i] - NSPECIAL for i, pair in enumerate(order)}
+        unit_of = {pair: ranked_units[i] - as_vocab(n_units).unit_offset for i, pair in enumerate(order)}
         return cls(_compose(classes, unit_of), n_units, kind="freq", slot_separator=slot_separator)
 
     @classmethod
     def fit_random(
-        cls, train_labels: Sequence[str], n_units: int, seed: int = 0, slot_separator: str | None = None
+        cls, train_labels: Sequence[str], n_units: Units, seed: int = 0, slot_separator: str | None = None
     ) -> FixedVerbalizer:
         """A seeded random injective map of labels (slot values) to units."""
         classes, _ = _split_slots(train_labels, slot_separator)
         pairs = sorted({(s, v) for _, values in classes for s, v in enumerate(values)})
         _check_capacity(len(pairs), n_units, slot_separator)
-        drawn = random.Random(seed).sample(range(n_units), len(pairs))
+        drawn = random.Random(seed).sample(range(as_vocab(n_units).num_units), len(pairs))
         return cls(_compose(classes, dict(zip(pairs, drawn))), n_units, kind="random", slot_separator=slot_separator)
 
     @classmethod
-    def from_map_file(cls, path: str | Path, n_units: int) -> FixedVerbalizer:
+    def from_map_file(cls, path: str | Path, n_units: Units) -> FixedVerbalizer:
         """Read a user's JSON map (format in ``verbalizers/README.md``)."""
         path = Path(path)
         try:
@@ -164,7 +167,7 @@ class FixedVerbalizer:
             raise VerbalizerError(f"{path}: {e}") from None
 
     @classmethod
-    def from_map(cls, data: Mapping[str, Any], n_units: int) -> FixedVerbalizer:
+    def from_map(cls, data: Mapping[str, Any], n_units: Units) -> FixedVerbalizer:
         """Build from a bare ``{label: [unit ids]}`` or the wrapped ``{"map": {...}, "n_units": K, ...}`` form."""
         if not isinstance(data, Mapping):
             raise VerbalizerError("a verbalizer map must be a JSON object")
@@ -174,18 +177,18 @@ class FixedVerbalizer:
                 raise VerbalizerError(
                     f"unknown key {unknown[0]!r} in verbalizer map; known: description, map, n_units, slot_separator"
                 )
-            if "n_units" in data and data["n_units"] != n_units:
+            if "n_units" in data and data["n_units"] != as_vocab(n_units).num_units:
                 raise VerbalizerError(
-                    f"verbalizer was built for {data['n_units']} units but the model has {n_units}"
+                    f"verbalizer was built for {data['n_units']} units but the model has {as_vocab(n_units).num_units}"
                 )
             return cls(data["map"], n_units, kind="map", slot_separator=data.get("slot_separator"))
         return cls(data, n_units, kind="map")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FixedVerbalizer:
-        """Rebuild from :meth:`to_dict` output."""
+    def from_dict(cls, d: dict[str, Any], vocab: UnitVocab | None = None) -> FixedVerbalizer:
+        """Rebuild from :meth:`to_dict` output (on the LM vocabulary ``vocab``, GSLM's by default)."""
         try:
-            return cls(d["map"], int(d["n_units"]), kind=d["kind"], slot_separator=d.get("slot_separator"))
+            return cls(d["map"], stored_vocab(d, vocab), kind=d["kind"], slot_separator=d.get("slot_separator"))
         except KeyError as e:
             raise VerbalizerError(f"verbalizer description lacks {e.args[0]!r}") from None
 
@@ -227,7 +230,7 @@ class FixedVerbalizer:
         Returns:
             The label, or :data:`UNKNOWN_LABEL` (``"<unk>"``), which counts as wrong in every metric.
         """
-        tokens = tuple(strip_eos(ids))
+        tokens = tuple(strip_eos(ids, self.vocab.eos))
         label = self._inverse.get(tokens)
         if label is None:
             if strict:
@@ -239,7 +242,7 @@ class FixedVerbalizer:
         """``(C, L)`` token ids of every label, in :attr:`labels` order."""
         return torch.tensor(list(self._targets.values()), dtype=torch.long)
 
-    def check_vocab(self, n_tokens: int) -> None:
+    def check_vocab(self, n_tokens: int | UnitVocab) -> None:
         check_n_units(self.n_units, n_tokens)
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,7 +252,7 @@ class FixedVerbalizer:
             "format_version": FORMAT_VERSION,
             "n_units": self.n_units,
             "slot_separator": self.slot_separator,
-            "map": {label: [t - NSPECIAL for t in tokens] for label, tokens in self._targets.items()},
+            "map": {label: [self.vocab.unit(t) for t in tokens] for label, tokens in self._targets.items()},
         }
 
     def __repr__(self) -> str:
@@ -284,7 +287,8 @@ def _compose(
     return {label: [unit_of[(i, v)] for i, v in enumerate(values)] for label, values in classes}
 
 
-def _check_capacity(n_symbols: int, n_units: int, sep: str | None) -> None:
+def _check_capacity(n_symbols: int, n_units: Units, sep: str | None) -> None:
+    n_units = as_vocab(n_units).num_units
     if n_symbols > n_units:
         what = "slot values" if sep is not None else "labels"
         raise VerbalizerError(f"{n_symbols} {what} need distinct units but the unit LM has only {n_units}")
@@ -292,19 +296,19 @@ def _check_capacity(n_symbols: int, n_units: int, sep: str | None) -> None:
 
 @register_builder("freq")
 def _build_freq(cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]],
-                n_units: int) -> FixedVerbalizer:
+                n_units: Units) -> FixedVerbalizer:
     return FixedVerbalizer.fit_freq(train_labels, train_units, n_units, slot_separator=cfg.slot_separator)
 
 
 @register_builder("random")
 def _build_random(cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]],
-                  n_units: int) -> FixedVerbalizer:
+                  n_units: Units) -> FixedVerbalizer:
     return FixedVerbalizer.fit_random(train_labels, n_units, seed=cfg.seed, slot_separator=cfg.slot_separator)
 
 
 @register_builder("map")
 def _build_map(cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]],
-               n_units: int) -> FixedVerbalizer:
+               n_units: Units) -> FixedVerbalizer:
     assert cfg.map_path is not None  # VerbalizerConfig checks it
     verbalizer = FixedVerbalizer.from_map_file(cfg.map_path, n_units)
     known = set(verbalizer.labels)

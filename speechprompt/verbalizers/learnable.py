@@ -3,6 +3,10 @@
 The LM reads ``u1 ... uN <s>``; its vocabulary logits at the ``<s>`` position, ``(B, V)``, go through
 ``Linear(V, C, bias=False)`` to class logits ``(B, C)``, trained with cross-entropy on the class index. No label
 tokens are generated, so :meth:`LearnableVerbalizer.encode` is empty and ``target_length`` is 0.
+
+Which columns it reads is the LM vocabulary's :attr:`~speechprompt.models.unit_vocab.UnitVocab.logit_columns`: the
+whole vocabulary of a unit-only LM (GSLM's ``V = K + 4``, slamkit's ``K + 2``), or only the unit slice of an LM that
+also knows text (a ``Linear(K, C)``: the other hundred thousand columns would be parameters with nothing to learn).
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.verbalizers.base import (
     FORMAT_VERSION,
-    NSPECIAL,
     UNKNOWN_LABEL,
+    Units,
     VerbalizerConfig,
     VerbalizerError,
+    as_vocab,
     check_n_units,
     register_builder,
     register_loader,
+    stored_vocab,
     unseen_label_error,
 )
 from speechprompt.verbalizers.fixed import FixedVerbalizer
@@ -32,7 +39,8 @@ class LearnableVerbalizer(nn.Module):
 
     Args:
         labels: The classes, in class-index order.
-        n_units: Number of units K; the LM vocabulary is ``V = K + 4`` tokens.
+        n_units: Number of units K (the LM vocabulary is then GSLM's, ``V = K + 4`` tokens), or the LM's
+            :class:`UnitVocab`.
         init_from: A fixed verbalizer with one token per label. Row ``c`` of the weight becomes the one-hot of
             label ``c``'s token, so at step 0 class ``c`` scores the LM's logit of that token: the softmax over
             classes, the loss and the argmax are then exactly those of the fixed verbalizer's constrained scoring
@@ -45,7 +53,7 @@ class LearnableVerbalizer(nn.Module):
 
     kind = "learnable"
 
-    def __init__(self, labels: Sequence[str], n_units: int, init_from: FixedVerbalizer | None = None) -> None:
+    def __init__(self, labels: Sequence[str], n_units: Units, init_from: FixedVerbalizer | None = None) -> None:
         super().__init__()
         labels = list(labels)
         if not labels:
@@ -54,10 +62,12 @@ class LearnableVerbalizer(nn.Module):
             raise VerbalizerError("labels of a learnable verbalizer must be distinct")
         if UNKNOWN_LABEL in labels:
             raise VerbalizerError(f"{UNKNOWN_LABEL!r} is reserved and cannot be a label")
-        self.n_units = n_units
+        self.vocab = as_vocab(n_units)
+        self.n_units = self.vocab.num_units
+        self.columns = self.vocab.logit_columns
         self._labels = labels
         self._index = {label: i for i, label in enumerate(labels)}
-        self.proj = nn.Linear(n_units + NSPECIAL, len(labels), bias=False)
+        self.proj = nn.Linear(len(self.columns), len(labels), bias=False)
         if init_from is not None:
             self.init_from_fixed(init_from)
 
@@ -76,15 +86,17 @@ class LearnableVerbalizer(nn.Module):
             raise VerbalizerError(f"the fixed verbalizer has no token for labels {missing[:8]}")
         self.proj.weight.zero_()
         for c, label in enumerate(self._labels):
-            self.proj.weight[c, fixed.encode(label)[0]] = 1.0
+            self.proj.weight[c, fixed.encode(label)[0] - self.columns.start] = 1.0
 
     def forward(self, vocab_logits: torch.Tensor) -> torch.Tensor:
         """Class logits ``(..., C)`` from vocabulary logits ``(..., V)``."""
-        if vocab_logits.shape[-1] != self.proj.in_features:
+        if vocab_logits.shape[-1] != self.vocab.size:
             raise VerbalizerError(
-                f"expected vocabulary logits of size {self.proj.in_features} (= {self.n_units} units + 4), "
-                f"got {vocab_logits.shape[-1]}"
+                f"expected vocabulary logits of size {self.vocab.size} ({self.n_units} units, "
+                f"{self.vocab.layout} layout), got {vocab_logits.shape[-1]}"
             )
+        if len(self.columns) != self.vocab.size:
+            vocab_logits = vocab_logits[..., self.columns.start : self.columns.stop]  # (..., K): the unit slice
         return self.proj(vocab_logits)
 
     @torch.no_grad()
@@ -122,7 +134,7 @@ class LearnableVerbalizer(nn.Module):
         """``(C, 0)``: no class has tokens to score."""
         return torch.zeros(len(self._labels), 0, dtype=torch.long)
 
-    def check_vocab(self, n_tokens: int) -> None:
+    def check_vocab(self, n_tokens: int | UnitVocab) -> None:
         check_n_units(self.n_units, n_tokens)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,10 +143,10 @@ class LearnableVerbalizer(nn.Module):
                 "labels": list(self._labels)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LearnableVerbalizer:
+    def from_dict(cls, d: dict[str, Any], vocab: UnitVocab | None = None) -> LearnableVerbalizer:
         """Rebuild with a zero weight (every class ties until the checkpoint's ``state_dict`` is loaded)."""
         try:
-            module = cls(d["labels"], int(d["n_units"]))
+            module = cls(d["labels"], stored_vocab(d, vocab))
         except KeyError as e:
             raise VerbalizerError(f"verbalizer description lacks {e.args[0]!r}") from None
         nn.init.zeros_(module.proj.weight)
@@ -146,7 +158,7 @@ class LearnableVerbalizer(nn.Module):
 
 @register_builder("learnable")
 def _build_learnable(cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]],
-                     n_units: int) -> LearnableVerbalizer:
+                     n_units: Units) -> LearnableVerbalizer:
     if cfg.learnable_init == "random":
         if not train_labels:
             raise VerbalizerError("no training labels to build a verbalizer from")

@@ -22,14 +22,17 @@ from typing import Any
 import sentencepiece as spm
 import torch
 
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.verbalizers.base import (
     FORMAT_VERSION,
-    NSPECIAL,
+    Units,
     VerbalizerConfig,
     VerbalizerError,
+    as_vocab,
     check_n_units,
     register_builder,
     register_loader,
+    stored_vocab,
     strip_eos,
     unit_ranking,
 )
@@ -49,22 +52,23 @@ class SequenceVerbalizer:
     Args:
         model_proto: The serialized sentencepiece model.
         piece_to_unit: Unit id of every piece id (injective, ``len == vocab size <= n_units``).
-        n_units: Number of units K of the unit LM's dictionary.
+        n_units: Number of units K of the unit LM's dictionary, or its :class:`UnitVocab`.
     """
 
     kind = "sequence"
 
-    def __init__(self, model_proto: bytes, piece_to_unit: Sequence[int], n_units: int) -> None:
+    def __init__(self, model_proto: bytes, piece_to_unit: Sequence[int], n_units: Units) -> None:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._proto = bytes(model_proto)
-        self.n_units = n_units
-        self._piece_to_token = [int(u) + NSPECIAL for u in piece_to_unit]
+        self.vocab = as_vocab(n_units)
+        self.n_units = n_units = self.vocab.num_units
+        self._piece_to_token = [self.vocab.token(int(u)) for u in piece_to_unit]
         if len(self._piece_to_token) != self.sp.get_piece_size():
             raise VerbalizerError(
                 f"piece_to_unit has {len(self._piece_to_token)} entries but the sentencepiece model has "
                 f"{self.sp.get_piece_size()} pieces"
             )
-        if any(not NSPECIAL <= t < NSPECIAL + n_units for t in self._piece_to_token):
+        if any(not self.vocab.is_unit(t) for t in self._piece_to_token):
             raise VerbalizerError(f"piece_to_unit holds a unit outside 0..{n_units - 1}")
         self._token_to_piece = {t: p for p, t in enumerate(self._piece_to_token)}
         if len(self._token_to_piece) != len(self._piece_to_token):
@@ -75,7 +79,7 @@ class SequenceVerbalizer:
         cls,
         texts: Sequence[str],
         train_units: Iterable[Sequence[int]],
-        n_units: int,
+        n_units: Units,
         model_type: str = "unigram",
         vocab_size: int | None = None,
         user_symbols: Sequence[str] = (),
@@ -104,15 +108,16 @@ class SequenceVerbalizer:
         if tag_pattern:
             tag = re.compile(tag_pattern)
             symbols.update(w for t in corpus for w in t.split() if tag.fullmatch(w))
-        requested = min(vocab_size or n_units, n_units)
-        proto = _train_sentencepiece(corpus, requested, model_type, sorted(symbols), n_units)
+        K = as_vocab(n_units).num_units
+        requested = min(vocab_size or K, K)
+        proto = _train_sentencepiece(corpus, requested, model_type, sorted(symbols), K)
         sp = spm.SentencePieceProcessor(model_proto=proto)
         counts = collections.Counter(p for t in corpus for p in sp.encode(t))
         ranked_pieces = sorted(range(sp.get_piece_size()), key=lambda p: (-counts[p], p))
         ranked_units = unit_ranking(train_units, n_units)
         piece_to_unit = [0] * sp.get_piece_size()
         for rank, piece in enumerate(ranked_pieces):
-            piece_to_unit[piece] = ranked_units[rank] - NSPECIAL
+            piece_to_unit[piece] = ranked_units[rank] - as_vocab(n_units).unit_offset
         return cls(proto, piece_to_unit, n_units)
 
     # -- the verbalizer interface -------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ class SequenceVerbalizer:
 
     def pieces(self) -> list[tuple[str, int]]:
         """``(piece, unit id)`` of every piece, in piece-id order."""
-        return [(self.sp.id_to_piece(p), t - NSPECIAL) for p, t in enumerate(self._piece_to_token)]
+        return [(self.sp.id_to_piece(p), self.vocab.unit(t)) for p, t in enumerate(self._piece_to_token)]
 
     def encode(self, text: str) -> list[int]:
         """Token ids (unit + 4) of ``text``, without ``<s>`` or ``</s>``."""
@@ -148,7 +153,7 @@ class SequenceVerbalizer:
                 instead of dropping it.
         """
         pieces = []
-        for t in strip_eos(ids):
+        for t in strip_eos(ids, self.vocab.eos):
             piece = self._token_to_piece.get(t)
             if piece is None:
                 if strict:
@@ -160,7 +165,7 @@ class SequenceVerbalizer:
     def candidates(self) -> torch.Tensor:
         raise VerbalizerError("a sequence task has no fixed candidates to score: generate and decode() instead")
 
-    def check_vocab(self, n_tokens: int) -> None:
+    def check_vocab(self, n_tokens: int | UnitVocab) -> None:
         check_n_units(self.n_units, n_tokens)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,15 +174,15 @@ class SequenceVerbalizer:
             "kind": self.kind,
             "format_version": FORMAT_VERSION,
             "n_units": self.n_units,
-            "piece_to_unit": [t - NSPECIAL for t in self._piece_to_token],
+            "piece_to_unit": [self.vocab.unit(t) for t in self._piece_to_token],
             "sentencepiece_model": base64.b64encode(self._proto).decode("ascii"),
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SequenceVerbalizer:
+    def from_dict(cls, d: dict[str, Any], vocab: UnitVocab | None = None) -> SequenceVerbalizer:
         try:
             proto = base64.b64decode(d["sentencepiece_model"], validate=True)
-            return cls(proto, d["piece_to_unit"], int(d["n_units"]))
+            return cls(proto, d["piece_to_unit"], stored_vocab(d, vocab))
         except KeyError as e:
             raise VerbalizerError(f"verbalizer description lacks {e.args[0]!r}") from None
         except (ValueError, RuntimeError) as e:
@@ -232,7 +237,7 @@ def _train_sentencepiece(
 
 @register_builder("sequence")
 def _build_sequence(cfg: VerbalizerConfig, train_labels: Sequence[str], train_units: Sequence[Sequence[int]],
-                    n_units: int) -> SequenceVerbalizer:
+                    n_units: Units) -> SequenceVerbalizer:
     return SequenceVerbalizer.fit(
         train_labels,
         train_units,

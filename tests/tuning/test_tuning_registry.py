@@ -1,5 +1,6 @@
-"""The registry, and the contract every registered method keeps on both backbones: what trains is exactly what is
-saved, training never touches a frozen tensor, and detach/reload behave."""
+"""The registry, and the contract every registered method keeps on every backbone (the GSLM unit LM, HuBERT, and the
+OPT / LLaMA / Qwen2 speech LMs): what trains is exactly what is saved, training never touches a frozen tensor, and
+detach/reload behave."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from torch import nn
 
 from speechprompt.config import ConfigError, to_dict
 from speechprompt.models.hubert import HubertConfig, HubertModel
+from speechprompt.models.speech_lm import SpeechLM, SpeechLMConfig
 from speechprompt.models.unit_lm import UnitLM, UnitLMConfig
+from speechprompt.models.unit_vocab import UnitVocab
 from speechprompt.tuning import (
     METHODS,
     TuningError,
@@ -40,7 +43,30 @@ def _hubert() -> HubertModel:
     return HubertModel(HubertConfig.tiny()).eval()
 
 
-BACKBONES = {"unit_lm": _unit_lm, "hubert": _hubert}
+# Tiny speech LMs of each family (slamkit's layout: pad 0, bos = eos 1, unit u = token u + 2): OPT post-LN with
+# project_in/out, LLaMA with llama3 rope scaling and biases, Qwen2 with grouped-query attention.
+_SPEECH_LMS = {
+    "opt": dict(family="opt", norm="layer", norm_eps=1e-5, ffn="mlp", activation="relu", qkv_bias=True, out_bias=True,
+                ffn_bias=True, learned_pos=True, word_embed_dim=16, normalize_before=False, final_layer_norm=False,
+                kv_heads=4, head_dim=8),
+    "llama": dict(family="llama", kv_heads=4, head_dim=8, qkv_bias=True, out_bias=True, tie_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8}),
+    "qwen2": dict(family="qwen2", kv_heads=2, head_dim=8),
+}
+SPEECH_VOCAB = UnitVocab(size=42, num_units=40, unit_offset=2, bos=1, eos=1, pad=0, layout="slamkit")
+
+
+def _speech_lm(family: str):
+    def build() -> SpeechLM:
+        torch.manual_seed(0)
+        cfg = SpeechLMConfig(vocab_size=42, embed_dim=32, ffn_dim=48, layers=2, heads=4, max_positions=64,
+                             **_SPEECH_LMS[family])
+        return SpeechLM(cfg, SPEECH_VOCAB).eval()
+    return build
+
+
+BACKBONES = {"unit_lm": _unit_lm, "hubert": _hubert, **{f: _speech_lm(f) for f in _SPEECH_LMS}}
+DECODERS = {"unit_lm", *_SPEECH_LMS}
 
 
 def _inputs(backbone: str) -> torch.Tensor:
@@ -48,6 +74,10 @@ def _inputs(backbone: str) -> torch.Tensor:
     if backbone == "unit_lm":
         tokens = torch.randint(4, 104, (3, 9), generator=g)
         tokens[:, 4] = 0  # the <s> separator, so that the separator vector is used
+        return tokens
+    if backbone in DECODERS:
+        tokens = torch.randint(2, 42, (3, 9), generator=g)
+        tokens[:, 4] = SPEECH_VOCAB.bos
         return tokens
     return torch.randn(3, 1200, generator=g)
 
@@ -81,7 +111,7 @@ def test_baselines_are_registered_with_the_methods_by_importing_tuning_alone() -
 def _combos():
     for name in PEFT_METHODS:
         for backbone in BACKBONES:
-            if (backbone != "unit_lm" and name in UNIT_LM_ONLY) or (backbone == "unit_lm" and name in ENCODER_ONLY):
+            if (backbone not in DECODERS and name in UNIT_LM_ONLY) or (backbone in DECODERS and name in ENCODER_ONLY):
                 continue
             yield name, backbone
 
@@ -220,9 +250,10 @@ def test_attaching_twice_is_refused(name, backbone):
         method.attach(model)
 
 
-@pytest.mark.parametrize("name", PEFT_METHODS)
-def test_low_precision_backbone_trains_float32_method_tensors(name):
-    backbone = "hubert" if name in ENCODER_ONLY else "unit_lm"
+@pytest.mark.parametrize("name,backbone", [(n, b) for n in PEFT_METHODS for b in ("unit_lm", "qwen2")
+                                            if not (n in ENCODER_ONLY and b == "qwen2")])
+def test_low_precision_backbone_trains_float32_method_tensors(name, backbone):
+    backbone = "hubert" if name in ENCODER_ONLY else backbone
     model = BACKBONES[backbone]().to(torch.bfloat16)
     method = build_method(name, model)
     params = freeze_except(model, method)
