@@ -21,281 +21,28 @@ grouped-query attention (fewer k/v heads), per-projection bias flags and a head 
 Where it saves time or memory, it takes a faster route to the same values: SDPA's causal flag instead of a
 materialised mask, an in-place KV cache when no gradient is wanted, and, for backward, byte masks instead of float
 noise for dropout and relu, and attention probabilities recomputed instead of kept (see each class for when).
+
+The parts live beside it: :mod:`~speechprompt.models.layer_parts` (activations, RMSNorm, SwiGLU, rotary positions),
+:mod:`~speechprompt.models.kv_cache` (prefixes and the decoding cache) and :mod:`~speechprompt.models.lean_ops` (the
+memory-lean autograd functions); this module re-exports them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from speechprompt.models.kv_cache import KVCache, LayerKV
+from speechprompt.models.layer_parts import ACTIVATIONS, RMSNorm, SwiGLU, apply_rotary
+from speechprompt.models.lean_ops import AttentionWithDropout, Dropout, ReluKeepingMask
 
-class _ReluKeepingMask(torch.autograd.Function):
-    """ReLU whose backward keeps a 1-byte mask, where autograd's own relu keeps its float output.
-
-    When ``fc2`` is frozen it saves nothing of its input (a frozen weight needs no gradient), so the FFN's largest
-    activation, ``(B, T, ffn_dim)``, was kept only for relu's backward: this keeps a quarter of it. Exact: the
-    gradient passes where the output is positive, as ``threshold_backward``.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
-        out = F.relu(x)
-        ctx.save_for_backward(out > 0)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
-        (positive,) = ctx.saved_tensors
-        return torch.where(positive, grad, grad.new_zeros(()))
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose backward keeps a 1-byte mask: on CPU, ``F.dropout`` multiplies by a float noise tensor
-    and autograd keeps it (4 bytes per element); ``native_dropout`` (what CUDA already runs) keeps a bool mask. Same
-    distribution and scaling; a different draw from the generator than ``F.dropout`` for the same seed."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.inplace:
-            return super().forward(x)
-        return torch.native_dropout(x, self.p, True)[0]
-
-
-class _AttentionWithDropout(torch.autograd.Function):
-    """Softmax attention with dropout on the probabilities, for training on a CPU: ``(B, H, T, hd)`` queries,
-    ``(B, H, S, hd)`` keys and values, a boolean ``attn_mask`` (True = may attend), a float one (added to the
-    scores, as SDPA does) or ``is_causal``.
-
-    SDPA has no fused CPU kernel with dropout, and its math fallback keeps three ``(B, H, T, S)`` float tensors for
-    backward (the probabilities, the dropout noise and the dropped probabilities). This keeps a 1-byte dropout mask
-    and the ``(B, H, T)`` log-sum-exp of the scores, and recomputes the probabilities in backward from the queries
-    and keys it keeps anyway (one ``q k^T`` more, as flash attention does). Same distribution as SDPA's dropout, the
-    same values up to rounding. Every query must be allowed at least one key (the toolkit's masks always allow a
-    query its own position).
-    """
-
-    @staticmethod
-    def _scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        """``(B, H, T, S)`` scaled scores, ``-inf`` where attention is not allowed."""
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-        if is_causal:
-            causal_out = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
-            scores.masked_fill_(causal_out, float("-inf"))
-        elif mask is not None and mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        elif mask is not None:  # a float mask: a bias (WavLM's), -inf where forbidden
-            scores.add_(mask)
-        return scores
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                is_causal: bool, p: float) -> Tensor:
-        scores = _AttentionWithDropout._scores(q, k, mask, is_causal)
-        probs = torch.softmax(scores, dim=-1)
-        # The log-sum-exp from the fused softmax's result: p_max = exp(s_max - lse), and p_max >= 1/S is far from 0.
-        lse = scores.amax(dim=-1, keepdim=True).sub_(probs.amax(dim=-1, keepdim=True).log_())  # (B, H, T, 1)
-        del scores
-        dropped, keep = torch.native_dropout(probs, p, True)  # keep: bool (B, H, T, S)
-        del probs
-        out = torch.matmul(dropped, v)  # (B, H, T, hd)
-        ctx.save_for_backward(q, k, v, lse, keep, mask)
-        ctx.is_causal, ctx.p = is_causal, p
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, lse, keep, mask = ctx.saved_tensors
-        probs = _AttentionWithDropout._scores(q, k, mask, ctx.is_causal).sub_(lse).exp_()
-        inv_keep = 1.0 / (1.0 - ctx.p)
-        dq = dk = dv = None
-        if ctx.needs_input_grad[2]:
-            dropped = torch.ops.aten.native_dropout_backward(probs, keep, inv_keep)
-            dv = torch.matmul(dropped.transpose(-2, -1), grad)
-            del dropped
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dprobs = torch.ops.aten.native_dropout_backward(torch.matmul(grad, v.transpose(-2, -1)), keep, inv_keep)
-            # softmax backward: p * (dp - sum(dp * p)), then the score scale.
-            dscores = dprobs.sub_((dprobs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(q.shape[-1] ** -0.5)
-            if ctx.needs_input_grad[0]:
-                dq = torch.matmul(dscores, k)
-            if ctx.needs_input_grad[1]:
-                dk = torch.matmul(dscores.transpose(-2, -1), q)
-        return dq, dk, dv, None, None, None
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    # fairseq's "gelu_accurate" is the tanh approximation.
-    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
-    "tanh": torch.tanh,
-    "linear": lambda x: x,
-    "silu": F.silu,
-}
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square LayerNorm (LLaMA, Qwen2): ``x / rms(x) * weight``, no mean and no bias.
-
-    Computed in float32 whatever the input dtype and cast back before the weight, as the LLaMA family's reference
-    does: a bf16 backbone then normalises exactly as its authors' code.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(..., D)`` -> ``(..., D)``."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class SwiGLU(nn.Module):
-    """The gated FFN of LLaMA and Qwen2: ``down_proj(act(gate_proj(x)) * up_proj(x))``, ``(B, T, D)`` in and out.
-
-    The three projections are plain ``nn.Linear`` children, so LoRA and masks target them by name (``gate_proj``,
-    ``up_proj``, ``down_proj``) as they do ``fc1``/``fc2``.
-    """
-
-    def __init__(self, embed_dim: int, ffn_dim: int, activation: str = "silu", bias: bool = False) -> None:
-        super().__init__()
-        self.activation = activation
-        self.gate_proj = nn.Linear(embed_dim, ffn_dim, bias=bias)
-        self.up_proj = nn.Linear(embed_dim, ffn_dim, bias=bias)
-        self.down_proj = nn.Linear(ffn_dim, embed_dim, bias=bias)
-
-    def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
-        h = ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # (B, T, ffn_dim)
-        return self.down_proj(h if dropout is None else dropout(h))
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``(B, H, T, hd)`` by per-position angles, ``cos``/``sin`` ``(B, T, hd)`` (the "rotate half"
-    layout of the LLaMA family: dimension ``i`` pairs with ``i + hd/2``). A position with ``cos = 1, sin = 0`` is
-    left as it is: that is how prompt positions, which have no position, pass through."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-@dataclass
-class LayerKV:
-    """Keys and values of one attention layer, ``(B, H, S, head_dim)`` each, already projected."""
-
-    key: Tensor
-    value: Tensor
-
-    def __len__(self) -> int:
-        return self.key.shape[2]
-
-
-@dataclass
-class KVCache:
-    """Projected keys/values of every layer for incremental decoding.
-
-    A cache may start non-empty: prefix-tuning vectors and a prompt computed once per batch are simply its first
-    entries. ``positions`` counts, per row, the *tokens* seen so far (prompts and prefixes have no positions), which
-    is what positional embeddings need on the next step. ``key_padding`` remembers which cached keys were padding,
-    so that later steps of a padded batch keep ignoring them.
-
-    Without autograd (decoding and scoring run under ``no_grad``), each layer's keys/values live in a buffer with
-    spare room and ``layers`` holds views of its filled part: a decoding step writes its one new position in place
-    instead of copying the whole cache (``torch.cat`` made every step cost the cached length). With autograd
-    enabled, entries are concatenated as before, since backward may still need the tensors a write would change.
-    """
-
-    layers: list[LayerKV | None] = field(default_factory=list)
-    positions: Tensor | None = None  # (B,) long
-    key_padding: Tensor | None = None  # (B, S) bool, True at padded cached keys
-    # Per layer, the (B, H, capacity, hd) key and value buffers behind ``layers`` (None: not preallocated).
-    _buffers: list[tuple[Tensor, Tensor] | None] = field(default_factory=list, repr=False)
-
-    def __len__(self) -> int:
-        first = self.layers[0] if self.layers else None
-        return 0 if first is None else len(first)
-
-    def update(self, idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Append new keys/values ``(B, H, T, hd)`` to layer ``idx`` and return everything cached so far."""
-        while len(self.layers) <= idx:
-            self.layers.append(None)
-        while len(self._buffers) <= idx:
-            self._buffers.append(None)
-        old = self.layers[idx]
-        if torch.is_grad_enabled():
-            # Backward may need any cached view (even keys that need no gradient, to get the queries'), and writing
-            # into its buffer would invalidate it: concatenate.
-            if old is not None:
-                key = torch.cat([old.key, key], dim=2)
-                value = torch.cat([old.value, value], dim=2)
-            self.layers[idx], self._buffers[idx] = LayerKV(key, value), None
-            return key, value
-        n, T = (0 if old is None else len(old)), key.shape[2]
-        buf = self._buffers[idx]
-        if buf is None or not _fills(buf, old) or buf[0].shape[2] < n + T or not _fits(buf, key, value):
-            # Room for half as much again (at least 32 positions): a few regrowths over a long decoding.
-            capacity = n + T + max((n + T) // 2, 32)
-            B, H, _, hd = key.shape
-            buf = (key.new_empty(B, H, capacity, hd), value.new_empty(B, H, capacity, value.shape[3]))
-            if old is not None:
-                buf[0][:, :, :n] = old.key
-                buf[1][:, :, :n] = old.value
-            self._buffers[idx] = buf
-        buf[0][:, :, n : n + T] = key
-        buf[1][:, :, n : n + T] = value
-        self.layers[idx] = LayerKV(buf[0][:, :, : n + T], buf[1][:, :, : n + T])
-        return self.layers[idx].key, self.layers[idx].value
-
-    def index_select(self, rows: Tensor) -> KVCache:
-        """Reorder/select batch rows (beam search). A preallocated layer keeps its spare room, so that the selected
-        cache goes on writing in place; the original is left untouched."""
-        layers: list[LayerKV | None] = []
-        buffers: list[tuple[Tensor, Tensor] | None] = []
-        for i, kv in enumerate(self.layers):
-            buf = self._buffers[i] if i < len(self._buffers) else None
-            if kv is not None and buf is not None and _fills(buf, kv):
-                picked = (buf[0][rows], buf[1][rows])  # (B', H, capacity, hd): the filled part and the spare room
-                layers.append(LayerKV(picked[0][:, :, : len(kv)], picked[1][:, :, : len(kv)]))
-                buffers.append(picked)
-            else:
-                layers.append(None if kv is None else LayerKV(kv.key[rows], kv.value[rows]))
-                buffers.append(None)
-        return KVCache(
-            layers,
-            None if self.positions is None else self.positions[rows],
-            None if self.key_padding is None else self.key_padding[rows],
-            buffers,
-        )
-
-
-def _fills(buffers: tuple[Tensor, Tensor], kv: LayerKV | None) -> bool:
-    """Whether ``kv`` is still the filled part of ``buffers`` (a caller may have replaced the layer's entry)."""
-    return kv is not None and all(
-        t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[:2] == b.shape[:2]
-        for t, b in zip((kv.key, kv.value), buffers)
-    )
-
-
-def _fits(buffers: tuple[Tensor, Tensor], key: Tensor, value: Tensor) -> bool:
-    """Whether new keys/values can be written into ``buffers`` (same rows, heads, width, dtype and device)."""
-    return all(
-        b.shape[:2] == t.shape[:2] and b.shape[3] == t.shape[3] and b.dtype == t.dtype and b.device == t.device
-        for t, b in zip((key, value), buffers)
-    )
+# Names other modules import from here (the layer's public surface), wherever they are defined.
+__all__ = [
+    "ACTIVATIONS", "AttentionWithDropout", "Dropout", "KVCache", "LayerKV", "MultiheadAttention", "RMSNorm",
+    "ReluKeepingMask", "SwiGLU", "TransformerLayer", "apply_rotary", "attention_mask", "set_activation_checkpointing",
+]
 
 
 class MultiheadAttention(nn.Module):
@@ -406,7 +153,7 @@ class MultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if dropout and q.device.type == "cpu" and torch.is_grad_enabled() and (
                 q.requires_grad or k.requires_grad or v.requires_grad):
-            out = _AttentionWithDropout.apply(q, k, v, attn_mask, is_causal, dropout)
+            out = AttentionWithDropout.apply(q, k, v, attn_mask, is_causal, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
         # out: (B, H, T, hd)
@@ -554,7 +301,7 @@ class TransformerLayer(nn.Module):
         keep its input anyway (frozen weights need no gradient; a hooked or wrapped linear may read it)."""
         if (self.activation == "relu" and x.requires_grad and torch.is_grad_enabled()
                 and not self.fc2.weight.requires_grad and _plain_linear(self.fc2)):
-            return _ReluKeepingMask.apply(x)
+            return ReluKeepingMask.apply(x)
         return ACTIVATIONS[self.activation](x)
 
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from speechprompt.models.transformer import (
+    AttentionWithDropout,
     Dropout,
     KVCache,
     LayerKV,
+    ReluKeepingMask,
     TransformerLayer,
-    _AttentionWithDropout,
-    _ReluKeepingMask,
     attention_mask,
 )
 
@@ -69,7 +69,7 @@ def test_attention_with_dropout_equals_its_definition() -> None:
     q, k, v = (torch.randn(B, H, n, hd, dtype=torch.float64, requires_grad=True) for n in (T, S, S))
     mask = attention_mask(torch.tensor([[False] * S, [True, True] + [False] * (S - 2)]), T, past_len=S - T)
     torch.manual_seed(1)
-    out = _AttentionWithDropout.apply(q, k, v, mask, False, p)
+    out = AttentionWithDropout.apply(q, k, v, mask, False, p)
     torch.manual_seed(1)
     _, keep = torch.native_dropout(torch.ones(B, H, T, S, dtype=torch.float64), p, True)  # the same draws
     probs = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~mask, -math.inf), dim=-1)
@@ -80,7 +80,7 @@ def test_attention_with_dropout_equals_its_definition() -> None:
                                torch.autograd.grad(reference, (q, k, v), grad))
     # Causal, without dropout: SDPA's own result.
     q2 = torch.randn(B, H, S, hd, dtype=torch.float64)
-    causal = _AttentionWithDropout.apply(q2, k, v, None, True, 1e-12)
+    causal = AttentionWithDropout.apply(q2, k, v, None, True, 1e-12)
     torch.testing.assert_close(causal, F.scaled_dot_product_attention(q2, k, v, is_causal=True))
 
 
@@ -100,7 +100,7 @@ def test_training_attention_on_cpu_takes_the_lean_path_and_learns() -> None:
 def test_relu_and_dropout_keep_byte_masks_and_have_the_same_gradients() -> None:
     x = torch.randn(4, 16, requires_grad=True)
     grad = torch.randn(4, 16)
-    (ours,) = torch.autograd.grad(_ReluKeepingMask.apply(x), x, grad)
+    (ours,) = torch.autograd.grad(ReluKeepingMask.apply(x), x, grad)
     (reference,) = torch.autograd.grad(F.relu(x), x, grad)
     assert torch.equal(ours, reference)
     dropout = Dropout(0.25).train()
