@@ -290,7 +290,7 @@ class TaskBank:
         prefix = torch.zeros(n, cfg.layers, 2, H, P, D // H)
         prefix_pad = torch.ones(n, P, dtype=torch.bool)
         frozen_bos = self.model.decoder.embed_tokens.weight[BOS].detach().float().cpu()
-        separator = frozen_bos.expand(n, D).clone()
+        separator = frozen_bos.expand(n, -1).clone()  # (n, D_in): the table's width, D unless project_in_dim
         for i, t in enumerate(tasks):
             if t.prefix is not None:
                 p = t.prefix.shape[3]

@@ -104,11 +104,11 @@ class PromptTuning(TuningMethod):
         super().__init__(config)
         if not isinstance(model, UnitLM):
             raise TuningError(f"prompt tuning prepends to unit tokens: needs the unit LM, got {type(model).__name__}")
-        table = model.decoder.embed_tokens.weight.detach()  # (V, D)
-        L, D, n_layers = config.length, table.shape[1], len(model.transformer_layers())
+        table = model.decoder.embed_tokens.weight.detach()  # (V, D_in): D_in = D unless fairseq's project_in_dim
+        L, D, n_layers = config.length, model.cfg.embed_dim, len(model.transformer_layers())
         self.length = L
         ids = self._init_tokens(table.shape[0])
-        self.prompt = nn.Parameter(self._initial_prompt(table, model.decoder.embed_scale, ids))
+        self.prompt = nn.Parameter(self._initial_prompt(model, ids))
         if config.deep and config.deep_init is DeepInit.ACTIVATIONS:
             kv_in = _kv_inputs(model, ids.to(table.device))  # (layers, L, D)
             self.deep_key = nn.Parameter(kv_in.clone())
@@ -136,11 +136,14 @@ class PromptTuning(TuningMethod):
                               f"{vocab - first_unit} units")
         return ids
 
-    def _initial_prompt(self, table: torch.Tensor, embed_scale: float, ids: torch.Tensor | None) -> torch.Tensor:
-        """``(L, D)`` starting values: the input prompt lives after scaling, so unit rows are scaled too."""
+    def _initial_prompt(self, model: UnitLM, ids: torch.Tensor | None) -> torch.Tensor:
+        """``(L, D)`` starting values: the input prompt lives after scaling (and fairseq's ``project_in_dim``), so
+        unit rows go through them too."""
         if ids is None:
-            return torch.randn(self.config.length, table.shape[1]) * self.config.init_std
-        return table[ids.to(table.device)].float() * embed_scale  # a copy (advanced indexing)
+            return torch.randn(self.config.length, model.cfg.embed_dim) * self.config.init_std
+        device = model.decoder.embed_tokens.weight.device
+        with torch.no_grad():
+            return model.token_inputs(ids.to(device)[None])[0].float()  # (L, D), a fresh tensor
 
     def _inject(self, model: nn.Module) -> None:
         if not isinstance(model, UnitLM):
