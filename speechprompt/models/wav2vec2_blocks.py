@@ -73,10 +73,25 @@ class ConvFeatureExtractor(nn.Module):
         """Whether any adapter slot is set."""
         return any(adapter is not None for adapter in self.conv_adapters)
 
-    def forward(self, source: Tensor) -> Tensor:
+    def forward(self, source: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``(B, T)`` samples -> ``(B, C, frames)``.
+
+        ``lengths`` ``(B,)``: the real samples of each row of a right-padded batch. Given, a GroupNorm front end
+        (base models) runs its first block row by row on the real samples only, so that its per-utterance
+        statistics are those of the utterance alone (fairseq and transformers normalise over the padding too, so
+        a row's features then depend on its batch). That block is about 1% of the front end's multiply-adds. The
+        later convolutions never mix time steps through statistics, so padding reaches only frames past a row's
+        own frame count.
+        """
         x = source[:, None, :]  # (B, 1, T)
-        for conv, adapter in zip(self.conv_layers, self.conv_adapters):
-            x = conv(x)  # (B, C_i, T_i)
+        for i, (conv, adapter) in enumerate(zip(self.conv_layers, self.conv_adapters)):
+            if i == 0 and lengths is not None and any(isinstance(m, Fp32GroupNorm) for m in conv):
+                rows = [conv(x[b : b + 1, :, : int(n)]) for b, n in enumerate(lengths.tolist())]  # (1, C, T_b)
+                width = conv[0].kernel_size[0], conv[0].stride[0]
+                frames = (x.shape[-1] - width[0]) // width[1] + 1
+                x = torch.cat([F.pad(r, (0, frames - r.shape[-1])) for r in rows])  # (B, C_0, T_0), zero padded
+            else:
+                x = conv(x)  # (B, C_i, T_i)
             if adapter is not None:
                 x = adapter(x)
         return x  # (B, C, frames)
