@@ -389,19 +389,21 @@ class Wav2Vec2Model(nn.Module):
         padding_mask: Tensor | None = None,
         prefix: Sequence[LayerKV | None] | None = None,
         feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        exact_padding: bool = False,
     ) -> tuple[list[Tensor], Tensor | None]:
         """Every hidden state, for a learned weighted sum of layers (HF's ``output_hidden_states``).
 
         ``feature_mask(x, frame_padding_mask)``, when given, rewrites the projected features ``(B, frames, D)``
         before the positional conv and the layers (fine-tuning's time and channel masking, fairseq's
-        ``apply_mask``; see :mod:`speechprompt.superb.feature_mask`).
+        ``apply_mask``; see :mod:`speechprompt.superb.feature_mask`). ``exact_padding``: as in
+        :meth:`extract_features`.
 
         Returns:
             ``num_layers + 1`` tensors ``(B, frames, D)``: the transformer's input (after the positional conv,
             and its LayerNorm in post-LN models), then each layer's output (no final LayerNorm); and the
             ``(B, frames)`` frame padding mask (``None`` without ``padding_mask``).
         """
-        return self._run(source, padding_mask, self.num_layers, prefix, feature_mask)
+        return self._run(source, padding_mask, self.num_layers, prefix, feature_mask, exact_padding)
 
     def final_features(self, hidden: Sequence[Tensor]) -> Tensor:
         """What ``extract_features(output_layer=None)`` returns, from :meth:`hidden_states`' output ``(B, F, D)``."""

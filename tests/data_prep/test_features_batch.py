@@ -195,3 +195,19 @@ def test_bf16_encoder_reader_and_refusals(encoder_corpus: dict[str, Path], capsy
     rc = main(["prepare", "--manifest", str(encoder_corpus["manifest"]), "--features", "logmel", "--kmeans",
                str(encoder_corpus["km"]), "--out", str(encoder_corpus["root"] / "u"), "--batch-seconds", "-1"])
     assert rc == 2 and "--batch-seconds must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_superb_batches_equal_one_at_a_time_in_exact_mode(encoder_corpus: dict[str, Path], exact: bool) -> None:
+    from speechprompt.superb import build_superb
+
+    model, _ = build_superb(str(encoder_corpus["directory"]), "linear_probe", "encoder_ctc", ["lo", "hi"],
+                            exact_padding=exact)
+    model.eval()
+    wavs = _waveforms([2000, 1290, 999])
+    with torch.inference_mode():
+        out, frame_mask = model(*model.prepare(wavs))  # (B, F, V), (B, F)
+        alone = [model(*model.prepare([w]))[0][0] for w in wavs]
+    assert [int((~m).sum()) for m in frame_mask] == [a.shape[0] for a in alone]
+    diff = max(float((out[i, : a.shape[0]] - a).abs().max()) for i, a in enumerate(alone))
+    assert diff < 1e-5 if exact else diff > 1e-3  # a GroupNorm front end sees the padding unless exact
