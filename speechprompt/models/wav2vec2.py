@@ -286,8 +286,8 @@ class Wav2Vec2Model(nn.Module):
 
     def frontend_features(self, source: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``. ``lengths``
-        ``(B,)`` (real samples per row) makes a GroupNorm front end normalise each row over its own samples only
-        (see :class:`ConvFeatureExtractor`)."""
+        ``(B,)`` (real samples per row) runs a conv front end on each row's own samples (see
+        :class:`ConvFeatureExtractor`)."""
         if lengths is not None and isinstance(self.feature_extractor, ConvFeatureExtractor):
             return self.feature_extractor(source, lengths).transpose(1, 2)  # (B, frames, C): for inference
         mult = self.cfg.feature_grad_mult
@@ -368,8 +368,10 @@ class Wav2Vec2Model(nn.Module):
             prefix: one :class:`LayerKV` (or ``None``) per layer: projected keys/values ``(B or 1, H, P, hd)``
                 prepended to that layer's attention (prefix tuning). They are never masked.
             exact_padding: make each real frame of a right-padded batch what its utterance gives alone (batched
-                feature extraction): a GroupNorm front end normalises each row over its own samples, and the frame
-                mask follows each row's own frame count. Off, padding behaves as in fairseq and transformers.
+                feature extraction): the conv front end runs each row on its own samples (so a GroupNorm front end
+                normalises each utterance alone), the frame mask follows each row's own frame count, and a
+                positional conv stack is re-masked between its convs. Off, padding behaves as in fairseq and
+                transformers.
 
         Returns:
             ``(B, frames, D)`` with ``frames`` about ``T / 320`` for the standard front end.

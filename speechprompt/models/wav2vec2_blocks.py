@@ -76,22 +76,34 @@ class ConvFeatureExtractor(nn.Module):
     def forward(self, source: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``(B, T)`` samples -> ``(B, C, frames)``.
 
-        ``lengths`` ``(B,)``: the real samples of each row of a right-padded batch. Given, a GroupNorm front end
-        (base models) runs its first block row by row on the real samples only, so that its per-utterance
-        statistics are those of the utterance alone (fairseq and transformers normalise over the padding too, so
-        a row's features then depend on its batch). That block is about 1% of the front end's multiply-adds. The
-        later convolutions never mix time steps through statistics, so padding reaches only frames past a row's
-        own frame count.
+        ``lengths`` ``(B,)``: the real samples of each row of a right-padded batch. Given, each row runs through the
+        stack alone, on its own samples, and its frames are zero-padded to the batch's frame count: a GroupNorm
+        front end (base models) then normalises each utterance over its own samples only (fairseq and
+        transformers normalise over the padding too, so that a row's features depend on its batch), and the convs
+        spend nothing on padding. A row shorter than the receptive field gives no frame.
         """
+        if lengths is not None:
+            frames = self._frames(source.shape[1])
+            rows = [self._stack(source[b : b + 1, : int(n)]) if self._frames(int(n)) else None
+                    for b, n in enumerate(lengths.tolist())]
+            out = source.new_zeros(source.shape[0], self.conv_layers[-1][0].out_channels, frames)  # (B, C, frames)
+            for b, row in enumerate(rows):
+                if row is not None:
+                    out[b, :, : row.shape[-1]] = row[0]
+            return out
+        return self._stack(source)
+
+    def _frames(self, samples: int) -> int:
+        """Frames the stack gives for ``samples`` samples (0 below its receptive field)."""
+        for block in self.conv_layers:
+            conv = block[0]
+            samples = max((samples - conv.kernel_size[0]) // conv.stride[0] + 1, 0)
+        return samples
+
+    def _stack(self, source: Tensor) -> Tensor:
         x = source[:, None, :]  # (B, 1, T)
-        for i, (conv, adapter) in enumerate(zip(self.conv_layers, self.conv_adapters)):
-            if i == 0 and lengths is not None and any(isinstance(m, Fp32GroupNorm) for m in conv):
-                rows = [conv(x[b : b + 1, :, : int(n)]) for b, n in enumerate(lengths.tolist())]  # (1, C, T_b)
-                width = conv[0].kernel_size[0], conv[0].stride[0]
-                frames = (x.shape[-1] - width[0]) // width[1] + 1
-                x = torch.cat([F.pad(r, (0, frames - r.shape[-1])) for r in rows])  # (B, C_0, T_0), zero padded
-            else:
-                x = conv(x)  # (B, C_i, T_i)
+        for conv, adapter in zip(self.conv_layers, self.conv_adapters):
+            x = conv(x)  # (B, C_i, T_i)
             if adapter is not None:
                 x = adapter(x)
         return x  # (B, C, frames)
