@@ -24,6 +24,7 @@ Prints ONE JSON object (also written to ``--out``):
     python benchmarks/encoders.py                        # base size, 8 utterances of 2-8 s (about 15 minutes on CPU)
     python benchmarks/encoders.py --archs hubert --n 4   # one architecture
     python benchmarks/encoders.py --quick                # tiny models: a smoke test (a minute)
+    python benchmarks/encoders.py --device cuda --dtype bf16 --n 64 --seconds 2-16   # on a GPU
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ ARCHS = ("hubert", "wav2vec2", "data2vec_audio", "wavlm")
 HF = {"hubert": ("HubertConfig", "HubertModel"), "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
       "data2vec_audio": ("Data2VecAudioConfig", "Data2VecAudioModel"), "wavlm": ("WavLMConfig", "WavLMModel")}
 FAIRSEQ_ARCHS = ("hubert", "wav2vec2", "data2vec_audio")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUICK_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     conv_dim=[16] * 5, conv_kernel=[10, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2],
                     num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4)
@@ -76,7 +78,8 @@ def waveforms(n: int, lo: float, hi: float, seed: int = 0) -> list[torch.Tensor]
     return [0.1 * torch.randn(lengths[i], generator=g) for i in torch.randperm(n, generator=g).tolist()]
 
 
-def hf_runner(model: torch.nn.Module, wavs: list[torch.Tensor], batches: list[list[int]]) -> dict[str, Any]:
+def hf_runner(model: torch.nn.Module, wavs: list[torch.Tensor], batches: list[list[int]],
+              device: torch.device) -> dict[str, Any]:
     """transformers, one at a time and on our batches (``attention_mask`` only for LayerNorm front ends, as its
     docs advise: GroupNorm models were trained without one and are fed zero padding alone)."""
     use_mask = getattr(model.config, "feat_extract_norm", "group") == "layer"
@@ -91,8 +94,10 @@ def hf_runner(model: torch.nn.Module, wavs: list[torch.Tensor], batches: list[li
         for idx in batches:
             rows = [wavs[i] for i in idx]
             source = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T)
-            lengths = torch.tensor([r.numel() for r in rows])
-            mask = (torch.arange(source.shape[1])[None, :] < lengths[:, None]).long() if use_mask else None
+            lengths = torch.tensor([r.numel() for r in rows], device=device)
+            mask = None
+            if use_mask:
+                mask = (torch.arange(source.shape[1], device=device)[None, :] < lengths[:, None]).long()  # (B, T)
             hidden = model(source, attention_mask=mask).last_hidden_state  # (B, F, D)
             frames = model._get_feat_extract_output_lengths(lengths)
             for row, i in enumerate(idx):
@@ -105,7 +110,7 @@ def hf_runner(model: torch.nn.Module, wavs: list[torch.Tensor], batches: list[li
 def max_diff(feats: list[torch.Tensor], reference: list[torch.Tensor]) -> float | None:
     if len(feats) != len(reference) or any(a.shape != b.shape for a, b in zip(feats, reference)):
         return None
-    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(feats, reference))
+    return max(float((a.float().cpu() - b.float().cpu()).abs().max()) for a, b in zip(feats, reference))
 
 
 def summarise(times: dict[str, list[float]], audio_seconds: float) -> dict[str, Any]:
@@ -117,15 +122,18 @@ def summarise(times: dict[str, list[float]], audio_seconds: float) -> dict[str, 
 def bench_arch(arch: str, args: argparse.Namespace, tmp: Path, wavs: list[torch.Tensor]) -> dict[str, Any]:
     from speechprompt.config import to_dict
 
-    device = torch.device("cpu")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     hf = build_hf(arch, args.quick)
     directory = tmp / arch
     hf.save_pretrained(directory)
+    hf = hf.to(device, dtype)
     ours = load_encoder(directory).model
     ours.remove_pretraining_modules()
     ours.eval()
     layer = ours.num_layers
-    reader = HubertFeatureReader(ours, {"normalize": False}, layer)
+    reader = HubertFeatureReader(ours, {"normalize": False}, layer, device=args.device)
+    reader.set_dtype(args.dtype)
+    wavs = [w.to(device) for w in wavs]
     audio = sum(w.numel() for w in wavs) / SR
     batches = length_batches([w.numel() for w in wavs], int(args.batch_seconds * SR))
 
@@ -136,19 +144,20 @@ def bench_arch(arch: str, args: argparse.Namespace, tmp: Path, wavs: list[torch.
         times, feats = timed(fn, args.repeats, device)
         reference = reference or feats
         results.setdefault("ours", {})[mode] = {**summarise(times, audio), "max_abs_diff": max_diff(feats, reference)}
-    for mode, fn in hf_runner(hf, wavs, batches).items():
+    hf_wavs = [w.to(dtype) for w in wavs]
+    for mode, fn in hf_runner(hf, hf_wavs, batches, device).items():
         times, feats = timed(fn, args.repeats, device)
         results.setdefault("transformers", {})[mode] = {**summarise(times, audio),
                                                         "max_abs_diff": max_diff(feats, reference)}
     del hf
     if arch in FAIRSEQ_ARCHS and not args.no_fairseq:
-        torch.save(ours.state_dict(), tmp / f"{arch}.state.pt")
-        torch.save(wavs, tmp / "wavs.pt")
+        torch.save({k: v.float().cpu() for k, v in ours.state_dict().items()}, tmp / f"{arch}.state.pt")
+        torch.save([w.cpu() for w in wavs], tmp / "wavs.pt")
         cfg = {k: (v.value if hasattr(v, "value") else v) for k, v in to_dict(ours.cfg).items()}
         for mode in ("one", "batched"):
             spec = {"kind": "encoder", "arch": arch, "cfg": cfg, "state": str(tmp / f"{arch}.state.pt"),
                     "inputs": str(tmp / "wavs.pt"), "layer": layer, "batches": batches, "mode": mode,
-                    "repeats": args.repeats, "threads": args.threads, "device": "cpu", "dtype": "fp32",
+                    "repeats": args.repeats, "threads": args.threads, "device": args.device, "dtype": args.dtype,
                     "features_out": str(tmp / f"{arch}.{mode}.fairseq.pt")}
             out = run_fairseq(spec)
             if "error" in out:
@@ -186,6 +195,8 @@ def main() -> int:
     parser.add_argument("--seconds", default="2-8", help="utterance lengths, LO-HI seconds, spread evenly")
     parser.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio per batch (as prepare's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
+    parser.add_argument("--device", default="cpu", help="torch device of every side (e.g. cuda)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute type of every side")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up; the best is kept")
     parser.add_argument("--quick", action="store_true", help="tiny models and audio: a smoke test")
     parser.add_argument("--no-fairseq", action="store_true", help="skip the fairseq side")
@@ -204,7 +215,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-encoders-") as tmp:
         for arch in archs:
             rows.append(bench_arch(arch, args, Path(tmp), wavs))
-    out = {"benchmark": "encoders", "quick": args.quick, "threads": torch.get_num_threads(), "device": "cpu",
+    out = {"benchmark": "encoders", "quick": args.quick, "threads": torch.get_num_threads(), "device": args.device,
+           "dtype": args.dtype,
            "torch": torch.__version__, "utterances": len(wavs),
            "audio_seconds": round(sum(w.numel() for w in wavs) / SR, 3), "batch_seconds": args.batch_seconds,
            "command": "python benchmarks/encoders.py " + " ".join(sys.argv[1:]), "results": rows}
