@@ -288,18 +288,21 @@ class Wav2Vec2Model(nn.Module):
         """The front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``. ``lengths``
         ``(B,)`` (real samples per row) runs a conv front end on each row's own samples (see
         :class:`ConvFeatureExtractor`)."""
-        if lengths is not None and isinstance(self.feature_extractor, ConvFeatureExtractor):
-            return self.feature_extractor(source, lengths).transpose(1, 2)  # (B, frames, C): for inference
+        def front_end(x: Tensor) -> Tensor:
+            if lengths is not None and isinstance(self.feature_extractor, ConvFeatureExtractor):
+                return self.feature_extractor(x, lengths)
+            return self.feature_extractor(x)
+
         mult = self.cfg.feature_grad_mult
         if self.feature_extractor.adapted:
             # Adapters in the front end train through it: neither fairseq's no-grad shortcut (mult 0) nor its
             # gradient scaling applies to them, and the frozen convs need neither.
-            return self.feature_extractor(source).transpose(1, 2)  # (B, frames, C)
+            return front_end(source).transpose(1, 2)  # (B, frames, C)
         if mult <= 0:
             with torch.no_grad():
-                feats = self.feature_extractor(source)
+                feats = front_end(source)
         else:
-            feats = self.feature_extractor(source)
+            feats = front_end(source)
             if mult != 1.0 and feats.requires_grad:
                 # Exactly the same value (the difference is 0); the gradient into the front end is scaled.
                 feats = feats.detach() + (feats - feats.detach()) * mult
