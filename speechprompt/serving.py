@@ -286,13 +286,13 @@ class TaskBank:
         tasks, dev = list(self.tasks.values()), self.device
         cfg = self.model.cfg
         attn = self.model.transformer_layers()[0].self_attn
-        n, D = len(tasks), self.model.decoder.embed_tokens.weight.shape[1]  # the separator is an embedding row
+        n = len(tasks)
         H, hd = attn.num_kv_heads, attn.head_dim  # prefixes are projected keys/values: the k/v heads
         P = max((t.prefix.shape[3] for t in tasks if t.prefix is not None), default=0)
         prefix = torch.zeros(n, cfg.layers, 2, H, P, hd)
         prefix_pad = torch.ones(n, P, dtype=torch.bool)
         frozen_bos = self.model.decoder.embed_tokens.weight[self.vocab.bos].detach().float().cpu()
-        separator = frozen_bos.expand(n, D).clone()
+        separator = frozen_bos.expand(n, -1).clone()  # (n, D_in): the table's width, D unless project_in
         for i, t in enumerate(tasks):
             if t.prefix is not None:
                 p = t.prefix.shape[3]

@@ -80,3 +80,31 @@ def test_speechlm_quick_runs_ours_and_reports_peft_or_why_not() -> None:
     # Deep prompt L=5 with the separator on 2 layers of width 896: (2 * 2 + 1) * 5 * 896 + 896.
     assert rows["ours_deep_prompt"]["trainable_params"] == 5 * 5 * 896 + 896
     assert rows["ours_full_ft"]["trainable_params"] == rows["ours_full_ft"]["base_params"]
+
+
+@pytest.mark.slow
+@pytest.mark.fairseq
+def test_encoders_quick_measures_every_architecture_and_ours_batched_is_exact() -> None:
+    python = oracle_python("fairseq")
+    if not python.is_file():
+        pytest.fail(f"the fairseq oracle environment is missing ({python}); point SPEECHPROMPT_FAIRSEQ_PYTHON at a "
+                    "python that has fairseq-fixed", pytrace=False)
+    env = {**os.environ, "SPEECHPROMPT_FAIRSEQ_PYTHON": str(python)}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoders.py"), "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["benchmark"] == "encoders" and out["quick"] is True
+    assert [row["arch"] for row in out["results"]] == ["hubert", "wav2vec2", "data2vec_audio", "wavlm"]
+    for row in out["results"]:
+        peers = ("transformers",) if row["arch"] == "wavlm" else ("transformers", "fairseq")
+        assert row["fairseq"] is None if row["arch"] == "wavlm" else row["fairseq"] is not None
+        for impl in ("ours", *peers):
+            for mode in ("one", "batched"):
+                cell = row[impl][mode]
+                assert "error" not in cell, (row["arch"], impl, mode, cell)
+                assert cell["seconds"] > 0 and cell["rtf"] > 0
+        # Every implementation reads the same features one at a time; ours batched too (the exact mode).
+        assert all(row[impl]["one"]["max_abs_diff"] < 1e-4 for impl in ("ours", *peers))
+        assert row["ours"]["batched"]["max_abs_diff"] < 1e-4
+        assert row["ours_batched_vs_fastest_peer"] > 0

@@ -8,9 +8,11 @@ HuBERT's state dict, the waveforms and tokens as tensors).
     python benchmarks/oracles/fairseq_side.py '{"kind": "hubert", ...}'
 
 Kinds (the benchmark's docstring says what each measures): ``hubert`` (layer features, one utterance at a time or in
-padded batches), ``lm_train`` (a full training step of the unit LM: forward, fairseq's cross-entropy, backward,
-gradient clipping, fairseq's Adam), ``decode`` (greedy decoding with ``SequenceGenerator`` forcing the context as a
-prefix, as fairseq's ``language_modeling`` task generates).
+padded batches), ``encoder`` (the same for HuBERT, wav2vec 2.0 or data2vec-audio built from a state dict under
+fairseq's names and our config fields, for ``benchmarks/encoders.py``), ``lm_train`` (a full training step of the
+unit LM: forward, fairseq's cross-entropy, backward, gradient clipping, fairseq's Adam), ``decode`` (greedy
+decoding with ``SequenceGenerator`` forcing the context as a prefix, as fairseq's ``language_modeling`` task
+generates).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def build_hubert(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
     full = OmegaConf.create({"model": model_cfg,
                              "task": HubertPretrainingConfig(data="/data", labels=["km"], label_rate=50.0)})
     model = HubertModel(full.model, full.task, [d])
-    model.load_state_dict(torch.load(spec["hubert_state"], weights_only=True), strict=True)
+    if spec["hubert_state"] is not None:
+        model.load_state_dict(torch.load(spec["hubert_state"], weights_only=True), strict=True)
     return model.eval().to(device)
 
 
@@ -142,6 +145,68 @@ def run_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     with torch.no_grad():
         times, feats = timed(fn, spec["repeats"], device)
     if spec.get("features_out"):  # for the benchmark to compare with ours
+        torch.save([f.float().cpu() for f in feats], spec["features_out"])
+    return {**times, "frames": sum(f.shape[0] for f in feats)}
+
+
+# -- any encoder of the family (benchmarks/encoders.py) -------------------------------------------------------
+
+# fairseq tensors that only pretraining uses: a state dict converted from another library does not have them.
+_PRETRAINING_ONLY = ("quantizer.", "project_q.", "final_proj.", "label_embs_concat", "mask_emb", "target_glu.")
+
+
+def build_encoder(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """fairseq's ``HubertModel`` or ``Wav2Vec2Model`` (data2vec-audio's encoder is the latter with a positional
+    conv stack) from ``spec["cfg"]`` (our config fields, fairseq's names; fields fairseq lacks are dropped) and the
+    state dict at ``spec["state"]``. Every tensor of ours must be used, and only pretraining tensors may be left."""
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+
+    if spec["arch"] == "hubert":
+        model = build_hubert({"hubert_cfg": spec["cfg"], "hubert_classes": 504, "hubert_state": None}, device)
+    else:
+        known = set(Wav2Vec2Config.__dataclass_fields__)
+        model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in spec["cfg"].items() if k in known}))
+    result = model.load_state_dict(torch.load(spec["state"], weights_only=True), strict=False)
+    left = [k for k in result.missing_keys if not k.startswith(_PRETRAINING_ONLY)]
+    if left or result.unexpected_keys:
+        raise SystemExit(f"state dict does not fit fairseq's {spec['arch']}: missing {left[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}")
+    return model.eval().to(device)
+
+
+def run_encoder(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    model = build_encoder(spec, device).to(dtype)
+    wavs = [w.to(device, dtype) for w in torch.load(spec["inputs"], weights_only=True)]
+    layer = spec["layer"]
+    hubert = spec["arch"] == "hubert"
+
+    def features(source: torch.Tensor, padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hubert:
+            return model.extract_features(source, padding, mask=False, output_layer=layer)
+        out = model.extract_features(source, padding, mask=False, layer=layer - 1)  # fairseq counts from 0 here
+        return out["x"], out["padding_mask"]
+
+    def one_at_a_time() -> list[torch.Tensor]:
+        return [features(w[None], None)[0][0] for w in wavs]
+
+    def batched() -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(wavs)
+        for idx in spec["batches"]:  # fairseq's own padded batches: padding mask in, frame mask out
+            lengths = [wavs[i].numel() for i in idx]
+            source = wavs[0].new_zeros(len(idx), max(lengths))
+            padding = torch.ones(len(idx), max(lengths), dtype=torch.bool, device=device)
+            for row, (i, n) in enumerate(zip(idx, lengths)):
+                source[row, :n] = wavs[i]
+                padding[row, :n] = False
+            x, frame_padding = features(source, padding if len(idx) > 1 else None)
+            for row, i in enumerate(idx):
+                out[i] = x[row] if frame_padding is None else x[row][~frame_padding[row]]
+        return out  # type: ignore[return-value]
+
+    fn = batched if spec["mode"] == "batched" else one_at_a_time
+    with torch.no_grad():
+        times, feats = timed(fn, spec["repeats"], device)
+    if spec.get("features_out"):
         torch.save([f.float().cpu() for f in feats], spec["features_out"])
     return {**times, "frames": sum(f.shape[0] for f in feats)}
 
@@ -229,7 +294,8 @@ def main() -> None:
     torch.manual_seed(spec.get("seed", 0))
     device = torch.device(spec["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    runner = {"hubert": run_hubert, "lm_train": run_lm_train, "decode": run_decode}[spec["kind"]]
+    runner = {"hubert": run_hubert, "encoder": run_encoder, "lm_train": run_lm_train,
+              "decode": run_decode}[spec["kind"]]
     out = runner(spec, device, dtype)
     out["impl"] = "fairseq"
     out["threads"] = torch.get_num_threads()

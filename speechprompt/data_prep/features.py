@@ -10,6 +10,11 @@ Readers are chosen by name through a small registry, so that a new one is one cl
 :func:`~speechprompt.models.encoders.load_encoder` loads: fairseq HuBERT/wav2vec 2.0/data2vec checkpoints (CTC
 fine-tuned ones too), official WavLM files, and Hugging Face directories.
 
+Batched reading: :meth:`FeatureReader.read_batch` takes several waveforms and gives what :meth:`~FeatureReader.read`
+gives each of them (the encoder reader pads them into one forward with a padding mask, exactly; other readers
+loop), and :func:`read_files` reads audio files in length-sorted batches bounded by ``--batch-seconds``, yielding
+the results in input order with each unreadable file's error in its place. ``prepare`` and ``kmeans`` use it.
+
 Every reader can :meth:`~FeatureReader.describe` itself (name, dimension, layer, checkpoint and its sha256). A
 quantizer stores that description when it is learned, and ``speechprompt prepare`` refuses features that do not
 match it: units from the wrong layer or checkpoint are silently meaningless otherwise.
@@ -21,13 +26,15 @@ import abc
 import argparse
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from speechprompt.audio import SAMPLE_RATE, log_mel, mfcc
+from speechprompt.audio import SAMPLE_RATE, load_audio, log_mel, mfcc
 from speechprompt.errors import SpeechPromptError
 from speechprompt.models.encoders import load_encoder
 from speechprompt.models.wav2vec2 import Wav2Vec2Model, normalize_waveform
@@ -68,11 +75,37 @@ class FeatureReader(abc.ABC):
         Returns:
             (frames, D) float32 tensor (on the reader's device).
         """
+        x = self._waveform(wav)
+        with torch.inference_mode():
+            return self._read(x)
+
+    def read_batch(self, wavs: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Features of several utterances: element i is what :meth:`read` gives ``wavs[i]``.
+
+        This base class reads them one at a time (the spectral readers gain nothing from a batch); encoder readers
+        run them as one padded forward. Pass utterances of similar lengths (:func:`read_files` sorts them) so that
+        little of the batch is padding.
+
+        Args:
+            wavs: (T_i,) float waveforms at 16 kHz.
+
+        Returns:
+            One (frames_i, D) float32 tensor per waveform.
+        """
+        return [self.read(w) for w in wavs]
+
+    def _waveform(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav, dtype=torch.float32)
         if x.dim() != 1:
             raise FeatureError(f"{self.name} reader expects a mono (T,) waveform, got shape {tuple(x.shape)}")
-        with torch.inference_mode():
-            return self._read(x)
+        return x
+
+    def set_dtype(self, dtype: str) -> None:
+        """Compute in ``dtype`` (``float32`` or ``bfloat16``). Features are float32 either way. Only readers that run
+        a network support bfloat16; the others refuse it with a :class:`FeatureError`."""
+        if _DTYPES.get(dtype) is not torch.float32:
+            raise FeatureError(f"--dtype {dtype}: the {self.name} reader computes in float32 only (bf16 is for the "
+                               "hubert/ssl encoder readers)")
 
     def describe(self) -> dict[str, Any]:
         """What identifies these features: compared by :func:`feature_mismatch`, stored with quantizers."""
@@ -80,6 +113,7 @@ class FeatureReader(abc.ABC):
 
 
 _READERS: dict[str, type[FeatureReader]] = {}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def register_feature_reader(name: str, cls: type[FeatureReader]) -> type[FeatureReader]:
@@ -96,12 +130,18 @@ def feature_reader_names() -> list[str]:
 
 
 def build_feature_reader(
-    name: str, checkpoint: str | os.PathLike | None = None, layer: int | None = None, device: str = "cpu"
+    name: str, checkpoint: str | os.PathLike | None = None, layer: int | None = None, device: str = "cpu",
+    dtype: str = "float32",
 ) -> FeatureReader:
-    """The registered reader ``name``, built from the options it takes."""
+    """The registered reader ``name``, built from the options it takes, computing in ``dtype`` (see
+    :meth:`FeatureReader.set_dtype`)."""
     if name not in _READERS:
         raise FeatureError(f"unknown feature reader {name!r}; choose from {', '.join(_READERS)}")
-    return _READERS[name].from_options(str(checkpoint) if checkpoint is not None else None, layer, device)
+    if dtype not in _DTYPES:
+        raise FeatureError(f"unknown --dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+    reader = _READERS[name].from_options(str(checkpoint) if checkpoint is not None else None, layer, device)
+    reader.set_dtype(dtype)
+    return reader
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -204,8 +244,47 @@ class HubertFeatureReader(FeatureReader):
                                "directory) and --layer (1-based)")
         return cls.from_checkpoint(checkpoint, layer, device)
 
+    def set_dtype(self, dtype: str) -> None:
+        """Hold (and run) the encoder in ``dtype``; its GroupNorm/LayerNorm front end still computes in float32."""
+        if dtype not in _DTYPES:
+            raise FeatureError(f"unknown --dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+        self.model.to(_DTYPES[dtype])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def read_batch(self, wavs: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Features of several utterances in one padded forward, each equal to what :meth:`read` gives it alone
+        (within float rounding: 1e-5 in float32).
+
+        Each waveform is normalised on its own (if the checkpoint says so), right-padded with zeros, and the model
+        runs with the padding mask in its exact mode (:meth:`~speechprompt.models.wav2vec2.Wav2Vec2Model.
+        extract_features` ``exact_padding``: a base model's GroupNorm sees each utterance's own samples, and the
+        attention masks exactly the frames the utterance does not have); each row is then cut to the frame count
+        of its own length. Utterances longer than :attr:`max_chunk` (read in chunks) or shorter than the receptive
+        field (no frame) are read one at a time, as :meth:`read` does.
+        """
+        xs = [self._waveform(w) for w in wavs]
+        out: list[torch.Tensor | None] = [None] * len(xs)
+        batch = [i for i, x in enumerate(xs) if self.model.receptive_field <= x.numel() <= self.max_chunk]
+        if len(batch) < 2:
+            return [self.read(x) for x in xs]
+        with torch.inference_mode():
+            for i in set(range(len(xs))) - set(batch):
+                out[i] = self._read(xs[i])
+            rows = [normalize_waveform(xs[i].to(self.device), self.task_cfg) for i in batch]
+            lengths = torch.tensor([r.numel() for r in rows], device=self.device)  # (B,)
+            source = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(self.dtype)  # (B, T)
+            padding = torch.arange(source.shape[1], device=self.device)[None, :] >= lengths[:, None]  # (B, T)
+            feats = self.model.extract_features(source, padding, output_layer=self.layer, exact_padding=True)
+            for j, i in enumerate(batch):
+                frames = self.model.num_frames(int(lengths[j]))
+                out[i] = feats[j, :frames].to(torch.float32, copy=True)  # (frames, D), not a view of the batch
+        return out  # type: ignore[return-value]
+
     def _read(self, wav: torch.Tensor) -> torch.Tensor:
-        dtype = self.model.layer_norm.weight.dtype  # a model held in bf16 computes in bf16; features stay fp32
+        dtype = self.dtype  # a model held in bf16 computes in bf16; features stay fp32
         x = normalize_waveform(wav.to(self.device), self.task_cfg).view(1, -1).to(dtype)  # (1, T)
         feats = []
         for start in range(0, x.size(1), self.max_chunk):
@@ -226,6 +305,7 @@ class HubertFeatureReader(FeatureReader):
             "normalize": bool(self.task_cfg.get("normalize", False)),
             "max_chunk": self.max_chunk,
             "architecture": getattr(self.model, "architecture", "hubert"),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
 
@@ -302,6 +382,102 @@ register_feature_reader("mfcc_cmn", MfccCmnFeatureReader)
 register_feature_reader("logmel", LogMelFeatureReader)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Reading files in batches
+
+DEFAULT_BATCH_SECONDS = 100.0
+# Audio is loaded this many batches ahead, so that sorting by length has utterances to choose from.
+_WINDOW_BATCHES = 8
+
+
+@dataclass
+class FileFeatures:
+    """One result of :func:`read_files`: the features of ``paths[index]``, or why there are none."""
+
+    index: int
+    samples: int  # waveform length after loading (0 when unreadable)
+    feats: torch.Tensor | None  # (frames, D) float32
+    error: Exception | None
+
+
+def length_batches(lengths: Sequence[int], max_samples: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted longest first and grouped so that each batch's padded size, count times its
+    longest, is at most ``max_samples`` (a longer utterance is a batch of its own). ``max_samples <= 0``: one
+    utterance per batch, in input order."""
+    if max_samples <= 0:
+        return [[i] for i in range(len(lengths))]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        # Longest first, so the batch's first member sets its padded length.
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_samples:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def read_waveforms(
+    reader: FeatureReader, wavs: Sequence[np.ndarray | torch.Tensor], batch_seconds: float = DEFAULT_BATCH_SECONDS
+) -> list[torch.Tensor | Exception]:
+    """Features of each waveform, in input order, read in length-sorted batches of at most ``batch_seconds`` of
+    padded audio (0: one at a time). A batch that fails is read again one utterance at a time, so that one bad
+    input gets its own error (in its place in the result) and the others their features."""
+    out: list[torch.Tensor | Exception | None] = [None] * len(wavs)
+    lengths = [len(w) for w in wavs]
+    for batch in length_batches(lengths, int(batch_seconds * SAMPLE_RATE)):
+        try:
+            feats = reader.read_batch([wavs[i] for i in batch]) if len(batch) > 1 else [reader.read(wavs[batch[0]])]
+        except Exception:  # find which one: read each alone
+            feats = []
+            for i in batch:
+                try:
+                    feats.append(reader.read(wavs[i]))
+                except Exception as e:
+                    feats.append(e)
+        for i, f in zip(batch, feats):
+            out[i] = f
+    return out  # type: ignore[return-value]
+
+
+def read_files(
+    reader: FeatureReader,
+    paths: Sequence[str | os.PathLike],
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
+    sizes: Sequence[int] | None = None,
+) -> Iterator[FileFeatures]:
+    """Load audio files and read their features, yielding one :class:`FileFeatures` per path in input order.
+
+    Files are loaded a window at a time (about eight batches of audio, by ``sizes``, e.g. a manifest's sample
+    counts), sorted by length within the window and read in batches of at most ``batch_seconds`` of padded audio
+    (:func:`read_waveforms`; 0 reads one at a time). A file that cannot be loaded or read yields its exception
+    and the rest are read as usual.
+    """
+    n = len(paths)
+    max_samples = int(batch_seconds * SAMPLE_RATE)
+    window = _WINDOW_BATCHES * max_samples
+    start = 0
+    while start < n:
+        end, total = start + 1, (sizes[start] if sizes is not None else 0)
+        while end < n and max_samples > 0 and (total + (sizes[end] if sizes is not None else max_samples) <= window):
+            total += sizes[end] if sizes is not None else max_samples
+            end += 1
+        results: dict[int, FileFeatures] = {}
+        wavs: dict[int, np.ndarray] = {}
+        for i in range(start, end):
+            try:
+                wavs[i] = load_audio(paths[i])
+            except Exception as e:
+                results[i] = FileFeatures(i, 0, None, e)
+        order = list(wavs)
+        for i, f in zip(order, read_waveforms(reader, [wavs[i] for i in order], batch_seconds)):
+            failed = isinstance(f, Exception)
+            results[i] = FileFeatures(i, len(wavs[i]), None if failed else f, f if failed else None)
+        del wavs
+        for i in range(start, end):
+            yield results[i]
+        start = end
+
+
 def add_feature_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that choose a feature reader, shared by ``kmeans`` and ``prepare``."""
     parser.add_argument("--features", required=required, choices=feature_reader_names(),
@@ -313,7 +489,16 @@ def add_feature_arguments(parser: argparse.ArgumentParser, required: bool = True
     parser.add_argument("--layer", type=int, default=None, help="1-based transformer layer to read (hubert/ssl only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device that runs the feature reader and the quantizer")
+    parser.add_argument("--batch-seconds", type=float, default=DEFAULT_BATCH_SECONDS,
+                        help="read length-sorted batches of at most this many seconds of padded audio per forward "
+                        "(bounds memory; features equal one-at-a-time reading within 1e-5); 0 = one file at a time")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+                        help="compute type of the encoder (hubert/ssl only): bf16 halves its memory and is faster "
+                        "on recent GPUs/CPUs; features stay float32")
 
 
 def reader_from_args(args: argparse.Namespace) -> FeatureReader:
-    return build_feature_reader(args.features, checkpoint=args.checkpoint, layer=args.layer, device=args.device)
+    if getattr(args, "batch_seconds", 0.0) < 0:
+        raise FeatureError(f"--batch-seconds must be >= 0, got {args.batch_seconds}")
+    return build_feature_reader(args.features, checkpoint=args.checkpoint, layer=args.layer, device=args.device,
+                                dtype=getattr(args, "dtype", "float32"))

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from speechprompt.audio import load_audio
 from speechprompt.config import option, to_dict
 from speechprompt.data_prep.features import (
+    DEFAULT_BATCH_SECONDS,
     FeatureReader,
     add_feature_arguments,
     feature_mismatch,
     file_sha256,
+    read_files,
     reader_from_args,
 )
 from speechprompt.data_prep.manifest import read_manifest
@@ -280,12 +281,15 @@ def load_quantizer(path: str | os.PathLike) -> Quantizer:
 
 
 def collect_features(
-    manifest_path: str | os.PathLike, reader: FeatureReader, percent: float = 1.0, seed: int = 0
+    manifest_path: str | os.PathLike, reader: FeatureReader, percent: float = 1.0, seed: int = 0,
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Features (N, D) of a random ``percent`` of a manifest's utterances, concatenated.
 
     Utterances are sampled (without replacement, ``ceil(n * percent)`` of them, as fairseq's ``learn_kmeans``),
-    not frames, so each one's frames stay together. Unreadable files are logged and left out.
+    not frames, so each one's frames stay together. Unreadable files are logged and left out. They are read in
+    length-sorted batches of at most ``batch_seconds`` of padded audio (0: one at a time); the result is in row
+    order either way.
 
     Returns:
         The features and a summary (utterances sampled and used, frames, skipped files with reasons).
@@ -298,17 +302,19 @@ def collect_features(
     rows = np.sort(np.random.default_rng(seed).choice(n, n_sample, replace=False))
     feats, skipped = [], []
     with Progress(len(rows), "kmeans features", unit="utt") as bar:
-        for row in rows.tolist():
+        rows = rows.tolist()
+        results = read_files(reader, [manifest.path(row) for row in rows], batch_seconds,
+                             sizes=[manifest.entries[row].num_samples for row in rows])
+        for row, res in zip(rows, results):
             bar.update()
             path = manifest.path(row)
-            try:
-                f = reader.read(load_audio(path))
-            except Exception as e:  # any unreadable file is skipped: one bad file must not sink a corpus
+            if res.error is not None:  # any unreadable file is skipped: one bad file must not sink a corpus
+                e = res.error
                 reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # AudioError: without the path
                 skipped.append({"row": row, "path": str(path), "reason": reason})
                 logger.warning("skipped %s: %s", path, reason)
                 continue
-            feats.append(f.float().cpu().numpy())
+            feats.append(res.feats.float().cpu().numpy())
     if not feats:
         raise QuantizerError(f"no readable audio among the {n_sample} sampled utterances of {manifest_path}")
     data = np.concatenate(feats)  # (N, D)
@@ -341,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise QuantizerError(str(e)) from None
     reader = reader_from_args(args)
-    feats, info = collect_features(args.manifest, reader, cfg.percent, cfg.seed)
+    feats, info = collect_features(args.manifest, reader, cfg.percent, cfg.seed, batch_seconds=args.batch_seconds)
     logger.info("clustering %d frames (%d-d) of %d utterances into %d clusters", len(feats), feats.shape[1],
                 info["utterances_used"], cfg.k)
     start = time.perf_counter()

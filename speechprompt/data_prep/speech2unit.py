@@ -12,6 +12,10 @@ Sharding: with --nshard N --rank R, rank R converts a contiguous slice of the ro
 after all ranks have finished, one call with --nshard N --merge joins them into DIR/<stem>.units. The result is
 identical to a single run.
 
+Batching: utterances are read in length-sorted batches of at most ``--batch-seconds`` of padded audio (features
+equal to one-at-a-time reading within 1e-5; 0 reads one file at a time), and their lines are still written in
+manifest order.
+
 Resuming: every utterance is appended to a .partial file as it is done, so a killed run continues where it
 stopped when started again with the same options. Final files are moved into place atomically. A second process
 converting the same manifest (or the same shard) into the same directory is refused while the first runs; other
@@ -31,8 +35,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from speechprompt.audio import SAMPLE_RATE, load_audio
-from speechprompt.data_prep.features import FeatureReader, add_feature_arguments, reader_from_args
+from speechprompt.audio import SAMPLE_RATE
+from speechprompt.data_prep.features import (
+    DEFAULT_BATCH_SECONDS,
+    FeatureReader,
+    FileFeatures,
+    add_feature_arguments,
+    read_files,
+    reader_from_args,
+)
 from speechprompt.data_prep.kmeans import Quantizer, QuantizerError, load_quantizer
 from speechprompt.data_prep.manifest import read_manifest, shard_range
 from speechprompt.errors import SpeechPromptError
@@ -88,13 +99,12 @@ def _read_partial(path: Path, settings: dict[str, Any], start: int) -> list[dict
     return records
 
 
-def _convert(
-    path: Path, reader: FeatureReader, quantizer: Quantizer, deduplicate: bool
-) -> dict[str, Any]:
-    wav = load_audio(path)  # (T,) float32 at 16 kHz
-    feats = reader.read(wav)  # (frames, D)
-    units = quantizer.units(feats, deduplicate=deduplicate, source=str(path))
-    return {"units": " ".join(map(str, units)), "samples": int(len(wav)), "frames": int(feats.size(0)),
+def _convert(path: Path, result: FileFeatures, quantizer: Quantizer, deduplicate: bool) -> dict[str, Any]:
+    """One row's record from its features; raises the error that made the file unreadable."""
+    if result.error is not None:
+        raise result.error
+    units = quantizer.units(result.feats, deduplicate=deduplicate, source=str(path))
+    return {"units": " ".join(map(str, units)), "samples": result.samples, "frames": int(result.feats.size(0)),
             "n_units": len(units)}
 
 
@@ -128,6 +138,7 @@ def prepare(
     deduplicate: bool = False,
     nshard: int | None = None,
     rank: int = 0,
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
 ) -> dict[str, Any]:
     """Convert (a shard of) a manifest to units, resuming from a partial file if one is there.
 
@@ -139,6 +150,8 @@ def prepare(
         deduplicate: merge consecutive repeated units.
         nshard: number of shards, or ``None`` to convert every row into the final file directly.
         rank: which shard, in ``[0, nshard)``.
+        batch_seconds: read length-sorted batches of at most this much padded audio (0: one file at a time). The
+            units do not depend on it, so a run may resume with another value.
 
     Returns:
         The summary that was written to the ``.summary.json`` file.
@@ -156,11 +169,12 @@ def prepare(
         "quantizer": quantizer.describe(),
     }
     with DirectoryLock(out_dir, command="speechprompt prepare", name=f".lock.{paths['units'].name}"):
-        return _prepare(manifest, paths, settings, reader, quantizer, deduplicate, nshard, rank)
+        return _prepare(manifest, paths, settings, reader, quantizer, deduplicate, nshard, rank, batch_seconds)
 
 
 def _prepare(manifest: Any, paths: dict[str, Path], settings: dict[str, Any], reader: FeatureReader,
-             quantizer: Quantizer, deduplicate: bool, nshard: int | None, rank: int) -> dict[str, Any]:
+             quantizer: Quantizer, deduplicate: bool, nshard: int | None, rank: int,
+             batch_seconds: float) -> dict[str, Any]:
     start, end = settings["rows"]
     records = _read_partial(paths["partial"], settings, start)
     if records:
@@ -171,11 +185,14 @@ def _prepare(manifest: Any, paths: dict[str, Path], settings: dict[str, Any], re
         f.writelines(json.dumps(r) + "\n" for r in records)
     with open(paths["partial"], "a", encoding="utf-8") as f, \
             Progress(end - start, f"prepare {paths['units'].name}", unit="utt", initial=len(records)) as bar:
-        for row in range(start + len(records), end):
+        rows = range(start + len(records), end)
+        results = read_files(reader, [manifest.path(row) for row in rows], batch_seconds,
+                             sizes=[manifest.entries[row].num_samples for row in rows])
+        for row, res in zip(rows, results):  # in manifest order, whatever order the batches ran in
             bar.update()
             path = manifest.path(row)
             try:
-                rec = {"row": row, **_convert(path, reader, quantizer, deduplicate)}
+                rec = {"row": row, **_convert(path, res, quantizer, deduplicate)}
             except QuantizerError:
                 raise  # a mismatched quantizer is not a bad file: every row would fail the same way
             except Exception as e:  # one unreadable file must not sink a corpus; it is reported instead
@@ -289,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         quantizer = load_quantizer(args.kmeans)
         reader = reader_from_args(args)
         summary = prepare(args.manifest, reader, quantizer, args.out, deduplicate=args.dedup, nshard=args.nshard,
-                          rank=args.rank)
+                          rank=args.rank, batch_seconds=args.batch_seconds)
     paths = output_paths(args.out, Path(args.manifest).stem, None if args.merge else args.nshard, args.rank)
     print(f"wrote {paths['units']}: {summary['utterances']} utterances, {len(summary['skipped'])} skipped, "
           f"{summary['seconds']:.1f} s of audio, {summary['units_per_second']:.1f} units/s")

@@ -154,6 +154,11 @@ class SpeechLMDecoder(nn.Module):
     hf_decoders` for the HF key table): ``embed_tokens``, ``embed_positions`` (OPT), ``project_in``/``project_out``
     (OPT when ``word_embed_dim`` differs), ``layers``, ``layer_norm`` (the final norm), ``output_projection``."""
 
+    # fairseq's projections, which UnitLM's shared forward reads: OPT's project_in/project_out are the same maps, but
+    # this family applies them in input_embeddings and logits, so that `hidden` stays in the layers' width.
+    project_in_dim: nn.Module | None = None
+    project_out_dim: nn.Module | None = None
+
     def __init__(self, cfg: SpeechLMConfig) -> None:
         super().__init__()
         d, e = cfg.embed_dim, cfg.word_embed_dim or cfg.embed_dim

@@ -69,6 +69,12 @@ class UnitLMConfig:
     attention_dropout: float = option(0.1, help="dropout on attention weights")
     activation_dropout: float = option(0.0, help="dropout after the FFN activation")
     padding_idx: int = option(1, help="id of <pad> in the dictionary (fairseq: 1)")
+    input_dim: int | None = option(
+        None, help="width of the token embedding table (decoder_input_dim); when it differs from embed_dim a "
+        "bias-free decoder.project_in_dim maps it to embed_dim after scaling, before positions. None = embed_dim")
+    output_dim: int | None = option(
+        None, help="width the output projection reads (decoder_output_dim); when it differs from embed_dim a "
+        "bias-free decoder.project_out_dim maps the final states to it. None = embed_dim")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "ffn_dim", "layers", "heads", "max_positions"):
@@ -85,6 +91,23 @@ class UnitLMConfig:
                 raise ConfigError(f"UnitLMConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.learned_pos and self.embed_dim < 4:
             raise ConfigError("UnitLMConfig: sinusoidal positions need embed_dim >= 4")
+        for name in ("input_dim", "output_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"UnitLMConfig.{name} must be positive or None, got {getattr(self, name)}")
+        if self.tie_embeddings and self.token_dim != self.hidden_out_dim:
+            # The shared table is (V, input_dim) and the output projection reads output_dim features.
+            raise ConfigError(f"UnitLMConfig: tied embeddings need input_dim == output_dim, got {self.token_dim} "
+                              f"and {self.hidden_out_dim}")
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the token embedding table (``input_dim``, or ``embed_dim`` without an input projection)."""
+        return self.embed_dim if self.input_dim is None else self.input_dim
+
+    @property
+    def hidden_out_dim(self) -> int:
+        """Width of the final states the output projection reads (``output_dim``, or ``embed_dim``)."""
+        return self.embed_dim if self.output_dim is None else self.output_dim
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> UnitLMConfig:
@@ -116,9 +139,11 @@ class UnitLMConfig:
             if m.get(flag):
                 raise CheckpointError(f"fairseq option {flag}={m[flag]!r} is not supported by UnitLM")
         d = int(m["decoder_embed_dim"])
-        for key in ("decoder_input_dim", "decoder_output_dim"):
-            if m.get(key) is not None and int(m[key]) != d:
-                raise CheckpointError(f"fairseq option {key}={m[key]} != decoder_embed_dim {d} is not supported")
+        # Absent (checkpoints of fairseq < 0.10): base_lm_architecture sets both to decoder_embed_dim. Present, as
+        # every config that went through fairseq's dataclass has them, they keep their value, which is 512 for a
+        # `fairseq-train --decoder-embed-dim 64` run: fairseq then adds the project_in_dim/project_out_dim linears.
+        input_dim, output_dim = (int(m[key]) if m.get(key) is not None else d
+                                 for key in ("decoder_input_dim", "decoder_output_dim"))
         max_pos = m.get("max_target_positions") or m.get("tokens_per_sample") or _FAIRSEQ_DEFAULT_MAX_POSITIONS
         activation_dropout = float(m.get("activation_dropout") or 0.0) or float(m.get("relu_dropout") or 0.0)
         activation = str(m.get("activation_fn", "relu"))
@@ -139,6 +164,8 @@ class UnitLMConfig:
             dropout=float(m.get("dropout", 0.1)),
             attention_dropout=float(m.get("attention_dropout", 0.0)),
             activation_dropout=activation_dropout,
+            input_dim=None if input_dim == d else input_dim,
+            output_dim=None if output_dim == d else output_dim,
         )
 
     def to_fairseq_cfg(self) -> dict[str, Any]:
@@ -157,8 +184,8 @@ class UnitLMConfig:
             "activation_dropout": self.activation_dropout,
             "relu_dropout": 0.0,
             "decoder_embed_dim": self.embed_dim,
-            "decoder_output_dim": self.embed_dim,
-            "decoder_input_dim": self.embed_dim,
+            "decoder_output_dim": self.hidden_out_dim,
+            "decoder_input_dim": self.token_dim,
             "decoder_ffn_embed_dim": self.ffn_dim,
             "decoder_layers": self.layers,
             "decoder_attention_heads": self.heads,
@@ -319,7 +346,9 @@ class UnitLMDecoder(nn.Module):
         d = cfg.embed_dim
         self.padding_idx = cfg.padding_idx
         self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.padding_idx)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.token_dim, padding_idx=cfg.padding_idx)
+        # fairseq's optional bias-free projections between the embedding/output widths and the layers' width d.
+        self.project_in_dim = nn.Linear(cfg.token_dim, d, bias=False) if cfg.token_dim != d else None
         self.embed_positions: nn.Module = (
             LearnedPositions(cfg.max_positions, d, cfg.padding_idx) if cfg.learned_pos
             else SinusoidalPositions(d, cfg.padding_idx)
@@ -330,7 +359,8 @@ class UnitLMDecoder(nn.Module):
             for _ in range(cfg.layers)
         )
         self.layer_norm = nn.LayerNorm(d) if cfg.final_layer_norm else None
-        self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.project_out_dim = nn.Linear(d, cfg.hidden_out_dim, bias=False) if cfg.hidden_out_dim != d else None
+        self.output_projection = nn.Linear(cfg.hidden_out_dim, cfg.vocab_size, bias=False)
         self.dropout = Dropout(cfg.dropout)
         self._init_weights(cfg)
         if cfg.tie_embeddings:
@@ -339,9 +369,11 @@ class UnitLMDecoder(nn.Module):
 
     def _init_weights(self, cfg: UnitLMConfig) -> None:
         """fairseq's initialisation, so that `pretrain-ulm` starts where fairseq would."""
-        d = cfg.embed_dim
-        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=d**-0.5)
-        nn.init.normal_(self.output_projection.weight, mean=0.0, std=d**-0.5)
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=cfg.token_dim**-0.5)
+        nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.hidden_out_dim**-0.5)
+        for proj in (self.project_in_dim, self.project_out_dim):
+            if proj is not None:
+                nn.init.xavier_uniform_(proj.weight)
         with torch.no_grad():
             self.embed_tokens.weight[cfg.padding_idx].zero_()
         for layer in self.layers:
@@ -357,7 +389,8 @@ class UnitLMOutput:
     """What :meth:`UnitLM.forward` returns with ``return_hidden=True``."""
 
     logits: Tensor  # (B, T, V)
-    hidden: Tensor  # (B, T, D): final states (after the final LayerNorm), before the output projection
+    hidden: Tensor  # (B, T, D_out): final states (after the final LayerNorm and project_out_dim), before the
+    # output projection; D_out is cfg.hidden_out_dim (embed_dim unless the model has fairseq's project_out_dim)
 
 
 class UnitLM(nn.Module):
@@ -399,9 +432,13 @@ class UnitLM(nn.Module):
         return emb
 
     def input_embeddings(self, tokens: Tensor, embed_override: Mapping[int, Tensor] | None = None) -> Tensor:
-        """What the first layer receives for ``tokens`` ``(B, T)``, without positions: ``(B, T, D)`` (the scaled
-        embeddings here). Prompts initialised from unit tokens start from these."""
-        return self.decoder.embed_scale * self.embed(tokens, embed_override)
+        """What the first layer receives for ``tokens`` ``(B, T)``, without positions: ``(B, T, D)`` with
+        ``D = cfg.embed_dim`` (the scaled embeddings, then fairseq's ``project_in_dim`` when the table is narrower
+        or wider than the layers). Input prompts live in this space, and prompts initialised from unit tokens start
+        from these."""
+        dec = self.decoder
+        x = dec.embed_scale * self.embed(tokens, embed_override)  # (B, T, token_dim)
+        return x if dec.project_in_dim is None else dec.project_in_dim(x)
 
     def _token_states(
         self, tokens: Tensor, offset: Tensor | None, embed_override: Mapping[int, Tensor] | None
@@ -426,13 +463,15 @@ class UnitLM(nn.Module):
         embed_override: Mapping[int, Tensor] | None = None,
         prefix_padding: Tensor | None = None,
     ) -> Tensor:
-        """Final hidden states ``(B, T, D)`` of the token positions (after the final LayerNorm).
+        """Final hidden states ``(B, T, D_out)`` of the token positions (after the final LayerNorm and, where the
+        model has it, fairseq's ``project_out_dim``; ``D_out = cfg.hidden_out_dim``).
 
         Args:
             tokens: ``(B, T)`` token ids. Padding (``padding_idx``) may sit on either side: pads are masked as keys
                 and positions count only real tokens (fairseq's ``make_positions``).
-            input_prompt: ``(1 or B, L, D)`` vectors placed before the tokens, after token embedding, scaling and
-                positions; they get no positional embedding and no outputs.
+            input_prompt: ``(1 or B, L, D)`` vectors placed before the tokens, after token embedding, scaling,
+                ``project_in_dim`` and positions (see :meth:`input_embeddings`); they get no positional embedding and no
+                outputs.
             kv_replace: per layer, ``(K_in, V_in)`` each ``(1 or B, L, D)``: the key/value *inputs* of the first L
                 positions, i.e. of the input prompt, which must have the same L (SpeechPrompt's deep prompt).
                 The token positions then see, in layer i, exactly the keys/values of a ``prefix`` entry
@@ -526,6 +565,8 @@ class UnitLM(nn.Module):
         x = x[:, L:]  # (B, T, D): the prompt positions give no output
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
+        if dec.project_out_dim is not None:
+            x = dec.project_out_dim(x)  # (B, T, D_out)
         return x
 
     def output_layer(self, hidden: Tensor) -> Tensor:

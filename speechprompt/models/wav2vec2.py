@@ -110,7 +110,8 @@ class Wav2Vec2Encoder(nn.Module):
         return table(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, last_layer: int | None = None,
-                prefix: Sequence[LayerKV | None] | None = None, layerdrop: float = 0.0) -> list[Tensor]:
+                prefix: Sequence[LayerKV | None] | None = None, layerdrop: float = 0.0,
+                exact_padding: bool = False) -> list[Tensor]:
         """Add positions and run the layers up to ``last_layer`` (1-based; ``None`` = all). No final LayerNorm.
 
         Args:
@@ -120,6 +121,9 @@ class Wav2Vec2Encoder(nn.Module):
                 :meth:`Wav2Vec2Model.extract_features`).
             layerdrop: in training mode, skip each layer with this probability (fairseq's ``encoder_layerdrop``;
                 a skipped layer passes its input on, drawn from torch's RNG).
+            exact_padding: also zero the padded frames between the convs of a positional conv stack (data2vec),
+                as the zero padding of an utterance alone would be; the originals let them leak into the last
+                real frames.
 
         Returns:
             ``[layers' input, layer 1 output, ..., layer last_layer output]``, each ``(B, frames, D)``.
@@ -127,7 +131,15 @@ class Wav2Vec2Encoder(nn.Module):
         B, frames, _ = x.shape
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)  # padded frames must not leak through pos_conv
-        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, frames, D)
+        if exact_padding and padding_mask is not None and len(self.pos_conv) > 1 and isinstance(
+                self.pos_conv[0], nn.Sequential):
+            keep = (~padding_mask)[:, None, :].to(x.dtype)  # (B, 1, frames)
+            pos = x.transpose(1, 2)  # (B, D, frames)
+            for block in self.pos_conv:
+                pos = block(pos) * keep
+            x = x + pos.transpose(1, 2)  # (B, frames, D)
+        else:
+            x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, frames, D)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
@@ -272,18 +284,25 @@ class Wav2Vec2Model(nn.Module):
         """Frames the front end gives for ``num_samples`` samples (0 below the receptive field)."""
         return self.cfg.num_frames(num_samples)
 
-    def frontend_features(self, source: Tensor) -> Tensor:
-        """The front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``."""
+    def frontend_features(self, source: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The front end, ``(B, T)`` -> ``(B, frames, C)``, with fairseq's ``feature_grad_mult``. ``lengths``
+        ``(B,)`` (real samples per row) runs a conv front end on each row's own samples (see
+        :class:`ConvFeatureExtractor`)."""
+        def front_end(x: Tensor) -> Tensor:
+            if lengths is not None and isinstance(self.feature_extractor, ConvFeatureExtractor):
+                return self.feature_extractor(x, lengths)
+            return self.feature_extractor(x)
+
         mult = self.cfg.feature_grad_mult
         if self.feature_extractor.adapted:
             # Adapters in the front end train through it: neither fairseq's no-grad shortcut (mult 0) nor its
             # gradient scaling applies to them, and the frozen convs need neither.
-            return self.feature_extractor(source).transpose(1, 2)  # (B, frames, C)
+            return front_end(source).transpose(1, 2)  # (B, frames, C)
         if mult <= 0:
             with torch.no_grad():
-                feats = self.feature_extractor(source)
+                feats = front_end(source)
         else:
-            feats = self.feature_extractor(source)
+            feats = front_end(source)
             if mult != 1.0 and feats.requires_grad:
                 # Exactly the same value (the difference is 0); the gradient into the front end is scaled.
                 feats = feats.detach() + (feats - feats.detach()) * mult
@@ -291,7 +310,8 @@ class Wav2Vec2Model(nn.Module):
 
     def _run(self, source: Tensor, padding_mask: Tensor | None, last_layer: int,
              prefix: Sequence[LayerKV | None] | None,
-             feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None
+             feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+             exact_padding: bool = False,
              ) -> tuple[list[Tensor], Tensor | None]:
         """Run up to ``last_layer`` (1-based; 0 = only the layers' input) and return every hidden state so far.
 
@@ -305,10 +325,20 @@ class Wav2Vec2Model(nn.Module):
         if source.shape[1] < self.receptive_field:
             raise ValueError(f"input of {source.shape[1]} samples is shorter than the conv front end's receptive "
                              f"field ({self.receptive_field} samples): it gives no frame")
-        x = self.frontend_features(source)  # (B, frames, C)
+        lengths = None
+        if exact_padding and padding_mask is not None:
+            lengths = (~padding_mask.to(torch.bool)).sum(dim=-1)  # (B,) real samples
+        x = self.frontend_features(source, lengths)  # (B, frames, C)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        if padding_mask is not None:
+        if lengths is not None:
+            # Each row's real frames are the ones it gives alone (the conv arithmetic on its own length), whatever
+            # the checkpoint's batch rule (fairseq HuBERT's 'chunks' may count one more or one fewer).
+            frames = lengths
+            for _, kernel, stride in self.cfg.frame_layers:
+                frames = (torch.div(frames - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+            padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= frames[:, None]  # (B, frames)
+        elif padding_mask is not None:
             padding_mask = self.frame_padding_mask(padding_mask.to(torch.bool), x.shape[1])  # (B, frames)
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)  # (B, frames, D)
@@ -316,7 +346,7 @@ class Wav2Vec2Model(nn.Module):
         if feature_mask is not None:  # fine-tuning's span masking (fairseq apply_mask), on the projected features
             x = feature_mask(x, padding_mask)
 
-        hidden = self.encoder(x, padding_mask, last_layer, prefix)
+        hidden = self.encoder(x, padding_mask, last_layer, prefix, exact_padding=exact_padding)
         return hidden, padding_mask
 
     def extract_features(
@@ -325,6 +355,7 @@ class Wav2Vec2Model(nn.Module):
         padding_mask: Tensor | None = None,
         output_layer: int | None = None,
         prefix: Sequence[LayerKV | None] | None = None,
+        exact_padding: bool = False,
     ) -> Tensor:
         """Frame representations from the output of one transformer layer, as fairseq's ``extract_features``.
 
@@ -339,13 +370,19 @@ class Wav2Vec2Model(nn.Module):
                 applied when a layer is named, even the last one: fairseq's behaviour).
             prefix: one :class:`LayerKV` (or ``None``) per layer: projected keys/values ``(B or 1, H, P, hd)``
                 prepended to that layer's attention (prefix tuning). They are never masked.
+            exact_padding: make each real frame of a right-padded batch what its utterance gives alone (batched
+                feature extraction): the conv front end runs each row on its own samples (so a GroupNorm front end
+                normalises each utterance alone), the frame mask follows each row's own frame count, and a
+                positional conv stack is re-masked between its convs. Off, padding behaves as in fairseq and
+                transformers.
 
         Returns:
             ``(B, frames, D)`` with ``frames`` about ``T / 320`` for the standard front end.
         """
         if output_layer is not None and not 1 <= output_layer <= self.num_layers:
             raise ValueError(f"output_layer {output_layer} is out of range 1..{self.num_layers}")
-        hidden, _ = self._run(source, padding_mask, output_layer or self.num_layers, prefix)
+        hidden, _ = self._run(source, padding_mask, output_layer or self.num_layers, prefix,
+                              exact_padding=exact_padding)
         x = hidden[-1]
         if output_layer is None and self.encoder.layer_norm_first:
             x = self.encoder.layer_norm(x)
@@ -357,19 +394,21 @@ class Wav2Vec2Model(nn.Module):
         padding_mask: Tensor | None = None,
         prefix: Sequence[LayerKV | None] | None = None,
         feature_mask: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        exact_padding: bool = False,
     ) -> tuple[list[Tensor], Tensor | None]:
         """Every hidden state, for a learned weighted sum of layers (HF's ``output_hidden_states``).
 
         ``feature_mask(x, frame_padding_mask)``, when given, rewrites the projected features ``(B, frames, D)``
         before the positional conv and the layers (fine-tuning's time and channel masking, fairseq's
-        ``apply_mask``; see :mod:`speechprompt.superb.feature_mask`).
+        ``apply_mask``; see :mod:`speechprompt.superb.feature_mask`). ``exact_padding``: as in
+        :meth:`extract_features`.
 
         Returns:
             ``num_layers + 1`` tensors ``(B, frames, D)``: the transformer's input (after the positional conv,
             and its LayerNorm in post-LN models), then each layer's output (no final LayerNorm); and the
             ``(B, frames)`` frame padding mask (``None`` without ``padding_mask``).
         """
-        return self._run(source, padding_mask, self.num_layers, prefix, feature_mask)
+        return self._run(source, padding_mask, self.num_layers, prefix, feature_mask, exact_padding)
 
     def final_features(self, hidden: Sequence[Tensor]) -> Tensor:
         """What ``extract_features(output_layer=None)`` returns, from :meth:`hidden_states`' output ``(B, F, D)``."""

@@ -73,7 +73,34 @@ class ConvFeatureExtractor(nn.Module):
         """Whether any adapter slot is set."""
         return any(adapter is not None for adapter in self.conv_adapters)
 
-    def forward(self, source: Tensor) -> Tensor:
+    def forward(self, source: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``(B, T)`` samples -> ``(B, C, frames)``.
+
+        ``lengths`` ``(B,)``: the real samples of each row of a right-padded batch. Given, each row runs through the
+        stack alone, on its own samples, and its frames are zero-padded to the batch's frame count: a GroupNorm
+        front end (base models) then normalises each utterance over its own samples only (fairseq and
+        transformers normalise over the padding too, so that a row's features depend on its batch), and the convs
+        spend nothing on padding. A row shorter than the receptive field gives no frame.
+        """
+        if lengths is not None:
+            frames = self._frames(source.shape[1])
+            rows = [self._stack(source[b : b + 1, : int(n)]) if self._frames(int(n)) else None
+                    for b, n in enumerate(lengths.tolist())]
+            out = source.new_zeros(source.shape[0], self.conv_layers[-1][0].out_channels, frames)  # (B, C, frames)
+            for b, row in enumerate(rows):
+                if row is not None:
+                    out[b, :, : row.shape[-1]] = row[0]
+            return out
+        return self._stack(source)
+
+    def _frames(self, samples: int) -> int:
+        """Frames the stack gives for ``samples`` samples (0 below its receptive field)."""
+        for block in self.conv_layers:
+            conv = block[0]
+            samples = max((samples - conv.kernel_size[0]) // conv.stride[0] + 1, 0)
+        return samples
+
+    def _stack(self, source: Tensor) -> Tensor:
         x = source[:, None, :]  # (B, 1, T)
         for conv, adapter in zip(self.conv_layers, self.conv_adapters):
             x = conv(x)  # (B, C_i, T_i)

@@ -87,6 +87,9 @@ class SuperbModel(nn.Module):
         upstream_dropout: keep the upstream's dropout active in training mode (off: the upstream always runs in
             eval mode, as SUPERB does for a frozen upstream).
         feature_mask: span masking of the encoder's features while training (fairseq fine-tuning); ``None``: none.
+        exact_padding: run a wav2vec 2.0-family upstream in its exact padding mode, so that each utterance of a
+            padded batch gets the features it gets alone (see ``Wav2Vec2Model.extract_features``); off, padding
+            is seen as fairseq and s3prl see it (GroupNorm statistics over the padded length).
 
     Attributes:
         freeze_upstream: run the upstream without gradients even where the method trains it (fairseq's
@@ -98,11 +101,12 @@ class SuperbModel(nn.Module):
 
     def __init__(self, upstream: EncoderModel, method: TuningMethod, featurizer: WeightedLayerSum | None,
                  head: nn.Module, task_cfg: dict[str, Any], upstream_dropout: bool = False,
-                 feature_mask: FeatureMaskConfig | None = None) -> None:
+                 feature_mask: FeatureMaskConfig | None = None, exact_padding: bool = False) -> None:
         super().__init__()
         self.upstream, self.method, self.featurizer, self.head = upstream, method, featurizer, head
         self.task_cfg = dict(task_cfg)
         self.upstream_dropout = upstream_dropout
+        self.exact_padding = exact_padding and isinstance(upstream, Wav2Vec2Model)  # the wav2vec 2.0 family only
         self.freeze_upstream = False
         self.upstream_parameters: int | None = None  # of the upstream as stored (set by build_superb)
         self._masker = None
@@ -168,6 +172,8 @@ class SuperbModel(nn.Module):
         kwargs = self.method.forward_kwargs(wav.shape[0])
         if self.training and self._masker is not None:
             kwargs["feature_mask"] = self._masker
+        if self.exact_padding:
+            kwargs["exact_padding"] = True
         with torch.set_grad_enabled(tuned):
             hidden, frame_mask = self.upstream.hidden_states(wav, padding_mask, **kwargs)  # L+1 x (B, F, D)
             if self.featurizer is None:
@@ -212,6 +218,7 @@ def build_superb(
     device: str | torch.device = "cpu",
     head_options: dict[str, Any] | None = None,
     feature_mask: FeatureMaskConfig | None = None,
+    exact_padding: bool = False,
 ) -> tuple[SuperbModel, str]:
     """A fresh model for training.
 
@@ -226,6 +233,7 @@ def build_superb(
         device: where the model goes.
         head_options: the head's options (its options dataclass as a mapping).
         feature_mask: see :class:`SuperbModel`.
+        exact_padding: see :class:`SuperbModel`.
 
     Returns:
         The model (on ``device``; nothing frozen yet, see :meth:`SuperbModel.trainable_parameters`) and the
@@ -241,7 +249,7 @@ def build_superb(
     tuning = build_method(config, upstream)
     head_module = build_head(str(head), upstream.encoder_embed_dim, train_labels, head_options)
     model = SuperbModel(upstream, tuning, _featurizer(str(head), upstream, layer_norm), head_module, task_cfg,
-                        upstream_dropout, feature_mask).to(device)
+                        upstream_dropout, feature_mask, exact_padding).to(device)
     model.upstream_parameters = n_upstream
     return model, fingerprint
 
@@ -276,7 +284,8 @@ def load_superb(path: str | os.PathLike, upstream: str | os.PathLike | None = No
     except ConfigError as e:
         raise CheckpointError(f"{ckpt.path}: its head cannot be rebuilt: {e}") from None
     out = SuperbModel(model, method, _featurizer(head_name, model, superb["layer_norm"]), head, task_cfg,
-                      superb.get("upstream_dropout", False)).to(device)
+                      superb.get("upstream_dropout", False),
+                      exact_padding=superb.get("exact_padding", False)).to(device)
     out.load_head_state_dict({k: v.to(device) for k, v in ckpt.head_state.items()}, ckpt.path)
     freeze_except(model, method)
     return out.eval()

@@ -115,6 +115,8 @@ class SuperbConfig(RunOptions):
                                 default_factory=lambda: OptimConfig(lr=1e-3))
     layer_norm: bool = option(False, help="LayerNorm each hidden state before the weighted sum")
     upstream_dropout: bool = option(False, help="keep the upstream's dropout active while training")
+    exact_padding: bool = option(False, help="each utterance of a padded batch gets the upstream features it gets "
+                                 "alone (GroupNorm front ends normalise per utterance); off: padding as fairseq/s3prl")
     run_dir: str = option("exp/superb", help="where the run's files go (a moved run directory resumes where it is)")
     batch_size: int = option(8, help="utterances per micro-batch and process (see grad_accum)")
     max_steps: int = option(1000, help="updates at most")
@@ -181,7 +183,8 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
     train_split = load_audio_split(cfg.data.train_manifest, cfg.data.train_labels)
     dev_split = load_audio_split(cfg.data.dev_manifest, cfg.data.dev_labels) if cfg.data.dev_manifest else None
     model, fingerprint = build_superb(cfg.upstream, cfg.method.resolved(), cfg.head, train_split.labels,
-                                      cfg.layer_norm, cfg.upstream_dropout, device, cfg.head_options, cfg.feature_mask)
+                                      cfg.layer_norm, cfg.upstream_dropout, device, cfg.head_options, cfg.feature_mask,
+                                      cfg.exact_padding)
     params = model.trainable_parameters()
     if cfg.activation_checkpointing:
         set_activation_checkpointing(model.upstream)
@@ -222,7 +225,8 @@ def _train(cfg: SuperbConfig, run: RunDir, d: Dist, device: torch.device) -> tup
         "base": base_record(cfg.upstream, fingerprint, kind=model.upstream.architecture,
                             parameters=model.upstream_parameters),
         "superb": {"head": head_kind, "head_options": C.to_dict(head_options(cfg.head, cfg.head_options)),
-                   "layer_norm": cfg.layer_norm, "upstream_dropout": cfg.upstream_dropout},
+                   "layer_norm": cfg.layer_norm, "upstream_dropout": cfg.upstream_dropout,
+                   "exact_padding": cfg.exact_padding},
     }
 
     def save_best(step: int, metrics: dict[str, float] | None) -> None:

@@ -107,7 +107,7 @@ class PromptTuning(TuningMethod):
         super().__init__(config)
         if not isinstance(model, UnitLM):
             raise TuningError(f"prompt tuning prepends to unit tokens: needs the unit LM, got {type(model).__name__}")
-        table = model.decoder.embed_tokens.weight.detach()  # (V, E): E = D but for OPT's project_in
+        table = model.decoder.embed_tokens.weight.detach()  # (V, E): E = D but for project_in (OPT's, fairseq's)
         L, D, n_layers = config.length, model.cfg.embed_dim, len(model.transformer_layers())
         self.length = L
         self.vocab = model_vocab(model)
@@ -142,7 +142,7 @@ class PromptTuning(TuningMethod):
 
     def _initial_prompt(self, model: UnitLM, ids: torch.Tensor | None) -> torch.Tensor:
         """``(L, D)`` starting values: the input prompt lives where the first layer's input does (after scaling,
-        and OPT's ``project_in``), so unit rows are taken from there too."""
+        and OPT's or fairseq's ``project_in``), so unit rows are taken from there too."""
         if ids is None:
             return torch.randn(self.config.length, model.cfg.embed_dim) * self.config.init_std
         device = model.decoder.embed_tokens.weight.device

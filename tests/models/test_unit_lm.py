@@ -73,6 +73,18 @@ LEGACY_ARGS = dict(arch="transformer_lm_big", decoder_layers=2, decoder_embed_di
 EXPORTS = {"export_default": {}, "export_postln_learned_untied": dict(
     normalize_before=False, final_layer_norm=False, learned_pos=True, tie_embeddings=False)}
 FS_PAD = 1
+# `fairseq-train DATA --task language_modeling` with only --decoder-embed-dim set: decoder_input_dim and
+# decoder_output_dim keep their default 512, so fairseq adds project_in_dim/project_out_dim around the layers.
+CLI_ARGV = {
+    "cli_embed_dim_only_tied": ["--arch", "transformer_lm", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim",
+                                "64", "--decoder-layers", "2", "--decoder-attention-heads", "4",
+                                "--decoder-normalize-before", "--share-decoder-input-output-embed",
+                                "--tokens-per-sample", "64"],
+    "cli_embed_dim_only_postln_learned": ["--arch", "transformer_lm", "--decoder-embed-dim", "32",
+                                          "--decoder-ffn-embed-dim", "64", "--decoder-layers", "2",
+                                          "--decoder-attention-heads", "4", "--decoder-learned-pos",
+                                          "--tokens-per-sample", "64"],
+}
 
 
 def _padded() -> torch.Tensor:
@@ -96,9 +108,10 @@ def fairseq_unit_lm(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
                     "interpolate_max_positions": name.startswith("preln_sinusoidal")}
              for name, fields in PARITY_CONFIGS.items()}
     build["legacy"] = {"n_units": N_UNITS, "legacy_args": LEGACY_ARGS}
+    cli = {name: {"n_units": N_UNITS, "argv": argv} for name, argv in CLI_ARGV.items()}
     run_oracle("fairseq", "unit_lm", out, tokens={"plain": _batch().tolist(), "padded": _padded().tolist()},
-               build=build, load={name: str(path) for name, path in exports.items()})
-    paths = {**{name: out / name / "checkpoint_best.pt" for name in build}, **exports}
+               build=build, cli=cli, load={name: str(path) for name, path in exports.items()})
+    paths = {**{name: out / name / "checkpoint_best.pt" for name in (*build, *cli)}, **exports}
     return {name: (path, torch.load(out / f"{name}.ref.pt", weights_only=True)) for name, path in paths.items()}
 
 
@@ -147,6 +160,107 @@ def test_export_loads_in_fairseq(fairseq_unit_lm, name: str) -> None:
     # And our loader reads our export back exactly.
     again, _ = load_unit_lm(path)
     assert state_fingerprint(again) == state_fingerprint(model)
+
+
+@pytest.mark.fairseq
+@pytest.mark.parametrize("name", sorted(CLI_ARGV))
+def test_cli_built_lm_with_input_output_projections_matches_fairseq(fairseq_unit_lm, name: str) -> None:
+    """What `fairseq-train --decoder-embed-dim 32` writes: 512-wide embeddings and output, projected in and out."""
+    path, ref = fairseq_unit_lm[name]
+    assert ref["model_cfg"]["decoder_input_dim"] == ref["model_cfg"]["decoder_output_dim"] == 512
+    assert {"decoder.project_in_dim.weight", "decoder.project_out_dim.weight"} <= set(ref["keys"])
+    model, _ = load_unit_lm(path)
+    assert (model.cfg.embed_dim, model.cfg.input_dim, model.cfg.output_dim) == (32, 512, 512)
+    assert model.decoder.project_in_dim.bias is None and model.decoder.project_out_dim.bias is None
+    assert model.cfg.tie_embeddings == name.endswith("_tied")
+
+    tokens, padded = _batch(), _padded()
+    real = padded.ne(FS_PAD)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref["logits"]["plain"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(padded)[real], ref["logits"]["padded"][real], atol=1e-5, rtol=1e-5)
+        # Cached decoding, one token at a time, equals fairseq's incremental_state decoding.
+        cache = KVCache()
+        steps = torch.cat([model(tokens[:, t:t + 1], cache=cache) for t in range(tokens.shape[1])], dim=1)
+    torch.testing.assert_close(steps, ref["incremental"]["plain"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fairseq_projected_export(fairseq_unit_lm, tmp_path_factory) -> tuple[UnitLM, dict]:
+    """The CLI-built LM loaded by us, saved with save_unit_lm, and loaded back by fairseq (strict)."""
+    model, dictionary = load_unit_lm(fairseq_unit_lm["cli_embed_dim_only_tied"][0])
+    out = tmp_path_factory.mktemp("fairseq_projected_export")
+    save_unit_lm(model, dictionary, out / "export" / "ulm.pt")
+    run_oracle("fairseq", "unit_lm", out, tokens={"plain": _batch().tolist()},
+               load={"export": str(out / "export" / "ulm.pt")})
+    return model, {"path": out / "export" / "ulm.pt", **torch.load(out / "export.ref.pt", weights_only=True)}
+
+
+@pytest.mark.fairseq
+def test_projected_lm_export_round_trips_through_fairseq(fairseq_projected_export) -> None:
+    model, ref = fairseq_projected_export
+    cfg = model.cfg.to_fairseq_cfg()
+    assert (cfg["decoder_embed_dim"], cfg["decoder_input_dim"], cfg["decoder_output_dim"]) == (32, 512, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_batch()), ref["logits"]["plain"], atol=1e-5, rtol=1e-5)
+    again, _ = load_unit_lm(ref["path"])
+    assert again.cfg == model.cfg and state_fingerprint(again) == state_fingerprint(model)
+
+
+@pytest.mark.fairseq
+def test_deep_prompt_trains_on_a_projected_lm(fairseq_unit_lm) -> None:
+    """A SpeechPrompt deep prompt lives in the layers' width (32), not the table's (512), and one step trains it."""
+    from speechprompt.tuning import PromptConfig, build_method, freeze_except
+
+    model, _ = load_unit_lm(fairseq_unit_lm["cli_embed_dim_only_tied"][0])
+    method = build_method(PromptConfig(length=3, deep=True, train_separator=True, init="units",
+                                       init_units="5 6 7", deep_init="activations"), model)
+    assert method.prompt.shape == (3, 32) and method.deep_key.shape == (2, 3, 32)
+    assert method.separator.shape == (512,)  # the <s> row of the 512-wide table
+    # The input prompt starts from unit rows as the layers receive them: scaled by sqrt(32), then project_in_dim.
+    rows = model.decoder.embed_tokens.weight[torch.tensor([9, 10, 11])] * 32**0.5  # units 5 6 7 are tokens 9..11
+    torch.testing.assert_close(method.prompt, model.decoder.project_in_dim(rows).detach())
+    params = freeze_except(model, method)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = _batch()
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(2):
+        logits = model(tokens[:, :-1], **method.forward_kwargs(tokens.shape[0]))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        assert method.deep_key.grad.abs().sum() > 0 and method.separator.grad is not None
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+
+
+def test_projections_config_checks_and_defaults() -> None:
+    cfg = UnitLMConfig.named("tiny")
+    assert cfg.input_dim is None and cfg.output_dim is None and cfg.token_dim == cfg.hidden_out_dim == 64
+    assert "project_in_dim" not in str(list(UnitLM(cfg).state_dict()))  # no projections unless asked
+    with pytest.raises(ConfigError, match="tied embeddings need input_dim == output_dim"):
+        UnitLMConfig.named("tiny", input_dim=48)
+    with pytest.raises(ConfigError, match="input_dim must be positive"):
+        UnitLMConfig.named("tiny", input_dim=0, tie_embeddings=False)
+    model = _tiny(input_dim=48, output_dim=40, tie_embeddings=False)
+    assert model.decoder.embed_tokens.weight.shape == (N_UNITS + 4, 48)
+    assert model.decoder.output_projection.weight.shape == (N_UNITS + 4, 40)
+    out = model(_batch(), return_hidden=True)
+    assert out.hidden.shape == (3, 7, 40) and out.logits.shape == (3, 7, N_UNITS + 4)
+    # from_fairseq: absent dims (fairseq < 0.10 args) mean decoder_embed_dim, as base_lm_architecture sets them.
+    legacy = UnitLMConfig.from_fairseq(dict(arch="transformer_lm", decoder_embed_dim=32, decoder_layers=2,
+                                            decoder_ffn_embed_dim=64, decoder_attention_heads=4))
+    assert legacy.input_dim is None and legacy.output_dim is None
+
+
+@pytest.mark.parametrize("flag", ["adaptive_input", "character_embeddings", "adaptive_softmax_cutoff"])
+def test_adaptive_and_character_embeddings_are_refused_by_name(flag: str) -> None:
+    value = "20,40" if flag == "adaptive_softmax_cutoff" else True
+    with pytest.raises(CheckpointError, match=flag):
+        UnitLMConfig.from_fairseq(dict(arch="transformer_lm", decoder_embed_dim=32, **{flag: value}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

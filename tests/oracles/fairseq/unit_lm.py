@@ -12,6 +12,12 @@ Params (JSON):
             ``args`` as given (no ``cfg``), as checkpoints of fairseq < 0.10 do;
         interpolate_max_positions: save ``cfg.model.max_target_positions`` as ``${task.max_target_positions}``,
             the interpolation fairseq leaves in a saved config.
+    cli: ``{NAME: {"n_units": N, "argv": [...]}}``: LMs built as ``fairseq-train`` builds them from its command line
+        (``fairseq-train DATA --task language_modeling ARGV``: ``options.parse_args_and_arch``, the namespace turned
+        into the omegaconf config, ``tasks.setup_task`` and ``task.build_model``), randomised and saved with the
+        config the trainer writes (``OmegaConf.to_container(cfg, resolve=True)``). Their references add
+        ``"model_cfg"`` (the saved ``cfg["model"]``), ``"keys"`` (the state-dict keys) and ``"incremental"``: the
+        logits of fairseq's incremental decoding (``incremental_state``), one token at a time.
     load: ``{NAME: checkpoint path}``: LMs fairseq loads with ``checkpoint_utils.load_model_ensemble_and_task``
         (strict), their ``dict.txt`` beside them.
     score: ``{NAME: [lines of space-separated units]}``, for loaded models: fairseq's ``SequenceScorer`` on each
@@ -32,9 +38,10 @@ import copy
 
 import torch
 from common import numpy_training_state, setup, versions
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, options, tasks
 from fairseq.checkpoint_utils import torch_persistent_save
 from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from fairseq.sequence_scorer import SequenceScorer
@@ -101,6 +108,42 @@ def build_and_save(spec: dict, directory, batches: dict) -> dict:
     return {**ref, "logits": logits(model, batches), "vocab": len(d), "pad": d.pad()}
 
 
+def build_like_the_cli(spec: dict, directory, batches: dict) -> dict:
+    """The model and saved checkpoint of ``fairseq-train DIR --task language_modeling ARGV`` before its first
+    update (randomised so that every weight matters)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    d = Dictionary()
+    for u in range(spec["n_units"]):
+        d.add_symbol(str(u))
+    d.save(str(directory / "dict.txt"))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(directory), "--task", "language_modeling", *spec["argv"]])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model).eval()
+    randomize(model)
+    saved_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # what Trainer.state_dict stores
+    state = {"args": None, "cfg": saved_cfg, "model": model.state_dict(), "criterion": None,
+             "optimizer_history": [], "task_state": {}, "extra_state": numpy_training_state()}
+    torch_persistent_save(state, str(directory / "checkpoint_best.pt"))
+    return {"logits": logits(model, batches), "incremental": incremental_logits(model, batches),
+            "model_cfg": saved_cfg["model"], "keys": sorted(model.state_dict()), "vocab": len(d), "pad": d.pad()}
+
+
+def incremental_logits(model, batches: dict) -> dict:
+    """fairseq's cached decoding: each step feeds the prefix and ``incremental_state`` keeps the past keys/values
+    (so only the last token is computed); the step logits stacked as ``(B, T, V)``."""
+    out = {}
+    with torch.no_grad():
+        for name, tokens in batches.items():
+            tokens, state, steps = torch.tensor(tokens), {}, []
+            for t in range(tokens.shape[1]):
+                steps.append(model(tokens[:, : t + 1], incremental_state=state)[0][:, -1])
+            out[name] = torch.stack(steps, dim=1)
+    return out
+
+
 def score(model, d: Dictionary, lines: list[str]) -> list[dict]:
     scorer = SequenceScorer(d)
     out = []
@@ -121,6 +164,9 @@ def main() -> None:
     batches = params.get("tokens", {})
     for name, spec in params.get("build", {}).items():
         ref = build_and_save(spec, out / name, batches)
+        torch.save({**ref, "versions": versions()}, out / f"{name}.ref.pt")
+    for name, spec in params.get("cli", {}).items():
+        ref = build_like_the_cli(spec, out / name, batches)
         torch.save({**ref, "versions": versions()}, out / f"{name}.ref.pt")
     for name, path in params.get("load", {}).items():
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], strict=True)
