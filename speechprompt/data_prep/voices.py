@@ -320,7 +320,8 @@ class Flite(Synthesizer):
 
 @register_synthesizer
 class Festival(Synthesizer):
-    """The Festival Speech Synthesis System: ``kal_diphone`` (16 kHz) and the HTS voice ``cmu_us_slt_arctic_hts``.
+    """The Festival Speech Synthesis System: the diphone voices ``kal_diphone`` and ``ked_diphone`` (16 kHz, two US
+    male speakers; Debian's ``festvox-kallpc16k`` and ``festvox-kdlpc16k``) and the HTS voice ``cmu_us_slt_arctic_hts``.
 
     One ``festival -b`` process synthesizes a whole batch from a Scheme script. Rate is ``Duration_Stretch`` for
     the diphone voice and the HTS engine's ``-r`` option for the HTS voice (which ignores ``Duration_Stretch``);
@@ -329,15 +330,16 @@ class Festival(Synthesizer):
 
     name = "festival"
     binary = "festival"
-    apt_package = "festival festvox-kallpc16k festvox-us-slt-hts"
+    apt_package = "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
     batch_size = 48
     # speaker, gender, rate, mean f0, default Duration_Stretch set by the voice (kal_diphone sets 1.1)
     KNOWN: ClassVar[dict[str, tuple[str, str, int, float | None]]] = {
         "kal_diphone": ("kal", "m", 16000, 105.0),
+        "ked_diphone": ("ked", "m", 16000, 105.0),
         "cmu_us_slt_arctic_hts": ("slt", "f", 32000, None),
     }
-    DEFAULT_STRETCH: ClassVar[dict[str, float]] = {"kal_diphone": 1.1}
-    PREFERRED_ORDER: ClassVar[tuple[str, ...]] = ("kal", "slt")
+    DEFAULT_STRETCH: ClassVar[dict[str, float]] = {"kal_diphone": 1.1, "ked_diphone": 1.1}
+    PREFERRED_ORDER: ClassVar[tuple[str, ...]] = ("kal", "ked", "slt")
 
     def version(self) -> str:
         return _run([self.binary, "--version"]).strip()

@@ -146,8 +146,9 @@ def test_heldout_synth_option_and_digit_labels(tmp_path):
     assert validate_corpus(out) == []
     assert {m["synth"] for m in _meta(out, "test_synth")} == {"flite"}
     assert {m["synth"] for s in ("train", "dev", "test") for m in _meta(out, s)} <= {"espeak-ng", "festival"}
-    # festival has two speakers: kal trains, slt is the test speaker; flite's kal is then a known speaker.
+    # festival has three speakers: kal trains, ked is dev, slt is the test speaker; flite's kal is then a known one.
     assert summary["splits"]["train"]["speakers"]["festival"] == ["kal"]
+    assert summary["splits"]["dev"]["speakers"]["festival"] == ["ked"]
     assert summary["splits"]["test"]["speakers"]["festival"] == ["slt"]
     assert any("test_synth shares speakers ['kal']" in note for note in summary["notes"])
     assert all(m["augment"] for m in _meta(out, "train"))

@@ -42,6 +42,8 @@ def test_flite_and_festival_voices_share_speakers():
     assert flite["kal"].speaker == flite["kal16"].speaker == festival["kal_diphone"].speaker == "kal"
     assert flite["slt"].speaker == festival["cmu_us_slt_arctic_hts"].speaker == "slt"
     assert flite["rms"].base_f0 is None and festival["cmu_us_slt_arctic_hts"].base_f0 is None
+    # festvox-kdlpc16k: a second diphone speaker, heard only with the rest of festival (install_system_deps.sh)
+    assert festival["ked_diphone"].speaker == "ked" and festival["ked_diphone"].base_f0 == 105.0
     # Held-out last: kal and slt (festival's speakers) are kept out of training by default.
     assert get_synthesizer("flite").speaker_order(list(flite.values())) == ["awb", "rms", "kal", "slt"]
 
@@ -49,7 +51,8 @@ def test_flite_and_festival_voices_share_speakers():
 @pytest.mark.parametrize(
     ("synth", "voice", "rate"),
     [("espeak-ng", "en-gb+f2", 22050), ("flite", "kal", 8000), ("flite", "slt", 16000),
-     ("festival", "kal_diphone", 16000), ("festival", "cmu_us_slt_arctic_hts", 32000)],
+     ("festival", "kal_diphone", 16000), ("festival", "ked_diphone", 16000),
+     ("festival", "cmu_us_slt_arctic_hts", 32000)],
 )  # fmt: skip
 def test_each_engine_speaks_at_its_rate_and_rate_controls_duration(synth, voice, rate):
     v = _voice(synth, voice)
