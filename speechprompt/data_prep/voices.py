@@ -79,20 +79,29 @@ class Request:
         voice: the voice to say them with.
         rate: speaking-rate multiplier of the voice's default (above 1 is faster).
         pitch: mean-f0 multiplier of the voice's default; ignored when ``voice.base_f0`` is None.
+        intonation: multiplier of the f0 range (a speaking style: below 1 flatter, toward monotone; above 1 livelier),
+            around a standard deviation of 14% of the mean f0; flite and festival's diphone voices only (espeak-ng
+            has no such option, and its variants differ in range already), and not where ``base_f0`` is None.
     """
 
     text: str
     voice: Voice
     rate: float = 1.0
     pitch: float = 1.0
+    intonation: float = 1.0
 
     def __post_init__(self) -> None:
         if not _TEXT_RE.fullmatch(self.text):
             raise SynthesisError(f"text {self.text!r} has characters the engines are not given (letters, digits, "
                                  "spaces and .,?!'- only)")
-        if not (0.25 <= self.rate <= 4.0 and 0.25 <= self.pitch <= 4.0):
-            raise SynthesisError(f"rate {self.rate} and pitch {self.pitch} must lie in [0.25, 4]")
+        if not (0.25 <= self.rate <= 4.0 and 0.25 <= self.pitch <= 4.0 and 0.25 <= self.intonation <= 4.0):
+            raise SynthesisError(f"rate {self.rate}, pitch {self.pitch} and intonation {self.intonation} must lie in "
+                                 "[0.25, 4]")
 
+
+# The f0 standard deviation of a neutral reading, as a fraction of the mean f0 (festival's diphone voices ship
+# 14 Hz at 105 Hz); a Request's intonation multiplies it.
+F0_STD_FRACTION = 0.14
 
 # Plain text only: it is passed on command lines and inside Scheme strings, and must never start an option.
 _TEXT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,?!'\-]*")
@@ -309,7 +318,9 @@ class Flite(Synthesizer):
             wav = workdir / f"flite{i}.wav"
             cmd = [self.binary, "-voice", req.voice.name, "--setf", f"duration_stretch={1.0 / req.rate:.4f}"]
             if req.voice.base_f0 is not None:
-                cmd += ["--setf", f"int_f0_target_mean={req.voice.base_f0 * req.pitch:.2f}"]
+                f0 = req.voice.base_f0 * req.pitch
+                cmd += ["--setf", f"int_f0_target_mean={f0:.2f}",
+                        "--setf", f"int_f0_target_stddev={F0_STD_FRACTION * f0 * req.intonation:.2f}"]
             _run([*cmd, "-t", req.text, "-o", str(wav)])
             out.append(_read_wav(wav, f"flite {req.voice.name} {req.text!r}"))
         return out
@@ -372,7 +383,8 @@ class Festival(Synthesizer):
         if req.voice.base_f0 is not None:
             f0 = req.voice.base_f0 * req.pitch
             lines.append(
-                f"(set! int_lr_params '((target_f0_mean {f0:.2f}) (target_f0_std {0.14 * f0:.2f}) "
+                f"(set! int_lr_params '((target_f0_mean {f0:.2f}) "
+                f"(target_f0_std {F0_STD_FRACTION * f0 * req.intonation:.2f}) "
                 "(model_f0_mean 170) (model_f0_std 34)))"
             )
         lines.append(f'(set! utt (SynthText "{req.text}"))')

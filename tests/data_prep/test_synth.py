@@ -165,6 +165,7 @@ _FAKE_VOICES = [
     Voice("espeak-ng", "en-us+f3", "f3", "f", 22050, 100.0),
     Voice("espeak-ng", "en-gb+m3", "m3", "m", 22050, 100.0),
     Voice("flite", "rms", "rms", "m", 16000, None),
+    Voice("flite", "slt", "slt", "f", 16000, 170.0),
 ]
 
 
@@ -182,6 +183,11 @@ def test_plans_are_balanced_and_labelled_per_task(task):
             assert utt.request() is not None  # the text passes the engines' character check
             assert (utt.pitch is None) == (utt.voice.base_f0 is None)
             assert 0.8 <= utt.rate <= 1.25
+            # the f0-range style: flite and festival voices whose f0 can be steered; espeak-ng has no such option
+            steerable = utt.voice.base_f0 is not None and utt.voice.synth != "espeak-ng"
+            assert (utt.intonation is not None) == steerable
+            assert utt.intonation is None or 0.5 <= utt.intonation <= 1.8
+            assert utt.meta()["intonation"] == utt.intonation
     if task == "intent":
         assert len(classes) == 31
         for utt in plan:

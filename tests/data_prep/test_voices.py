@@ -20,6 +20,16 @@ def _voice(synth: str, name: str):
     return next(v for v in get_synthesizer(synth).voices() if v.name == name)
 
 
+@pytest.mark.parametrize(("synth", "voice"), [("flite", "slt"), ("festival", "kal_diphone")])
+def test_intonation_changes_the_melody_but_not_the_timing(synth, voice):
+    v = _voice(synth, voice)
+    flat, lively = synthesize([Request("is it on the left or on the right", v, 1.0, 1.0, k) for k in (0.5, 1.8)])
+    assert len(flat[0]) == len(lively[0])  # durations come from the rate alone
+    assert not np.allclose(flat[0], lively[0], atol=1e-3)
+    with pytest.raises(SynthesisError, match="intonation"):
+        Request("yes", v, intonation=5.0)
+
+
 def test_engines_are_registered_by_name():
     assert list(SYNTHESIZERS) == ["espeak-ng", "flite", "festival"]
 
