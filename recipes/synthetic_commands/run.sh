@@ -203,6 +203,10 @@ if stage_on 5; then
     chosen=$(cat "${exp}/units_choice.txt")
     log "stage 5: audio -> deduplicated ${chosen} units"
     mkdir -p "${units}"
+    if [ -f "${units}/source.txt" ] && [ "$(cat "${units}/source.txt")" != "${chosen}" ]; then
+        die "${units} holds $(cat "${units}/source.txt") units, not ${chosen}: remove ${units}, ${exp}/ulm and the runs"
+    fi
+    echo "${chosen}" > "${units}/source.txt"
     for split in train dev; do  # stage 4 made these already
         [ -f "${units}/${split}.units" ] || cp "${cands}/${chosen}/${split}.units" "${cands}/${chosen}/${split}.summary.json" "${units}/"
     done
