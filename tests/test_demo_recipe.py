@@ -38,7 +38,7 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
         assert set(row) >= ROW_KEYS
         assert row["seeds"] == [1, 2]
         assert 0.0 <= row["accuracy_mean"] <= 1.0
-        assert set(row["splits"]) == {"test", "test_synth"}
+        assert set(row["splits"]) == {"test", "test_synth", "dev"}
         assert (tmp_path / row["checkpoint"]).is_file() and row["checkpoint"].startswith("exp/synthetic_commands/")
         assert row["checkpoint_bytes"] == (tmp_path / row["checkpoint"]).stat().st_size
     # Even this small a world learns something that carries over to voices never heard: 12 classes, chance 1/12.
