@@ -21,7 +21,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from speechprompt.errors import SpeechPromptError
 from speechprompt.fileio import atomic_open
@@ -96,6 +95,9 @@ def probe(units_dir: Path, labels_dir: Path, seconds: float | None = None, c: fl
         if len(labels[split]) != len(units):
             raise UnitsProbeError(f"{path} has {len(labels[split])} lines but {units_dir / split}.units has "
                                   f"{len(units)}: they must be of the same manifest")
+    # sklearn is imported here, not at the top: every `speechprompt` command imports this module to list its help
+    from sklearn.linear_model import LogisticRegression
+
     k = 1 + max((u for split in rows.values() for units in split for u in units), default=0)
     feats = {s: histogram(r, k) for s, r in rows.items()}
     clf = LogisticRegression(max_iter=3000, C=c).fit(feats["train"], labels["train"])
