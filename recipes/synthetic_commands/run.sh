@@ -111,6 +111,23 @@ case "${unit_source}" in
     *) die "--unit-source must be auto, hubert or mfcc_cmn, not '${unit_source}'" ;;
 esac
 
+# Deduplicated units of the source $1 for the manifests $3..., into $2/<stem>.units: one process per manifest, all at
+# once (for small manifests, where sharding and merging would cost more in start-up than it saves). Finished files
+# are kept.
+units_each() {
+    local source=$1 out=$2 manifest pid pids=() reader
+    shift 2
+    reader=$(reader_of "${source}")
+    for manifest in "$@"; do
+        [ -f "${out}/$(basename "${manifest}" .tsv).units" ] && continue
+        # shellcheck disable=SC2086  # ${reader} is several words
+        OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" ${reader} \
+            --kmeans "${exp}/km_${source}.safetensors" --dedup --out "${out}" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "${pid}" || die "units of ${source} failed"; done
+}
+
 # The feature-reader options of a unit source: mfcc_cmn, or hubert_L<layer> of the demo's HuBERT.
 reader_of() {
     case "$1" in
@@ -189,7 +206,7 @@ if stage_on 4; then
     fi
     probe_args=()
     for source in "${candidates[@]}"; do
-        for split in train dev; do units_of "${source}" "${data}/commands/${split}.tsv" "${cands}/${source}"; done
+        units_each "${source}" "${cands}/${source}" "${data}/commands/train.tsv" "${data}/commands/dev.tsv"
         probe_args+=("${source}=${cands}/${source}")
     done
     chosen=$(speechprompt units-probe --labels "${data}/commands" --choose dev --out "${exp}/units_choice.json" \
@@ -210,7 +227,7 @@ if stage_on 5; then
     for split in train dev; do  # stage 4 made these already
         [ -f "${units}/${split}.units" ] || cp "${cands}/${chosen}/${split}.units" "${cands}/${chosen}/${split}.summary.json" "${units}/"
     done
-    for split in test test_synth; do units_of "${chosen}" "${data}/commands/${split}.tsv" "${units}"; done
+    units_each "${chosen}" "${units}" "${data}/commands/test.tsv" "${data}/commands/test_synth.tsv"
     for split in train dev; do units_of "${chosen}" "${data}/sentences/${split}.tsv" "${units}/sentences"; done
 fi
 
