@@ -146,9 +146,9 @@ units_of() {
     [ -f "${out}/${stem}.units" ] && return 0
     reader=$(reader_of "${source}")
     # shellcheck disable=SC2086  # ${reader} is several words
-    for rank in $(seq 0 $((nj - 1))); do
-        speechprompt prepare --manifest "${manifest}" ${reader} --kmeans "${exp}/km_${source}.safetensors" \
-            --dedup --out "${out}" --nshard "${nj}" --rank "${rank}" &
+    for rank in $(seq 0 $((nj - 1))); do  # one thread each: --nj processes share the cores
+        OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" ${reader} \
+            --kmeans "${exp}/km_${source}.safetensors" --dedup --out "${out}" --nshard "${nj}" --rank "${rank}" &
         pids+=($!)
     done
     for rank in "${!pids[@]}"; do
