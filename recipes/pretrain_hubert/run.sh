@@ -121,9 +121,9 @@ frame_units() {
     [ -f "${out}/${stem}.units" ] && return 0
     # shellcheck disable=SC2086  # ${options} is several words
     if [ "${nj}" -gt 1 ]; then
-        for rank in $(seq 0 $((nj - 1))); do
-            speechprompt prepare --manifest "${manifest}" --features "${features}" ${options} --kmeans "${km}" \
-                --out "${out}" --device "${device}" --nshard "${nj}" --rank "${rank}" &
+        for rank in $(seq 0 $((nj - 1))); do  # one thread each: --nj processes share the cores
+            OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" --features "${features}" ${options} \
+                --kmeans "${km}" --out "${out}" --device "${device}" --nshard "${nj}" --rank "${rank}" &
             pids+=($!)
         done
         for rank in "${!pids[@]}"; do wait "${pids[${rank}]}" || die "units of ${manifest}, shard ${rank}, failed"; done
