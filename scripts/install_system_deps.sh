@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that are missing, and only those:
-#   always            what the synthetic corpus needs: espeak-ng, flite, festival and two festival voices, sox;
+#   always            what the synthetic corpus needs: espeak-ng, flite, festival and three festival voices, sox;
 #   --build-tools     what building fairseq-fixed (`make oracle-env`) needs: a C/C++ compiler and the headers
 #                     (Python.h) of the interpreter given with --python (default: python3).
 # Needs root or sudo; otherwise says what to run and fails.
@@ -22,6 +22,7 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v flite >/dev/null || need+=(flite)
 command -v festival >/dev/null || need+=(festival)
 [ -d /usr/share/festival/voices/english/kal_diphone ] || need+=(festvox-kallpc16k)
+[ -d /usr/share/festival/voices/english/ked_diphone ] || need+=(festvox-kdlpc16k)
 [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need+=(festvox-us-slt-hts)
 command -v sox >/dev/null || need+=(sox)
 

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "prepare-dataset": "speechprompt.data_prep.datasets",
     "kmeans": "speechprompt.data_prep.kmeans",
     "prepare": "speechprompt.data_prep.speech2unit",
+    "units-probe": "speechprompt.data_prep.units_probe",
     "pretrain-ulm": "speechprompt.pretrain",
     "pretrain-hubert": "speechprompt.pretrain_hubert",
     "score": "speechprompt.score",

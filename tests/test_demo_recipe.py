@@ -1,5 +1,6 @@
-"""`make demo`'s recipe end to end at a small size: synthesize, learn units, pretrain, compare, then `infer` with
-the checkpoint that results.json names. Slow (a few minutes), and run in CI."""
+"""`make demo`'s recipe end to end at a small size: synthesize, learn units, pretrain a HuBERT, choose the units on
+dev, pretrain the unit LM, compare, then `infer` with the checkpoint that results.json names. Slow (a few minutes),
+and run in CI."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
     cmd = [
         "bash", str(ROOT / "recipes/synthetic_commands/run.sh"),
         "--per-class", "10", "--eval-per-class", "4", "--sentences", "60", "--k", "30", "--ulm-steps", "60",
+        "--hubert-steps", "20", "--hubert-layers", "4",
         "--methods", "deep_prompt_learnable,linear_probe", "--seeds", "2", "--jobs", "2",
         "--train-options", "max_epochs=8 eval_batch_size=32",
     ]
@@ -36,7 +38,7 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
         assert set(row) >= ROW_KEYS
         assert row["seeds"] == [1, 2]
         assert 0.0 <= row["accuracy_mean"] <= 1.0
-        assert set(row["splits"]) == {"test", "test_synth"}
+        assert set(row["splits"]) == {"test", "test_synth", "dev"}
         assert (tmp_path / row["checkpoint"]).is_file() and row["checkpoint"].startswith("exp/synthetic_commands/")
         assert row["checkpoint_bytes"] == (tmp_path / row["checkpoint"]).stat().st_size
     # Even this small a world learns something that carries over to voices never heard: 12 classes, chance 1/12.
@@ -47,6 +49,14 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
     assert (exp / "results.md").read_text().count("\n") == 4
     assert (exp / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deep_prompt_learnable" in proc.stdout  # the table is printed
+    # The units were chosen on dev between the MFCC units and the HuBERT's layer, and the choice is on record.
+    choice = json.loads((exp / "units_choice.json").read_text())
+    assert set(choice["results"]) == {"mfcc_cmn", "hubert_L4"} and choice["split"] == "dev"
+    assert choice["chosen"] == (exp / "units_choice.txt").read_text().strip()
+    best = max(r["dev_accuracy"] for r in choice["results"].values())
+    assert choice["results"][choice["chosen"]]["dev_accuracy"] == best
+    assert (exp / "units/dev.units").read_text() == (exp / "candidates" / choice["chosen"] / "dev.units").read_text()
+    assert (exp / "hubert/it1/checkpoint_best.pt").is_file()
     # Units were extracted in 2 shards (--nj 2) and merged; only the merged files stay.
     assert (exp / "units/train.summary.json").is_file()
     assert not list((exp / "units").rglob("*_2.units")) and not list((exp / "units").rglob("*_2.summary.json"))

@@ -383,3 +383,36 @@ def test_the_recipe_runs_both_iterations_on_a_manifest(tmp_path: Path) -> None:
           f"--device cpu" for m in (train, dev)),
         iteration(2, 500, 50, ""),
     ]
+
+
+def test_the_recipe_takes_an_existing_kmeans_other_targets_and_overrides(tmp_path: Path) -> None:
+    # As the demo calls it: its mfcc_cmn k-means is reused for the iteration-1 targets (no stage-1 k-means), and the
+    # batch is split over processes with an override.
+    bin_dir, log, exp = tmp_path / "bin", tmp_path / "calls.txt", tmp_path / "exp"
+    bin_dir.mkdir()
+    (bin_dir / "speechprompt").write_text(_FAKE_SPEECHPROMPT.format(log=log))
+    (bin_dir / "speechprompt").chmod(0o755)
+    train, dev, km = tmp_path / "train.tsv", tmp_path / "dev.tsv", tmp_path / "km_mfcc_cmn.safetensors"
+    for f in (train, dev, km):
+        f.write_text("/\n")
+    config = REPO / "recipes" / "pretrain_hubert" / "conf" / "small.yaml"
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "pretrain_hubert" / "run.sh"), "--stage", "1",
+                           "--stop-stage", "3", "--train", str(train), "--dev", str(dev), "--exp", str(exp),
+                           "--features1", "mfcc_cmn", "--km1", str(km), "--steps1", "300", "--device", "cpu",
+                           "--options", "batch_size=4 seed=7"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == [
+        *(f"speechprompt prepare --manifest {m} --features mfcc_cmn --kmeans {km} --out {exp}/it1_labels --device cpu"
+          for m in (train, dev)),
+        f"speechprompt pretrain-hubert --config {config} train={train} dev={dev} n_units=100 label_rate=100 "
+        f"train_labels={exp}/it1_labels/train.units dev_labels={exp}/it1_labels/dev.units run_dir={exp}/it1 "
+        "device=cpu max_steps=300 batch_size=4 seed=7",
+    ]
+    missing = subprocess.run(["bash", str(REPO / "recipes" / "pretrain_hubert" / "run.sh"), "--stage", "2",
+                              "--train", str(train), "--dev", str(dev), "--exp", str(tmp_path / "exp2"),
+                              "--km1", str(tmp_path / "nowhere.safetensors")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert missing.returncode != 0 and "nowhere.safetensors" in missing.stderr

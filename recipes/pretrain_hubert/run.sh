@@ -27,6 +27,8 @@ config=${recipe}/conf/small.yaml
 exp=exp/pretrain_hubert
 sentences=2000
 k1=100
+features1=mfcc
+km1=
 k2=100
 layer=3
 percent=1.0
@@ -35,6 +37,7 @@ steps2=
 nj=1
 device=auto
 seed=0
+options=""
 
 usage() {
     cat <<USAGE
@@ -52,6 +55,10 @@ Options [default]:
   --exp DIR          where units and runs go [${exp}]
   --sentences N      synthetic training sentences (stage 0) [${sentences}]
   --k1 N             clusters of the MFCC units (iteration 1 targets) [${k1}]
+  --features1 NAME   features of the iteration-1 targets: mfcc (HuBERT's), or mfcc_cmn (minus the utterance
+                     mean) [${features1}]
+  --km1 FILE         an existing k-means of --features1 frames for the iteration-1 targets; stage 1 is then
+                     skipped (the demo passes the one it has learned already) [${km1:-learned at stage 1}]
   --k2 N             clusters of the layer units (iteration 2 targets; HuBERT: 500) [${k2}]
   --layer L          1-based layer of the iteration-1 model clustered for iteration 2 (HuBERT base: 6) [${layer}]
   --percent P        fraction of the training utterances k-means learns from [${percent}]
@@ -61,6 +68,8 @@ Options [default]:
                      config's batch_size, so an update grows with N) [${nj}]
   --device DEV       auto, cpu, cuda or cuda:N [${device}]
   --seed S           seed of the synthetic corpus and of k-means [${seed}]
+  --options "KEY=VALUE ..."
+                     overrides of the config for both iterations, e.g. "batch_size=4" [${options:-none}]
   -h, --help         this message
 USAGE
 }
@@ -75,6 +84,8 @@ while [ $# -gt 0 ]; do
         --exp) exp=$2; shift 2 ;;
         --sentences) sentences=$2; shift 2 ;;
         --k1) k1=$2; shift 2 ;;
+        --features1) features1=$2; shift 2 ;;
+        --km1) km1=$2; shift 2 ;;
         --k2) k2=$2; shift 2 ;;
         --layer) layer=$2; shift 2 ;;
         --percent) percent=$2; shift 2 ;;
@@ -83,6 +94,7 @@ while [ $# -gt 0 ]; do
         --nj) nj=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
         --seed) seed=$2; shift 2 ;;
+        --options) options=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$0: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -99,6 +111,7 @@ if [ -z "${train}" ]; then
     dev=${dev:-${exp}/data/dev.tsv}
 fi
 [ -n "${dev}" ] || die "--dev is required with --train"
+learned_km1=${km1:-${exp}/km_${features1}${k1}.safetensors}
 
 # Units of one manifest at every frame into $3/<stem>.units, with the features $1 (options in $2): --nj shards at
 # once, then merged. A finished unit file is kept.
@@ -108,9 +121,9 @@ frame_units() {
     [ -f "${out}/${stem}.units" ] && return 0
     # shellcheck disable=SC2086  # ${options} is several words
     if [ "${nj}" -gt 1 ]; then
-        for rank in $(seq 0 $((nj - 1))); do
-            speechprompt prepare --manifest "${manifest}" --features "${features}" ${options} --kmeans "${km}" \
-                --out "${out}" --device "${device}" --nshard "${nj}" --rank "${rank}" &
+        for rank in $(seq 0 $((nj - 1))); do  # one thread each: --nj processes share the cores
+            OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" --features "${features}" ${options} \
+                --kmeans "${km}" --out "${out}" --device "${device}" --nshard "${nj}" --rank "${rank}" &
             pids+=($!)
         done
         for rank in "${!pids[@]}"; do wait "${pids[${rank}]}" || die "units of ${manifest}, shard ${rank}, failed"; done
@@ -130,6 +143,8 @@ pretrain() {
           train_labels="${labels}/$(basename "${train}" .tsv).units" dev_labels="${labels}/$(basename "${dev}" .tsv).units"
           run_dir="${run_dir}" device="${device}")
     [ -z "${steps}" ] || args+=(max_steps="${steps}")
+    # shellcheck disable=SC2206  # --options is a list of words
+    args+=(${options})
     if [ "${nj}" -gt 1 ]; then  # data-parallel: each process takes 1/nj of every update's utterances
         torchrun --standalone --nproc_per_node "${nj}" "$(command -v speechprompt)" "${args[@]}"
     else
@@ -142,18 +157,18 @@ if stage_on 0 && ${synthetic}; then
     speechprompt synth --task sentences --out "${exp}/data" --seed "${seed}" --per-class "${sentences}" --no-progress
 fi
 
-if stage_on 1; then
-    log "stage 1: ${k1} clusters of MFCC frames"
+if stage_on 1 && [ -z "${km1}" ]; then
+    log "stage 1: ${k1} clusters of ${features1} frames"
     need_file "${train}" "the training manifest"
-    [ -f "${exp}/km_mfcc${k1}.safetensors" ] || speechprompt kmeans --manifest "${train}" --features mfcc \
-        --k "${k1}" --percent "${percent}" --seed "${seed}" --device "${device}" --out "${exp}/km_mfcc${k1}.safetensors"
+    [ -f "${learned_km1}" ] || speechprompt kmeans --manifest "${train}" --features "${features1}" \
+        --k "${k1}" --percent "${percent}" --seed "${seed}" --device "${device}" --out "${learned_km1}"
 fi
 
 if stage_on 2; then
-    log "stage 2: MFCC units of every 10 ms frame (iteration-1 labels, 100 Hz)"
-    need_file "${exp}/km_mfcc${k1}.safetensors" "the MFCC k-means (run stage 1)"
+    log "stage 2: ${features1} units of every 10 ms frame (iteration-1 labels, 100 Hz)"
+    need_file "${learned_km1}" "the ${features1} k-means (run stage 1)"
     for manifest in "${train}" "${dev}"; do
-        frame_units mfcc "" "${exp}/it1_labels" "${manifest}" "${exp}/km_mfcc${k1}.safetensors"
+        frame_units "${features1}" "" "${exp}/it1_labels" "${manifest}" "${learned_km1}"
     done
 fi
 

@@ -3,12 +3,16 @@
 #
 #   stage 1  synth        12-class Speech Commands-style words, and unlabeled sentences, from espeak-ng, flite and
 #                         festival (festival is held out: it is heard only in the test_synth split)
-#   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (no HuBERT
-#                         weights here)
-#   stage 3  prepare      every split to deduplicated unit sequences (--nj shards at once)
-#   stage 4  pretrain     a small GSLM-style unit LM on the sentences' units (--nj processes, torch DDP)
-#   stage 5  compare      prompt tuning and the baselines on the frozen LM, several seeds, evaluated on unseen
-#                         voices (test) and on the unseen synthesizer (test_synth); prints the results table
+#   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (mfcc_cmn)
+#   stage 3  hubert       a small HuBERT (recipes/pretrain_hubert, small.yaml, iteration 1) pretrained on the
+#                         sentences to predict the mfcc_cmn units of masked frames (--nj processes)
+#   stage 4  choose       k-means of each --hubert-layers layer; every candidate (mfcc_cmn and those layers) turns
+#                         the commands' train and dev into units, a bag-of-units probe scores them on dev, and the
+#                         best becomes the demo's units (${exp}/units_choice.json)
+#   stage 5  prepare      every split and the sentences to deduplicated units of the chosen source (--nj shards)
+#   stage 6  pretrain     a small GSLM-style unit LM on the sentences' units (--nj processes, torch DDP)
+#   stage 7  compare      the best prompt method and the baselines on the frozen LM, several seeds, evaluated on
+#                         unseen voices (test) and on the unseen synthesizer (test_synth); prints the results table
 #
 # Run from the repository root:  recipes/synthetic_commands/run.sh   (or `make demo`)
 # Everything goes to exp/synthetic_commands/. Stages are resumable: a finished step is not redone.
@@ -17,17 +21,20 @@ set -euo pipefail
 recipe=$(dirname "${BASH_SOURCE[0]}")
 exp=exp/synthetic_commands
 stage=1
-stop_stage=5
+stop_stage=7
 seed=0
 per_class=60
 eval_per_class=20
 sentences=2000
-features=mfcc_cmn
 k=100
+unit_source=auto
+hubert_steps=1000
+hubert_layers="3 4"
+hubert_percent=0.25
 ulm_steps=800
 ulm_batch=16
 nj=2
-methods=input_prompt,deep_prompt,deep_prompt_learnable,full_finetune,linear_probe
+methods=deep_prompt_learnable,full_finetune,linear_probe
 seeds=3
 jobs=2
 train_options=""
@@ -46,8 +53,12 @@ Options [default]:
   --per-class N        training utterances per command class [${per_class}]
   --eval-per-class N   dev/test/test_synth utterances per command class [${eval_per_class}]
   --sentences N        unlabeled training sentences for k-means and the unit LM [${sentences}]
-  --features NAME      mfcc_cmn, mfcc or logmel [${features}]
-  --k K                number of units [${k}]
+  --k K                number of units (of every candidate source) [${k}]
+  --unit-source SRC    auto (the best on dev of mfcc_cmn and the HuBERT layers), hubert (the best layer) or
+                       mfcc_cmn (no HuBERT stage) [${unit_source}]
+  --hubert-steps N     HuBERT pretraining updates (8 sentences each) [${hubert_steps}]
+  --hubert-layers "L.." the HuBERT's layers (1-based, of 4) that are candidates [${hubert_layers}]
+  --hubert-percent P   fraction of the sentences a HuBERT layer's k-means learns from [${hubert_percent}]
   --ulm-steps N        unit LM pretraining updates [${ulm_steps}]
   --ulm-batch N        unit LM blocks per update, split over the --nj processes [${ulm_batch}]
   --nj N               parallel unit-extraction shards and pretraining processes [${nj}]
@@ -68,7 +79,10 @@ while [ $# -gt 0 ]; do
         --per-class) per_class=$2; shift 2 ;;
         --eval-per-class) eval_per_class=$2; shift 2 ;;
         --sentences) sentences=$2; shift 2 ;;
-        --features) features=$2; shift 2 ;;
+        --unit-source) unit_source=$2; shift 2 ;;
+        --hubert-steps) hubert_steps=$2; shift 2 ;;
+        --hubert-layers) hubert_layers=$2; shift 2 ;;
+        --hubert-percent) hubert_percent=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
         --ulm-steps) ulm_steps=$2; shift 2 ;;
         --ulm-batch) ulm_batch=$2; shift 2 ;;
@@ -89,24 +103,60 @@ command -v speechprompt >/dev/null || die "speechprompt is not on PATH (run 'mak
 
 data=${exp}/data
 units=${exp}/units
+cands=${exp}/candidates
+hubert=${exp}/hubert
 [ $((ulm_batch % nj)) -eq 0 ] || die "--ulm-batch ${ulm_batch} does not split over --nj ${nj} processes"
+case "${unit_source}" in
+    auto|hubert|mfcc_cmn) ;;
+    *) die "--unit-source must be auto, hubert or mfcc_cmn, not '${unit_source}'" ;;
+esac
 
-# Units of one manifest into $2/<stem>.units: --nj shards at once, then merged (identical to a single run) and the
-# shard files removed.
+# Deduplicated units of the source $1 for the manifests $3..., into $2/<stem>.units: one process per manifest, all at
+# once (for small manifests, where sharding and merging would cost more in start-up than it saves). Finished files
+# are kept.
+units_each() {
+    local source=$1 out=$2 manifest pid pids=() reader
+    shift 2
+    reader=$(reader_of "${source}")
+    for manifest in "$@"; do
+        [ -f "${out}/$(basename "${manifest}" .tsv).units" ] && continue
+        # shellcheck disable=SC2086  # ${reader} is several words
+        OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" ${reader} \
+            --kmeans "${exp}/km_${source}.safetensors" --dedup --out "${out}" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "${pid}" || die "units of ${source} failed"; done
+}
+
+# The feature-reader options of a unit source: mfcc_cmn, or hubert_L<layer> of the demo's HuBERT.
+reader_of() {
+    case "$1" in
+        mfcc_cmn) echo "--features mfcc_cmn" ;;
+        hubert_L*) echo "--features hubert --checkpoint ${hubert}/it1/checkpoint_best.pt --layer ${1#hubert_L}" ;;
+        *) die "unknown unit source '$1'" ;;
+    esac
+}
+
+# Deduplicated units of the source $1 (its k-means: ${exp}/km_$1.safetensors) for the manifest $2, into
+# $3/<stem>.units: --nj shards at once, then merged (identical to a single run) and the shard files removed. A
+# finished unit file is kept.
 units_of() {
-    local manifest=$1 out=$2 rank pids=()
-    for rank in $(seq 0 $((nj - 1))); do
-        speechprompt prepare --manifest "${manifest}" --features "${features}" --kmeans "${exp}/kmeans.safetensors" \
-            --dedup --out "${out}" --nshard "${nj}" --rank "${rank}" &
+    local source=$1 manifest=$2 out=$3 rank pids=() stem reader
+    stem=$(basename "${manifest}" .tsv)
+    [ -f "${out}/${stem}.units" ] && return 0
+    reader=$(reader_of "${source}")
+    # shellcheck disable=SC2086  # ${reader} is several words
+    for rank in $(seq 0 $((nj - 1))); do  # one thread each: --nj processes share the cores
+        OMP_NUM_THREADS=1 speechprompt prepare --manifest "${manifest}" ${reader} \
+            --kmeans "${exp}/km_${source}.safetensors" --dedup --out "${out}" --nshard "${nj}" --rank "${rank}" &
         pids+=($!)
     done
     for rank in "${!pids[@]}"; do
-        wait "${pids[${rank}]}" || die "unit extraction of ${manifest}, shard ${rank}, failed"
+        wait "${pids[${rank}]}" || die "units of ${manifest} (${source}), shard ${rank}, failed"
     done
-    speechprompt prepare --manifest "${manifest}" --features "${features}" --kmeans "${exp}/kmeans.safetensors" \
+    # shellcheck disable=SC2086
+    speechprompt prepare --manifest "${manifest}" ${reader} --kmeans "${exp}/km_${source}.safetensors" \
         --dedup --out "${out}" --nshard "${nj}" --merge
-    local stem
-    stem=$(basename "${manifest}" .tsv)
     for rank in $(seq 0 $((nj - 1))); do  # the merged files say all the shards did
         rm -f "${out}/${stem}.${rank}_${nj}.units" "${out}/${stem}.${rank}_${nj}.summary.json"
     done
@@ -120,25 +170,69 @@ if stage_on 1; then
 fi
 
 if stage_on 2; then
-    log "stage 2: learn ${k} units on ${features} features of the sentences"
-    if [ ! -f "${exp}/kmeans.safetensors" ]; then
-        speechprompt kmeans --manifest "${data}/sentences/train.tsv" --features "${features}" --k "${k}" \
-            --percent 1.0 --n-init 3 --seed "${seed}" --out "${exp}/kmeans.safetensors"
-    fi
+    log "stage 2: learn ${k} units on mfcc_cmn features of the sentences"
+    [ -f "${exp}/km_mfcc_cmn.safetensors" ] || speechprompt kmeans --manifest "${data}/sentences/train.tsv" \
+        --features mfcc_cmn --k "${k}" --percent 1.0 --n-init 3 --seed "${seed}" --out "${exp}/km_mfcc_cmn.safetensors"
 fi
 
-if stage_on 3; then
-    log "stage 3: audio -> deduplicated units"
-    for split in train dev test test_synth; do
-        [ -f "${units}/${split}.units" ] || units_of "${data}/commands/${split}.tsv" "${units}"
-    done
-    for split in train dev; do
-        [ -f "${units}/sentences/${split}.units" ] || units_of "${data}/sentences/${split}.tsv" "${units}/sentences"
-    done
+if stage_on 3 && [ "${unit_source}" != mfcc_cmn ]; then
+    log "stage 3: pretrain a small HuBERT on the sentences (${hubert_steps} updates, ${nj} processes)"
+    # Iteration 1 of recipes/pretrain_hubert on the sentences, its targets the mfcc_cmn units of stage 2 at every
+    # 10 ms frame (so no second MFCC k-means is learned); each process takes 8 / nj sentences of an update.
+    [ $((8 % nj)) -eq 0 ] || die "--nj ${nj} does not divide the HuBERT's 8 sentences per update"
+    bash "${recipe}/../pretrain_hubert/run.sh" --stage 2 --stop-stage 3 --exp "${hubert}" \
+        --train "${data}/sentences/train.tsv" --dev "${data}/sentences/dev.tsv" --features1 mfcc_cmn --k1 "${k}" \
+        --km1 "${exp}/km_mfcc_cmn.safetensors" --steps1 "${hubert_steps}" --nj "${nj}" --device cpu \
+        --seed "${seed}" --options "batch_size=$((8 / nj))"
 fi
 
 if stage_on 4; then
-    log "stage 4: pretrain the unit LM on the sentences (${nj} processes)"
+    log "stage 4: choose the units on the commands' dev split (${unit_source})"
+    candidates=()
+    [ "${unit_source}" = hubert ] || candidates+=(mfcc_cmn)
+    if [ "${unit_source}" != mfcc_cmn ]; then
+        need_file "${hubert}/it1/checkpoint_best.pt" "the demo's HuBERT (run stage 3)"
+        pids=()
+        for layer in ${hubert_layers}; do  # one k-means per layer, all at once, one thread each
+            candidates+=("hubert_L${layer}")
+            [ -f "${exp}/km_hubert_L${layer}.safetensors" ] && continue
+            # shellcheck disable=SC2046  # reader_of gives several words
+            OMP_NUM_THREADS=1 speechprompt kmeans --manifest "${data}/sentences/train.tsv" \
+                $(reader_of "hubert_L${layer}") --device cpu --k "${k}" --percent "${hubert_percent}" --n-init 3 \
+                --seed "${seed}" --out "${exp}/km_hubert_L${layer}.safetensors" &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "${pid}" || die "a k-means of the HuBERT's layers failed"; done
+    fi
+    probe_args=()
+    for source in "${candidates[@]}"; do
+        units_each "${source}" "${cands}/${source}" "${data}/commands/train.tsv" "${data}/commands/dev.tsv"
+        probe_args+=("${source}=${cands}/${source}")
+    done
+    chosen=$(speechprompt units-probe --labels "${data}/commands" --choose dev --out "${exp}/units_choice.json" \
+        "${probe_args[@]}")
+    echo "${chosen}" > "${exp}/units_choice.txt"
+    log "units: ${chosen} (dev accuracies of the bag-of-units probe in ${exp}/units_choice.json)"
+fi
+
+if stage_on 5; then
+    need_file "${exp}/units_choice.txt" "the choice of units (run stage 4)"
+    chosen=$(cat "${exp}/units_choice.txt")
+    log "stage 5: audio -> deduplicated ${chosen} units"
+    mkdir -p "${units}"
+    if [ -f "${units}/source.txt" ] && [ "$(cat "${units}/source.txt")" != "${chosen}" ]; then
+        die "${units} holds $(cat "${units}/source.txt") units, not ${chosen}: remove ${units}, ${exp}/ulm and the runs"
+    fi
+    echo "${chosen}" > "${units}/source.txt"
+    for split in train dev; do  # stage 4 made these already
+        [ -f "${units}/${split}.units" ] || cp "${cands}/${chosen}/${split}.units" "${cands}/${chosen}/${split}.summary.json" "${units}/"
+    done
+    units_each "${chosen}" "${units}" "${data}/commands/test.tsv" "${data}/commands/test_synth.tsv"
+    for split in train dev; do units_of "${chosen}" "${data}/sentences/${split}.tsv" "${units}/sentences"; done
+fi
+
+if stage_on 6; then
+    log "stage 6: pretrain the unit LM on the sentences (${nj} processes)"
     pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
               batch_size=$((ulm_batch / nj)))
     if [ "${nj}" -gt 1 ]; then  # data-parallel: nj processes of one thread, each taking ulm_batch / nj blocks
@@ -148,8 +242,8 @@ if stage_on 4; then
     fi
 fi
 
-if stage_on 5; then
-    log "stage 5: prompt tuning and baselines on the frozen unit LM (${seeds} seeds each)"
+if stage_on 7; then
+    log "stage 7: prompt tuning and baselines on the frozen unit LM (${seeds} seeds each)"
     overrides=$(echo ${train_options} | tr ' ' ',')
     speechprompt compare --config "${recipe}/conf/compare.yaml" --methods "${methods}" --seeds "${seeds}" \
         --jobs "${jobs}" "overrides=[${overrides}]"

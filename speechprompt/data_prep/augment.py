@@ -1,4 +1,4 @@
-"""Waveform augmentation for synthetic speech: speed perturbation, noise, babble and synthetic reverberation.
+"""Waveform augmentation for synthetic speech: speed perturbation, noise, babble, rooms and telephone channels.
 
 Synthetic voices are clean, level and dry; real recordings are none of these. Each function here takes a 16 kHz
 mono float waveform ``(T,)`` and an explicit :class:`numpy.random.Generator`, so that a corpus is a pure function
@@ -38,7 +38,9 @@ class AugmentConfig:
     speed_prob: float = option(0.5, help="probability of speed perturbation for an augmented utterance")
     speed_range: list[float] = option([0.9, 1.1], help="speed factor range (Kaldi-style: tempo and pitch change)")
     reverb_prob: float = option(0.3, help="probability of reverberation with a synthetic room impulse response")
-    rt60_range: list[float] = option([0.15, 0.5], help="reverberation time range in seconds")
+    rt60_range: list[float] = option([0.2, 0.8], help="reverberation time range in seconds (offices to halls)")
+    telephone_prob: float = option(
+        0.15, help="probability of a telephone channel: 300-3400 Hz band, 8 kHz sampling, 8-bit mu-law")
     noise_prob: float = option(0.5, help="probability of additive white/pink/brown noise")
     noise_snrs: list[float] = option([5.0, 10.0, 15.0, 20.0], help="SNRs (dB) that additive noise is drawn from")
     babble_prob: float = option(0.3, help="probability of babble made of other synthesized training utterances")
@@ -46,7 +48,7 @@ class AugmentConfig:
     babble_talkers: list[int] = option([2, 6], help="inclusive range of the number of talkers in babble")
 
     def __post_init__(self) -> None:
-        for name in ("fraction", "speed_prob", "reverb_prob", "noise_prob", "babble_prob"):
+        for name in ("fraction", "speed_prob", "reverb_prob", "telephone_prob", "noise_prob", "babble_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"augment.{name} must lie in [0, 1], got {value}")
@@ -161,11 +163,13 @@ def add_noise(x: np.ndarray, noise: np.ndarray, snr_db: float, ref_power: float 
 
 
 def synthetic_rir(rt60: float, rng: np.random.Generator, sample_rate: int = 16000) -> np.ndarray:
-    """A room impulse response: a direct path, then a diffuse tail of exponentially decaying noise.
+    """A room impulse response: a direct path, early reflections, then a diffuse tail of decaying noise.
 
     The tail falls by 60 dB in ``rt60`` seconds, starts after a 2-10 ms pre-delay, and carries a random
     direct-to-reverberant ratio between 0 and 10 dB. Exponentially decaying Gaussian noise is the standard
-    statistical model of late reverberation.
+    statistical model of late reverberation. Before it, 3 to 8 discrete reflections (walls, desk, floor) arrive
+    1-30 ms after the direct path, each weaker than it (0.2-0.7, following the tail's decay) and of random sign;
+    they colour the spectrum (comb filtering) as the first bounces of a real room do.
 
     Returns:
         ``(L,)`` float32 with the direct path at index 0 equal to 1.
@@ -181,6 +185,10 @@ def synthetic_rir(rt60: float, rng: np.random.Generator, sample_rate: int = 1600
     rir = np.zeros(length, dtype=np.float64)
     rir[0] = 1.0
     rir[predelay:] += tail
+    n_early = int(rng.integers(3, 9))
+    delays = rng.integers(int(0.001 * sample_rate), min(int(0.030 * sample_rate), length - 1) + 1, size=n_early)
+    gains = rng.uniform(0.2, 0.7, size=n_early) * np.exp(-6.908 * delays / sample_rate / rt60)
+    np.add.at(rir, delays, gains * rng.choice([-1.0, 1.0], size=n_early))
     return rir.astype(np.float32)
 
 
@@ -190,6 +198,58 @@ def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
     y = np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(rir, n), n)[: len(x)]
     gain = np.sqrt(power(x) / max(power(y), 1e-20)) if power(x) > 0 else 1.0
     return (y * gain).astype(np.float32)
+
+
+def _smooth_band(n_fft: int, low: float, high: float, sample_rate: int, width: float = 100.0) -> np.ndarray:
+    """A band-pass gain over the ``n_fft // 2 + 1`` FFT bins: 1 inside [low, high], raised-cosine edges ``width``
+    Hz wide outside it (a brick wall would ring), 0 beyond."""
+    f = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    gain = np.ones_like(f)
+    below, above = f < low, f > high
+    gain[below] = 0.5 * (1 + np.cos(np.pi * np.minimum((low - f[below]) / width, 1.0)))
+    gain[above] = 0.5 * (1 + np.cos(np.pi * np.minimum((f[above] - high) / width, 1.0)))
+    return gain
+
+
+def mu_law(x: np.ndarray, bits: int = 8, mu: float = 255.0) -> np.ndarray:
+    """Companding as G.711 does it: encode ``x`` (in [-1, 1]) with mu-law to ``bits`` bits, then decode.
+
+    Quiet samples keep fine steps and loud ones coarse steps, so the error grows with the level (about 38 dB SNR
+    at 8 bits), the grainy sound of a phone line.
+    """
+    y = np.sign(x) * np.log1p(mu * np.minimum(np.abs(x), 1.0)) / np.log1p(mu)
+    levels = 2 ** (bits - 1) - 1
+    y = np.round(y * levels) / levels
+    return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu).astype(np.float32)
+
+
+def telephone(x: np.ndarray, rng: np.random.Generator, sample_rate: int = 16000) -> np.ndarray:
+    """A narrow-band telephone channel: band-pass, 8 kHz sampling and 8-bit mu-law, back at ``sample_rate``.
+
+    The band edges are drawn around the classic 300-3400 Hz (250-350 Hz and 3200-3600 Hz), since handsets and
+    codecs differ. Before companding the peak is set to a drawn level (-12 to -3 dBFS), as a line's gain control
+    would; the output keeps the input's power, so later SNRs and levels mean what they say.
+
+    Args:
+        x: waveform ``(T,)``.
+
+    Returns:
+        ``(T,)`` float32 with no energy outside the band (beyond the edges' 100 Hz roll-off).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if not len(x) or power(x) == 0:
+        return x
+    low, high = rng.uniform(250.0, 350.0), rng.uniform(3200.0, 3600.0)
+    n = _fft_length(len(x))
+    band = np.fft.irfft(np.fft.rfft(x, n) * _smooth_band(n, low, high, sample_rate), n)[: len(x)]
+    narrow = soxr.resample(band.astype(np.float32), sample_rate, 8000)
+    peak = max(float(np.abs(narrow).max()), 1e-9)
+    level = 10 ** (rng.uniform(-12.0, -3.0) / 20)
+    narrow = mu_law(narrow * (level / peak)) * (peak / level)
+    y = _fit_length(soxr.resample(narrow, 8000, sample_rate), len(x))
+    # the upsampler's images above 4 kHz and the codec's noise outside the band are what a phone line removes too
+    y = np.fft.irfft(np.fft.rfft(y, n) * _smooth_band(n, low, high, sample_rate), n)[: len(x)]
+    return (y * np.sqrt(power(x) / max(power(y), 1e-20))).astype(np.float32)
 
 
 def sample_augmentation(cfg: AugmentConfig, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -205,6 +265,8 @@ def sample_augmentation(cfg: AugmentConfig, rng: np.random.Generator) -> dict[st
         aug["speed"] = round(float(rng.uniform(*cfg.speed_range)), 4)
     if rng.random() < cfg.reverb_prob:
         aug["reverb"] = {"rt60": round(float(rng.uniform(*cfg.rt60_range)), 3)}
+    if rng.random() < cfg.telephone_prob:
+        aug["telephone"] = True
     if rng.random() < cfg.babble_prob:
         lo, hi = cfg.babble_talkers
         aug["babble"] = {"talkers": int(rng.integers(lo, hi + 1)), "snr_db": float(rng.choice(cfg.babble_snrs))}

@@ -46,6 +46,9 @@ class SynthConfig:
     test_fraction: float = option(0.15, help="fraction of each seen engine's speakers held out for test")
     rate_range: list[float] = option([0.8, 1.25], help="speaking-rate multiplier range, drawn per utterance")
     pitch_range: list[float] = option([0.85, 1.2], help="mean-f0 multiplier range, drawn per utterance")
+    intonation_range: list[float] = option(
+        [0.5, 1.8], help="f0-range multiplier range (a speaking style from flat to lively), drawn per utterance; "
+        "flite and festival's diphone voices only")
     gain_db_range: list[float] = option([-20.0, -1.0], help="peak level range in dBFS, drawn per utterance")
     noise_floor_db_range: list[float] = option(
         [-80.0, -60.0], help="recording noise floor (RMS dBFS) under every clip, drawn per utterance"
@@ -71,7 +74,8 @@ class SynthConfig:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if not (0 <= self.dev_fraction < 0.5 and 0 <= self.test_fraction < 0.5):
             raise ConfigError("dev_fraction and test_fraction must lie in [0, 0.5)")
-        for name in ("rate_range", "pitch_range", "gain_db_range", "noise_floor_db_range", "silence_db_range"):
+        for name in ("rate_range", "pitch_range", "intonation_range", "gain_db_range", "noise_floor_db_range",
+                     "silence_db_range"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise ConfigError(f"{name} must be [low, high] with low <= high, got {lo_hi}")
@@ -161,11 +165,12 @@ class Utterance:
     seed: int
     augment: dict[str, Any] | None
     render: dict[str, Any]  # placement, level, noise floor (and the noise of a _silence_ clip)
+    intonation: float | None = None  # None: the voice's f0 range cannot be steered
 
     def request(self) -> Request | None:
         if self.voice is None or self.text is None:
             return None
-        return Request(self.text, self.voice, self.rate or 1.0, self.pitch or 1.0)
+        return Request(self.text, self.voice, self.rate or 1.0, self.pitch or 1.0, self.intonation or 1.0)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -178,6 +183,7 @@ class Utterance:
             "speaker": self.voice.speaker if self.voice else None,
             "rate": self.rate,
             "pitch": self.pitch,
+            "intonation": self.intonation,
             "augment": self.augment,
             "render": self.render,
             "seed": self.seed,
@@ -207,7 +213,7 @@ def plan_split(cfg: SynthConfig, split: str, voices: Sequence[Voice]) -> list[Ut
         item = task.sample(cls, rng)
         render: dict[str, Any] = {"gain_db": uniform(rng, cfg.gain_db_range, 2)}
         render["noise_floor_db"] = uniform(rng, cfg.noise_floor_db_range, 2)
-        voice = rate = pitch = augment = None
+        voice = rate = pitch = intonation = augment = None
         if item.text is None:  # a clip with no speech: noise only
             render["silence"] = {"color": str(rng.choice(["white", "pink", "brown", "hum"])),
                                  "level_db": uniform(rng, cfg.silence_db_range, 2)}  # fmt: skip
@@ -218,6 +224,10 @@ def plan_split(cfg: SynthConfig, split: str, voices: Sequence[Voice]) -> list[Ut
             voice = synth_voices[int(rng.integers(len(synth_voices)))]
             rate = uniform(rng, cfg.rate_range, 3)
             pitch = uniform(rng, cfg.pitch_range, 3) if voice.base_f0 is not None else None
+            if voice.base_f0 is not None and voice.synth != "espeak-ng":
+                # its own stream, so that adding the style left every other draw of the corpus as it was
+                style_rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[split], 2, index])
+                intonation = uniform(style_rng, cfg.intonation_range, 3)
             if task.clip_seconds is not None:
                 render["offset"] = uniform(rng, [0.0, 1.0], 3)  # fraction of the free space before the word
             else:
@@ -229,7 +239,7 @@ def plan_split(cfg: SynthConfig, split: str, voices: Sequence[Voice]) -> list[Ut
         uid = f"{split}_{index:06d}"
         plan.append(
             Utterance(uid, split, f"{split}/{uid}.wav", item.text, item.label, voice, rate, pitch,
-                      int(rng.integers(2**31)), augment, render)  # fmt: skip
+                      int(rng.integers(2**31)), augment, render, intonation)  # fmt: skip
         )
     return plan
 

@@ -19,6 +19,7 @@ from speechprompt.data_prep.augment import (
     reverberate,
     speed_perturb,
     synthetic_rir,
+    telephone,
 )
 from speechprompt.data_prep.synth_plan import SAMPLE_RATE, SPLITS, SynthConfig, Utterance, uniform
 from speechprompt.data_prep.synth_tasks import SentencesTask
@@ -67,7 +68,8 @@ def render(utt: Utterance, speech: np.ndarray | None, clip_seconds: float | None
     """Turn prepared speech (or None for a no-speech clip) into the final waveform of ``utt``.
 
     Order: speed perturbation, placement (1 s window or padding), reverberation, babble and noise at SNRs relative
-    to the speech, level, recording noise floor.
+    to the speech, a telephone channel (which carries the room and the noise with the speech), level, recording
+    noise floor.
 
     Returns:
         The waveform ``(T,)`` float32 in [-1, 1] and facts learned while rendering (e.g. ``fit_speed``).
@@ -98,6 +100,8 @@ def render(utt: Utterance, speech: np.ndarray | None, clip_seconds: float | None
     if "reverb" in aug:  # after padding, so that the tail rings into the silence after the word
         x = reverberate(x, synthetic_rir(aug["reverb"]["rt60"], rng))
     x = apply_additive(x, aug, rng, ref_power=speech_power, babble_sources=babble_sources)
+    if aug.get("telephone"):
+        x = telephone(x, rng)
     x = x * (_db(utt.render["gain_db"]) / max(float(np.abs(x).max()), 1e-9))
     x = x + make_noise("pink", len(x), rng) * _db(utt.render["noise_floor_db"])
     return np.clip(x, -1.0, 1.0).astype(np.float32), facts

@@ -79,20 +79,29 @@ class Request:
         voice: the voice to say them with.
         rate: speaking-rate multiplier of the voice's default (above 1 is faster).
         pitch: mean-f0 multiplier of the voice's default; ignored when ``voice.base_f0`` is None.
+        intonation: multiplier of the f0 range (a speaking style: below 1 flatter, toward monotone; above 1 livelier),
+            around a standard deviation of 14% of the mean f0; flite and festival's diphone voices only (espeak-ng
+            has no such option, and its variants differ in range already), and not where ``base_f0`` is None.
     """
 
     text: str
     voice: Voice
     rate: float = 1.0
     pitch: float = 1.0
+    intonation: float = 1.0
 
     def __post_init__(self) -> None:
         if not _TEXT_RE.fullmatch(self.text):
             raise SynthesisError(f"text {self.text!r} has characters the engines are not given (letters, digits, "
                                  "spaces and .,?!'- only)")
-        if not (0.25 <= self.rate <= 4.0 and 0.25 <= self.pitch <= 4.0):
-            raise SynthesisError(f"rate {self.rate} and pitch {self.pitch} must lie in [0.25, 4]")
+        if not (0.25 <= self.rate <= 4.0 and 0.25 <= self.pitch <= 4.0 and 0.25 <= self.intonation <= 4.0):
+            raise SynthesisError(f"rate {self.rate}, pitch {self.pitch} and intonation {self.intonation} must lie in "
+                                 "[0.25, 4]")
 
+
+# The f0 standard deviation of a neutral reading, as a fraction of the mean f0 (festival's diphone voices ship
+# 14 Hz at 105 Hz); a Request's intonation multiplies it.
+F0_STD_FRACTION = 0.14
 
 # Plain text only: it is passed on command lines and inside Scheme strings, and must never start an option.
 _TEXT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,?!'\-]*")
@@ -309,7 +318,9 @@ class Flite(Synthesizer):
             wav = workdir / f"flite{i}.wav"
             cmd = [self.binary, "-voice", req.voice.name, "--setf", f"duration_stretch={1.0 / req.rate:.4f}"]
             if req.voice.base_f0 is not None:
-                cmd += ["--setf", f"int_f0_target_mean={req.voice.base_f0 * req.pitch:.2f}"]
+                f0 = req.voice.base_f0 * req.pitch
+                cmd += ["--setf", f"int_f0_target_mean={f0:.2f}",
+                        "--setf", f"int_f0_target_stddev={F0_STD_FRACTION * f0 * req.intonation:.2f}"]
             _run([*cmd, "-t", req.text, "-o", str(wav)])
             out.append(_read_wav(wav, f"flite {req.voice.name} {req.text!r}"))
         return out
@@ -320,7 +331,8 @@ class Flite(Synthesizer):
 
 @register_synthesizer
 class Festival(Synthesizer):
-    """The Festival Speech Synthesis System: ``kal_diphone`` (16 kHz) and the HTS voice ``cmu_us_slt_arctic_hts``.
+    """The Festival Speech Synthesis System: the diphone voices ``kal_diphone`` and ``ked_diphone`` (16 kHz, two US
+    male speakers; Debian's ``festvox-kallpc16k`` and ``festvox-kdlpc16k``) and the HTS voice ``cmu_us_slt_arctic_hts``.
 
     One ``festival -b`` process synthesizes a whole batch from a Scheme script. Rate is ``Duration_Stretch`` for
     the diphone voice and the HTS engine's ``-r`` option for the HTS voice (which ignores ``Duration_Stretch``);
@@ -329,15 +341,16 @@ class Festival(Synthesizer):
 
     name = "festival"
     binary = "festival"
-    apt_package = "festival festvox-kallpc16k festvox-us-slt-hts"
+    apt_package = "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
     batch_size = 48
     # speaker, gender, rate, mean f0, default Duration_Stretch set by the voice (kal_diphone sets 1.1)
     KNOWN: ClassVar[dict[str, tuple[str, str, int, float | None]]] = {
         "kal_diphone": ("kal", "m", 16000, 105.0),
+        "ked_diphone": ("ked", "m", 16000, 105.0),
         "cmu_us_slt_arctic_hts": ("slt", "f", 32000, None),
     }
-    DEFAULT_STRETCH: ClassVar[dict[str, float]] = {"kal_diphone": 1.1}
-    PREFERRED_ORDER: ClassVar[tuple[str, ...]] = ("kal", "slt")
+    DEFAULT_STRETCH: ClassVar[dict[str, float]] = {"kal_diphone": 1.1, "ked_diphone": 1.1}
+    PREFERRED_ORDER: ClassVar[tuple[str, ...]] = ("kal", "ked", "slt")
 
     def version(self) -> str:
         return _run([self.binary, "--version"]).strip()
@@ -370,7 +383,8 @@ class Festival(Synthesizer):
         if req.voice.base_f0 is not None:
             f0 = req.voice.base_f0 * req.pitch
             lines.append(
-                f"(set! int_lr_params '((target_f0_mean {f0:.2f}) (target_f0_std {0.14 * f0:.2f}) "
+                f"(set! int_lr_params '((target_f0_mean {f0:.2f}) "
+                f"(target_f0_std {F0_STD_FRACTION * f0 * req.intonation:.2f}) "
                 "(model_f0_mean 170) (model_f0_std 34)))"
             )
         lines.append(f'(set! utt (SynthText "{req.text}"))')

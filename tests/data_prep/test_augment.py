@@ -13,11 +13,13 @@ from speechprompt.data_prep.augment import (
     babble,
     colored_noise,
     hum,
+    mu_law,
     power,
     reverberate,
     sample_augmentation,
     speed_perturb,
     synthetic_rir,
+    telephone,
 )
 
 SR = 16000
@@ -129,18 +131,19 @@ def test_sample_augmentation_respects_fraction_ranges_and_seed():
     augmented = [d for d in draws if d]
     assert abs(len(augmented) / len(draws) - cfg.fraction) < 0.1
     for d in augmented:
-        assert set(d) <= {"speed", "reverb", "noise", "babble"}
+        assert set(d) <= {"speed", "reverb", "telephone", "noise", "babble"}
         if "speed" in d:
             assert 0.9 <= d["speed"] <= 1.1
         if "noise" in d:
             assert d["noise"]["snr_db"] in cfg.noise_snrs
         if "babble" in d:
             assert 2 <= d["babble"]["talkers"] <= 6
-    assert {k for d in augmented for k in d} == {"speed", "reverb", "noise", "babble"}
+    assert {k for d in augmented for k in d} == {"speed", "reverb", "telephone", "noise", "babble"}
+    assert 0.08 < sum("telephone" in d for d in augmented) / len(augmented) < 0.22  # telephone_prob 0.15
     assert draws[7] == sample_augmentation(cfg, np.random.default_rng(7))
     never = AugmentConfig(fraction=0.0)
     assert all(sample_augmentation(never, np.random.default_rng(i)) is None for i in range(50))
-    always = AugmentConfig(fraction=1.0, speed_prob=0, reverb_prob=0, noise_prob=0, babble_prob=0)
+    always = AugmentConfig(fraction=1.0, speed_prob=0, reverb_prob=0, telephone_prob=0, noise_prob=0, babble_prob=0)
     assert all(sample_augmentation(always, np.random.default_rng(i)) for i in range(50))  # noise as a fallback
 
 
@@ -160,3 +163,49 @@ def test_reverberate_is_a_linear_convolution_cut_to_length():
     expected = np.convolve(x.astype(np.float64), rir.astype(np.float64))[: len(x)]
     expected *= np.sqrt(power(x) / power(expected))
     np.testing.assert_allclose(reverberate(x, rir), expected, atol=1e-4)
+
+
+def _band_energy(x: np.ndarray, low: float, high: float) -> float:
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / SR)
+    return float(spectrum[(f >= low) & (f < high)].sum())
+
+
+def test_telephone_keeps_the_band_removes_the_rest_and_the_power():
+    rng = np.random.default_rng(11)
+    x = colored_noise(SR, "white", rng) * 0.1  # flat spectrum: every band starts equal
+    y = telephone(x, np.random.default_rng(12))
+    assert len(y) == len(x) and y.dtype == np.float32
+    assert power(y) == pytest.approx(power(x), rel=1e-3)
+    inside = _band_energy(y, 500, 3000) / 2500  # per Hz
+    assert _band_energy(y, 0, 150) / 150 < 1e-3 * inside  # below the 250-350 Hz edge and its roll-off
+    assert _band_energy(y, 3800, 8000) / 4200 < 1e-3 * inside  # above 3600 Hz + roll-off: 8 kHz sampling
+    # a tone in the band survives; one above it is gone
+    assert _peak_freq(telephone(_tone(1000.0), np.random.default_rng(0))) == pytest.approx(1000.0, abs=2)
+    assert power(telephone(_tone(1000.0) + _tone(6000.0), rng)) == pytest.approx(power(_tone(1000.0) + _tone(6000.0)))
+    # deterministic given the generator's seed, and the seed matters
+    same = telephone(x, np.random.default_rng(12))
+    np.testing.assert_array_equal(y, same)
+    assert not np.array_equal(y, telephone(x, np.random.default_rng(13)))
+
+
+def test_mu_law_error_is_small_and_grows_with_the_level():
+    rng = np.random.default_rng(14)
+    for level in (0.01, 0.5):
+        x = (level * rng.uniform(-1, 1, 8000)).astype(np.float32)
+        y = mu_law(x)
+        snr = 10 * np.log10(power(x) / power(y - x))
+        assert 30 < snr < 45  # G.711's ~38 dB, nearly independent of the level
+        err = np.abs(y - x)
+        assert err.max() <= 0.06 * level + 1e-4  # the step size scales with the level (companding)
+    np.testing.assert_array_equal(mu_law(np.array([0.0, 1.0, -1.0], dtype=np.float32)), [0.0, 1.0, -1.0])
+
+
+def test_synthetic_rir_has_early_reflections_within_30_ms():
+    rir = synthetic_rir(0.5, np.random.default_rng(15)).astype(np.float64)
+    early = np.abs(rir[int(0.001 * SR) : int(0.030 * SR) + 1])
+    tail_rms = np.sqrt(np.mean(rir[int(0.030 * SR) : int(0.060 * SR)] ** 2))
+    # at least three taps stand far above the diffuse tail there, and none reaches the direct path
+    assert (early > 4 * tail_rms).sum() >= 3
+    assert early.max() < 1.0
+    np.testing.assert_array_equal(rir, synthetic_rir(0.5, np.random.default_rng(15)))

@@ -146,8 +146,9 @@ def test_heldout_synth_option_and_digit_labels(tmp_path):
     assert validate_corpus(out) == []
     assert {m["synth"] for m in _meta(out, "test_synth")} == {"flite"}
     assert {m["synth"] for s in ("train", "dev", "test") for m in _meta(out, s)} <= {"espeak-ng", "festival"}
-    # festival has two speakers: kal trains, slt is the test speaker; flite's kal is then a known speaker.
+    # festival has three speakers: kal trains, ked is dev, slt is the test speaker; flite's kal is then a known one.
     assert summary["splits"]["train"]["speakers"]["festival"] == ["kal"]
+    assert summary["splits"]["dev"]["speakers"]["festival"] == ["ked"]
     assert summary["splits"]["test"]["speakers"]["festival"] == ["slt"]
     assert any("test_synth shares speakers ['kal']" in note for note in summary["notes"])
     assert all(m["augment"] for m in _meta(out, "train"))
@@ -164,6 +165,7 @@ _FAKE_VOICES = [
     Voice("espeak-ng", "en-us+f3", "f3", "f", 22050, 100.0),
     Voice("espeak-ng", "en-gb+m3", "m3", "m", 22050, 100.0),
     Voice("flite", "rms", "rms", "m", 16000, None),
+    Voice("flite", "slt", "slt", "f", 16000, 170.0),
 ]
 
 
@@ -181,6 +183,11 @@ def test_plans_are_balanced_and_labelled_per_task(task):
             assert utt.request() is not None  # the text passes the engines' character check
             assert (utt.pitch is None) == (utt.voice.base_f0 is None)
             assert 0.8 <= utt.rate <= 1.25
+            # the f0-range style: flite and festival voices whose f0 can be steered; espeak-ng has no such option
+            steerable = utt.voice.base_f0 is not None and utt.voice.synth != "espeak-ng"
+            assert (utt.intonation is not None) == steerable
+            assert utt.intonation is None or 0.5 <= utt.intonation <= 1.8
+            assert utt.meta()["intonation"] == utt.intonation
     if task == "intent":
         assert len(classes) == 31
         for utt in plan:

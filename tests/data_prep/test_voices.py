@@ -20,6 +20,16 @@ def _voice(synth: str, name: str):
     return next(v for v in get_synthesizer(synth).voices() if v.name == name)
 
 
+@pytest.mark.parametrize(("synth", "voice"), [("flite", "slt"), ("festival", "kal_diphone")])
+def test_intonation_changes_the_melody_but_not_the_timing(synth, voice):
+    v = _voice(synth, voice)
+    flat, lively = synthesize([Request("is it on the left or on the right", v, 1.0, 1.0, k) for k in (0.5, 1.8)])
+    assert len(flat[0]) == len(lively[0])  # durations come from the rate alone
+    assert not np.allclose(flat[0], lively[0], atol=1e-3)
+    with pytest.raises(SynthesisError, match="intonation"):
+        Request("yes", v, intonation=5.0)
+
+
 def test_engines_are_registered_by_name():
     assert list(SYNTHESIZERS) == ["espeak-ng", "flite", "festival"]
 
@@ -42,6 +52,8 @@ def test_flite_and_festival_voices_share_speakers():
     assert flite["kal"].speaker == flite["kal16"].speaker == festival["kal_diphone"].speaker == "kal"
     assert flite["slt"].speaker == festival["cmu_us_slt_arctic_hts"].speaker == "slt"
     assert flite["rms"].base_f0 is None and festival["cmu_us_slt_arctic_hts"].base_f0 is None
+    # festvox-kdlpc16k: a second diphone speaker, heard only with the rest of festival (install_system_deps.sh)
+    assert festival["ked_diphone"].speaker == "ked" and festival["ked_diphone"].base_f0 == 105.0
     # Held-out last: kal and slt (festival's speakers) are kept out of training by default.
     assert get_synthesizer("flite").speaker_order(list(flite.values())) == ["awb", "rms", "kal", "slt"]
 
@@ -49,7 +61,8 @@ def test_flite_and_festival_voices_share_speakers():
 @pytest.mark.parametrize(
     ("synth", "voice", "rate"),
     [("espeak-ng", "en-gb+f2", 22050), ("flite", "kal", 8000), ("flite", "slt", 16000),
-     ("festival", "kal_diphone", 16000), ("festival", "cmu_us_slt_arctic_hts", 32000)],
+     ("festival", "kal_diphone", 16000), ("festival", "ked_diphone", 16000),
+     ("festival", "cmu_us_slt_arctic_hts", 32000)],
 )  # fmt: skip
 def test_each_engine_speaks_at_its_rate_and_rate_controls_duration(synth, voice, rate):
     v = _voice(synth, voice)
