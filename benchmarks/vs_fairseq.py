@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from oracles.measure import current_rss_mb, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime
+from oracles.measure import current_rss_mb, pad_batch, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 FAIRSEQ_SIDE = REPO / "benchmarks" / "oracles" / "fairseq_side.py"
@@ -128,12 +128,7 @@ def _ours_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
     def batched() -> list[torch.Tensor]:
         out = []
         for idx in spec["batches"]:
-            lengths = [wavs[i].numel() for i in idx]
-            source = wavs[0].new_zeros(len(idx), max(lengths))
-            padding = torch.ones(len(idx), max(lengths), dtype=torch.bool, device=device)
-            for row, (i, n) in enumerate(zip(idx, lengths)):
-                source[row, :n] = wavs[i]
-                padding[row, :n] = False
+            source, padding = pad_batch(wavs, idx, device)
             x = model.extract_features(source, padding, output_layer=layer)  # (B, frames, D)
             frame_padding = model.frame_padding_mask(padding, x.shape[1])
             out.extend(x[row][~frame_padding[row]] for row in range(len(idx)))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 # Time and memory helpers, shared with the benchmarks: measure.py beside this script (on sys.path as its folder).
-from measure import current_rss_mb, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime  # noqa: E402
+from measure import current_rss_mb, pad_batch, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime  # noqa: E402
 
 logging.disable(logging.WARNING)
 
@@ -67,12 +67,7 @@ def run_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     def batched() -> list[torch.Tensor]:
         out = []
         for idx in spec["batches"]:
-            lengths = [wavs[i].numel() for i in idx]
-            source = wavs[0].new_zeros(len(idx), max(lengths))
-            padding = torch.ones(len(idx), max(lengths), dtype=torch.bool, device=device)
-            for row, (i, n) in enumerate(zip(idx, lengths)):
-                source[row, :n] = wavs[i]
-                padding[row, :n] = False
+            source, padding = pad_batch(wavs, idx, device)
             x, frame_padding = model.extract_features(source, padding, mask=False, output_layer=layer)
             out.extend(x[row][~frame_padding[row]] for row in range(len(idx)))
         return out
@@ -128,12 +123,7 @@ def run_encoder(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     def batched() -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(wavs)
         for idx in spec["batches"]:  # fairseq's own padded batches: padding mask in, frame mask out
-            lengths = [wavs[i].numel() for i in idx]
-            source = wavs[0].new_zeros(len(idx), max(lengths))
-            padding = torch.ones(len(idx), max(lengths), dtype=torch.bool, device=device)
-            for row, (i, n) in enumerate(zip(idx, lengths)):
-                source[row, :n] = wavs[i]
-                padding[row, :n] = False
+            source, padding = pad_batch(wavs, idx, device)
             x, frame_padding = features(source, padding if len(idx) > 1 else None)
             for row, i in enumerate(idx):
                 out[i] = x[row] if frame_padding is None else x[row][~frame_padding[row]]

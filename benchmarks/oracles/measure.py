@@ -70,3 +70,15 @@ def timed(fn: Any, repeats: int, device: torch.device) -> tuple[dict[str, list[f
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     return {"seconds": wall, "cpu_seconds": cpu}, out
+
+
+def pad_batch(wavs: list[torch.Tensor], idx: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``idx`` of ``wavs`` as one zero-padded ``(B, T)`` batch and its ``(B, T)`` padding mask (True = pad), as
+    both sides of the extraction benchmark batch them."""
+    lengths = [wavs[i].numel() for i in idx]
+    source = wavs[0].new_zeros(len(idx), max(lengths))
+    padding = torch.ones(len(idx), max(lengths), dtype=torch.bool, device=device)
+    for row, (i, n) in enumerate(zip(idx, lengths)):
+        source[row, :n] = wavs[i]
+        padding[row, :n] = False
+    return source, padding
