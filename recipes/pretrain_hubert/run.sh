@@ -55,8 +55,8 @@ Options [default]:
   --exp DIR          where units and runs go [${exp}]
   --sentences N      synthetic training sentences (stage 0) [${sentences}]
   --k1 N             clusters of the MFCC units (iteration 1 targets) [${k1}]
-  --features1 NAME   features of the iteration-1 targets: mfcc (HuBERT's), or mfcc_cmn (minus the utterance
-                     mean) [${features1}]
+  --features1 NAME   features of the iteration-1 targets: mfcc (HuBERT's), mfcc_cmn (minus the utterance
+                     mean), or phones (a recognizer's, with --km1 its identity quantizer) [${features1}]
   --km1 FILE         an existing k-means of --features1 frames for the iteration-1 targets; stage 1 is then
                      skipped (the demo passes the one it has learned already) [${km1:-learned at stage 1}]
   --k2 N             clusters of the layer units (iteration 2 targets; HuBERT: 500) [${k2}]

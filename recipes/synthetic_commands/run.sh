@@ -6,7 +6,7 @@
 #   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (mfcc_cmn),
 #                         and the identity quantizer of PocketSphinx's 42 English phones (phones)
 #   stage 3  hubert       a small HuBERT (recipes/pretrain_hubert, small.yaml, iteration 1) pretrained on the
-#                         sentences to predict the mfcc_cmn units of masked frames (--nj processes)
+#                         sentences to predict the phones (or the mfcc_cmn units) of masked frames (--nj processes)
 #   stage 4  choose       k-means of each --hubert-layers layer; every candidate (mfcc_cmn, those layers and the
 #                         phones of a recognizer trained on real speech) turns the commands' train and dev into
 #                         units, a bag-of-units probe scores them on dev, and the best becomes the demo's units
@@ -31,6 +31,7 @@ sentences=2000
 k=100
 unit_source=auto
 hubert_steps=1000
+hubert_targets=phones
 hubert_layers="3 4"
 hubert_percent=0.25
 ulm_steps=800
@@ -59,6 +60,8 @@ Options [default]:
   --unit-source SRC    auto (the best on dev of mfcc_cmn, the HuBERT layers and phones), hubert (the best
                        layer), mfcc_cmn or phones (these two skip the HuBERT stage) [${unit_source}]
   --hubert-steps N     HuBERT pretraining updates (8 sentences each) [${hubert_steps}]
+  --hubert-targets SRC what the HuBERT learns to predict at masked frames: phones or mfcc_cmn (HuBERT's
+                       iteration 1: clusters of MFCC frames) [${hubert_targets}]
   --hubert-layers "L.." the HuBERT's layers (1-based, of 4) that are candidates [${hubert_layers}]
   --hubert-percent P   fraction of the sentences a HuBERT layer's k-means learns from [${hubert_percent}]
   --ulm-steps N        unit LM pretraining updates [${ulm_steps}]
@@ -83,6 +86,7 @@ while [ $# -gt 0 ]; do
         --sentences) sentences=$2; shift 2 ;;
         --unit-source) unit_source=$2; shift 2 ;;
         --hubert-steps) hubert_steps=$2; shift 2 ;;
+        --hubert-targets) hubert_targets=$2; shift 2 ;;
         --hubert-layers) hubert_layers=$2; shift 2 ;;
         --hubert-percent) hubert_percent=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
@@ -108,11 +112,22 @@ units=${exp}/units
 cands=${exp}/candidates
 hubert=${exp}/hubert
 [ $((ulm_batch % nj)) -eq 0 ] || die "--ulm-batch ${ulm_batch} does not split over --nj ${nj} processes"
+case "${hubert_targets}" in
+    phones|mfcc_cmn) ;;
+    *) die "--hubert-targets must be phones or mfcc_cmn, not '${hubert_targets}'" ;;
+esac
 case "${unit_source}" in
     auto|hubert|mfcc_cmn|phones) ;;
     *) die "--unit-source must be auto, hubert, mfcc_cmn or phones, not '${unit_source}'" ;;
 esac
 hubert_on() { [ "${unit_source}" = auto ] || [ "${unit_source}" = hubert ]; }
+
+# The number of units of a quantizer file: --k of a k-means, or the size of a recognizer's phone set.
+units_in() {
+    "$(dirname "$(command -v speechprompt)")/python" -c 'import sys
+from speechprompt.data_prep.kmeans import load_quantizer
+print(load_quantizer(sys.argv[1]).k)' "$1"
+}
 
 # Deduplicated units of the source $1 for the manifests $3..., into $2/<stem>.units: one process per manifest, all at
 # once (for small manifests, where sharding and merging would cost more in start-up than it saves). Finished files
@@ -183,14 +198,18 @@ if stage_on 2; then
 fi
 
 if stage_on 3 && hubert_on; then
-    log "stage 3: pretrain a small HuBERT on the sentences (${hubert_steps} updates, ${nj} processes)"
-    # Iteration 1 of recipes/pretrain_hubert on the sentences, its targets the mfcc_cmn units of stage 2 at every
-    # 10 ms frame (so no second MFCC k-means is learned); each process takes 8 / nj sentences of an update.
+    log "stage 3: pretrain a small HuBERT on the sentences to predict ${hubert_targets} (${hubert_steps} updates," \
+        "${nj} processes)"
+    # Iteration 1 of recipes/pretrain_hubert on the sentences, its targets the stage-2 units of --hubert-targets at
+    # every 10 ms frame; each process takes 8 / nj sentences of an update. Phone targets are the HuBERT paper's
+    # topline (it trained on forced-aligned phones besides MFCC clusters): here the phones of a recognizer trained
+    # on real speech, which the synthetic speech alone cannot teach; and the frames it decodes for them are the
+    # sentences' units of stage 5 when phones are chosen, so no pass is spent twice.
     [ $((8 % nj)) -eq 0 ] || die "--nj ${nj} does not divide the HuBERT's 8 sentences per update"
     bash "${recipe}/../pretrain_hubert/run.sh" --stage 2 --stop-stage 3 --exp "${hubert}" \
-        --train "${data}/sentences/train.tsv" --dev "${data}/sentences/dev.tsv" --features1 mfcc_cmn --k1 "${k}" \
-        --km1 "${exp}/km_mfcc_cmn.safetensors" --steps1 "${hubert_steps}" --nj "${nj}" --device cpu \
-        --seed "${seed}" --options "batch_size=$((8 / nj))"
+        --train "${data}/sentences/train.tsv" --dev "${data}/sentences/dev.tsv" --features1 "${hubert_targets}" \
+        --k1 "$(units_in "${exp}/km_${hubert_targets}.safetensors")" --km1 "${exp}/km_${hubert_targets}.safetensors" \
+        --steps1 "${hubert_steps}" --nj "${nj}" --device cpu --seed "${seed}" --options "batch_size=$((8 / nj))"
 fi
 
 if stage_on 4; then
@@ -238,16 +257,23 @@ if stage_on 5; then
         [ -f "${units}/${split}.units" ] || cp "${cands}/${chosen}/${split}.units" "${cands}/${chosen}/${split}.summary.json" "${units}/"
     done
     units_each "${chosen}" "${units}" "${data}/commands/test.tsv" "${data}/commands/test_synth.tsv"
-    for split in train dev; do units_of "${chosen}" "${data}/sentences/${split}.tsv" "${units}/sentences"; done
+    for split in train dev; do
+        labels=${hubert}/it1_labels/${split}.units  # the HuBERT's targets: these units at every frame
+        if [ "${chosen}" = "${hubert_targets}" ] && [ -f "${labels}" ] && [ ! -f "${units}/sentences/${split}.units" ]
+        then  # merging repeats of the frame units is what `prepare --dedup` gives
+            mkdir -p "${units}/sentences"
+            awk '{ line = ""; for (i = 1; i <= NF; i++) if (i == 1 || $i != $(i - 1)) line = line (line == "" ? "" : " ") $i
+                   print line }' "${labels}" > "${units}/sentences/${split}.units.tmp"
+            mv "${units}/sentences/${split}.units.tmp" "${units}/sentences/${split}.units"
+        fi
+        units_of "${chosen}" "${data}/sentences/${split}.tsv" "${units}/sentences"
+    done
 fi
 
 if stage_on 6; then
     need_file "${units}/source.txt" "the units (run stage 5)"
     chosen=$(cat "${units}/source.txt")
-    # The LM's vocabulary is the chosen quantizer's units: --k of a k-means, or the recognizer's phone set.
-    n_units=$("$(dirname "$(command -v speechprompt)")/python" -c 'import sys
-from speechprompt.data_prep.kmeans import load_quantizer
-print(load_quantizer(sys.argv[1]).k)' "${exp}/km_${chosen}.safetensors")
+    n_units=$(units_in "${exp}/km_${chosen}.safetensors")  # --k of a k-means, or the recognizer's phone set
     log "stage 6: pretrain the unit LM on the sentences' ${n_units} ${chosen} units (${nj} processes)"
     pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${n_units}"
               batch_size=$((ulm_batch / nj)))
