@@ -228,6 +228,14 @@ def test_a_swiglu_speech_lm_is_pruned_by_its_own_names(tmp_path, capsys, layout)
             torch.testing.assert_close(w[kept], old[name][kept], rtol=0, atol=0)
         else:
             torch.testing.assert_close(w, old[name], rtol=0, atol=0, msg=name)  # up_proj, q/k/v, norms untouched
+    if layout == "llama":  # transformers reads the pruned directory too: the original's names, the same tensors
+        import transformers
+
+        original = dict(transformers.AutoModelForCausalLM.from_pretrained(src).named_parameters())
+        changed = {name: p != original[name]
+                   for name, p in transformers.AutoModelForCausalLM.from_pretrained(out).named_parameters()}
+        assert {n.split(".")[-2] for n, c in changed.items() if c.any()} == {"gate_proj", "down_proj", "o_proj"}
+        assert sum(int(c.sum()) for c in changed.values()) == report["zeroed"]
     # The default targets cover every linear of a SwiGLU layer: fc1 is gate_proj + up_proj, fc2 is down_proj.
     assert main(["prune", "--model", str(src), "--sparsity", "0.5", "--out", str(tmp_path / "all")]) == 0
     assert json.loads(capsys.readouterr().out)["linears"] == 2 * 7

@@ -1,7 +1,8 @@
 """FSDP of a frozen speech-LM backbone (gloo on CPU, two processes): each process holds half of every layer's frozen
 weights, and a method's update is exactly the one of a single process with the whole batch, whether its tensors live
-outside the backbone (deep prompt) or inside it (LoRA, BitFit, adapters, S3-Router scores). The trained tensors stay
-full (their gradients summed once), so the checkpoint of a sharded run loads in a single process."""
+outside the backbone (deep prompt) or inside it (LoRA, BitFit, adapters, AdapterBias, AAT, S3-Router scores). The
+trained tensors stay whole (their gradients summed once), so the checkpoint of a sharded run loads in a single
+process."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from speechprompt.tuning import build_method, freeze_except
 
 VOCAB = UnitVocab(size=42, num_units=40, unit_offset=2, bos=1, eos=1, pad=0, layout="slamkit")
 # A method whose tensors live outside the backbone (prompt), and methods whose tensors live inside it.
-METHODS = ["prompt", "lora", "bitfit", "adapter", "mask"]
+METHODS = ["prompt", "lora", "bitfit", "adapter", "adapter_bias", "aat", "mask"]
 
 
 def _model() -> SpeechLM:
