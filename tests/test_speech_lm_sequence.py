@@ -23,9 +23,10 @@ from speechprompt.data_prep.manifest import write_manifest
 from speechprompt.data_prep.speech2unit import prepare
 from speechprompt.models.generation import greedy
 from speechprompt.tasks.data import collate, load_split
+from speechprompt.tasks.generation import SequenceTask
 from speechprompt.tasks.loading import load_task
 
-pytestmark = [pytest.mark.transformers, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.transformers, pytest.mark.usefixtures("one_thread")]  # whole runs
 
 K = 16  # k-means units; the transcripts' characters + <unk> need 12 pieces, each one unit
 SR = 16000
@@ -109,6 +110,9 @@ def test_deep_prompt_learns_transcripts_then_evaluate_and_infer_decode_them(corp
     assert torch.equal(cached, uncached)
     emitted = set(cached[cached.ne(vocab.pad)].tolist())
     assert vocab.eos in emitted and all(vocab.is_unit(t) for t in emitted - {vocab.eos})
+    # Beam search (its cache reordered per step: rotary GQA keys on the Qwen2, learned positions on the OPT) agrees.
+    beam = SequenceTask(task.model, task.method, task.verbalizer, beam_size=3, max_new_tokens=12)
+    assert beam.predict(collate(split.tokens, split.labels, task.verbalizer, vocab=vocab))["beam3"] == split.labels
 
     files = [str(p) for p in manifest.paths()]
     assert main(["infer", "--checkpoint", str(root / f"{base}_run" / "best.safetensors"), *files,
