@@ -17,7 +17,12 @@ The pruned model is written in the input's own format, so every loader reads it 
 * a torch file (fairseq HuBERT / wav2vec 2.0 / data2vec / CTC checkpoints, official WavLM, a fairseq unit LM): the
   same file with only the pruned tensors' bytes changed; the pickle (configs, task state, dictionaries) is copied
   as it is, and ``dict.txt`` / ``dict.ltr.txt`` beside the input are copied beside the output;
-* a Hugging Face directory: its files copied, the weights rewritten as ``model.safetensors``.
+* a Hugging Face directory (an encoder, or a speech LM: slamkit TWIST/SLAM, OPT, LLaMA, Qwen2): its files copied,
+  the weights rewritten as ``model.safetensors`` under the original's own key names.
+
+``--targets`` names the linears of each layer: ``q_proj k_proj v_proj out_proj fc1 fc2`` by default; on SwiGLU
+layers (LLaMA, Qwen2) ``fc1`` is ``gate_proj`` + ``up_proj`` and ``fc2`` is ``down_proj``, each also selectable
+alone, and ``o_proj`` (their attention output's name) is ``out_proj``.
 
 ``--sweep CHECKPOINT`` evaluates a SUPERB task checkpoint (any method) with its upstream's linears
 magnitude-pruned at each sparsity (restored exactly in between; a trained method keeps acting on top) and writes
@@ -48,12 +53,12 @@ from speechprompt.fairseq_compat import safe_torch_load
 from speechprompt.hf_compat import WEIGHT_FILES, read_config, read_weights
 from speechprompt.mask_analysis import write_tables
 from speechprompt.models.encoders import load_encoder
-from speechprompt.models.hf_decoders import load_speech_lm
+from speechprompt.models.hf_decoders import hf_names, is_decoder_directory, load_speech_lm
 from speechprompt.models.hf_keys import AST_KEYS, MODEL_TYPES, WAV2VEC2_KEYS, rename
 from speechprompt.plots import PlotError, save_figure
 from speechprompt.superb import evaluate_superb, load_audio_split, load_superb
 from speechprompt.tuning import MaskConfig, S3Router
-from speechprompt.tuning.base import ALL_LINEARS, LinearName
+from speechprompt.tuning.base import ALL_LINEARS, LINEAR_CHOICES, LinearName
 from speechprompt.tuning.mask import magnitude_masks, magnitude_sweep, prunable_weights
 
 CTC_PREFIX = "w2v_encoder.w2v_model."  # where a fairseq CTC checkpoint keeps its encoder
@@ -130,14 +135,16 @@ def _write_hf(src: Path, ours: Mapping[str, Tensor], masks: Mapping[str, Tensor]
     from safetensors.torch import save_file
 
     state, weights_path = read_weights(src)
-    model_type = read_config(src).get("model_type")
-    architecture, prefix, _ = MODEL_TYPES[model_type]
-    table = AST_KEYS if architecture == "ast" else WAV2VEC2_KEYS
     to_hf: dict[str, str] = {}
-    for hf_key in state:
-        inner = hf_key[len(prefix):] if hf_key.startswith(prefix) else hf_key
-        renamed, _ = rename({inner: state[hf_key]}, table)
-        to_hf.update({ours_key: hf_key for ours_key in renamed})
+    if is_decoder_directory(src):  # a speech LM (slamkit, OPT, LLaMA, Qwen2): its own key table
+        to_hf = hf_names(src, state)
+    else:
+        architecture, prefix, _ = MODEL_TYPES[read_config(src).get("model_type")]
+        table = AST_KEYS if architecture == "ast" else WAV2VEC2_KEYS
+        for hf_key in state:
+            inner = hf_key[len(prefix):] if hf_key.startswith(prefix) else hf_key
+            renamed, _ = rename({inner: state[hf_key]}, table)
+            to_hf.update({ours_key: hf_key for ours_key in renamed})
     for key, mask in masks.items():
         if key not in to_hf:
             raise CheckpointError(f"{weights_path}: no tensor maps to {key}")
@@ -300,8 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a Hugging Face directory (with --mask: default the checkpoint's recorded base)")
     parser.add_argument("--out", required=True, help="the pruned model (a .pt file, or a directory for a Hugging "
                         "Face input); with --sweep, the output directory")
-    parser.add_argument("--targets", nargs="+", default=[t.value for t in ALL_LINEARS],
-                        choices=[t.value for t in ALL_LINEARS], help="linears of each layer to prune")
+    parser.add_argument("--targets", nargs="+", default=[t.value for t in ALL_LINEARS], choices=LINEAR_CHOICES,
+                        help="linears of each layer to prune; on SwiGLU layers (LLaMA, Qwen2) fc1 = gate_proj + "
+                        "up_proj and fc2 = down_proj, and o_proj is out_proj")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to prune (default all)")
     parser.add_argument("--manifest", help="--sweep: the audio manifest (fairseq TSV) to evaluate on")
     parser.add_argument("--labels", help="--sweep: its labels (default: the .labels file beside the manifest)")
@@ -323,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         return 0
     if args.mask:
-        if args.layers is not None or len(targets) != len(ALL_LINEARS):
+        if args.layers is not None or set(targets) != set(ALL_LINEARS):
             raise PruneError("--targets and --layers choose what magnitude pruning prunes; a --mask prunes what its "
                              "task's mask removes")
         src, model, masks = mask_of_checkpoint(args.mask, args.model)

@@ -138,8 +138,8 @@ class TrainConfig(RunOptions):
         True, help="keep the frozen LM's dropout active while training (as fairseq does when prompt tuning)"
     )
     fsdp: bool = option(False, help="under torchrun, shard the frozen base's weights over the processes (FSDP2), "
-                        "for a backbone one device cannot hold; the method's tensors stay replicated. Methods whose "
-                        "tensors live outside the backbone only (prompt, prefix)")
+                        "for a backbone one device cannot hold; the method's tensors stay replicated, inside the "
+                        "backbone too (LoRA, adapters, BitFit, masks). Not for full fine-tuning")
 
     def __post_init__(self) -> None:
         super().__post_init__()

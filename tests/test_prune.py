@@ -190,3 +190,52 @@ def test_the_sweep_figure_draws_the_rows():
     x, y = ax.lines[0].get_data()
     assert list(x) == [0.0, 0.5, 0.9] and list(y) == [0.9, 0.8, 0.5]
     assert ax.get_ylabel() == "accuracy" and "sparsity" in ax.get_xlabel() and ax.get_title() == "ks"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Speech LMs (LLaMA / Qwen2 SwiGLU layers)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("layout", ["slamkit", "llama"])
+def test_a_swiglu_speech_lm_is_pruned_by_its_own_names(tmp_path, capsys, layout):
+    """``--targets gate_proj down_proj o_proj`` on a Qwen2 slamkit directory and a plain LLaMA one: exactly those
+    linears get the zeros, written under the original's key names, and the loader reads the result back."""
+    from tiny_decoders import build_hf_decoder, save_slamkit
+
+    from speechprompt.models.hf_decoders import load_speech_lm, save_hf_unit_vocab
+    from speechprompt.models.unit_vocab import UnitVocab
+
+    src = tmp_path / "lm"
+    if layout == "slamkit":
+        save_slamkit(build_hf_decoder("qwen2_tied_gqa", vocab_size=12), src, num_units=10)
+    else:
+        build_hf_decoder("llama_mha", vocab_size=13, pad=0, bos=1, eos=2).save_pretrained(src)
+        save_hf_unit_vocab(src, UnitVocab(size=13, num_units=10, unit_offset=3, bos=1, eos=2, pad=0, layout="hf"))
+    before, _ = load_speech_lm(src)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(src), "--sparsity", "0.5", "--out", str(out), "--targets", "gate_proj",
+                 "down_proj", "o_proj"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "huggingface" and report["linears"] == 2 * 3  # 2 layers x 3 linears
+    after, _ = load_speech_lm(out)
+    pruned_names = ("mlp.gate_proj.weight", "mlp.down_proj.weight", "self_attn.out_proj.weight")
+    old = dict(before.named_parameters())
+    for name, w in after.named_parameters():
+        if name.startswith("decoder.layers.") and name.endswith(pruned_names):
+            assert int((w == 0).sum()) == w.numel() - keep_count(w.numel(), 0.5), name
+            kept = w != 0
+            torch.testing.assert_close(w[kept], old[name][kept], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(w, old[name], rtol=0, atol=0, msg=name)  # up_proj, q/k/v, norms untouched
+    if layout == "llama":  # transformers reads the pruned directory too: the original's names, the same tensors
+        import transformers
+
+        original = dict(transformers.AutoModelForCausalLM.from_pretrained(src).named_parameters())
+        changed = {name: p != original[name]
+                   for name, p in transformers.AutoModelForCausalLM.from_pretrained(out).named_parameters()}
+        assert {n.split(".")[-2] for n, c in changed.items() if c.any()} == {"gate_proj", "down_proj", "o_proj"}
+        assert sum(int(c.sum()) for c in changed.values()) == report["zeroed"]
+    # The default targets cover every linear of a SwiGLU layer: fc1 is gate_proj + up_proj, fc2 is down_proj.
+    assert main(["prune", "--model", str(src), "--sparsity", "0.5", "--out", str(tmp_path / "all")]) == 0
+    assert json.loads(capsys.readouterr().out)["linears"] == 2 * 7

@@ -123,9 +123,10 @@ def test_prefix_with_fixed_verbalizer_decodes_unit_tokens(corpus):
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_checkpointed_training_under_torchrun(corpus, run_cli, capsys):
-    """Two gloo processes shard the bf16 backbone; the checkpoint then evaluates on one process, on a base loaded in
-    bf16 again (its fingerprint is of the bf16 weights)."""
+@pytest.mark.parametrize("method", ["prompt", "lora"])
+def test_fsdp_bf16_checkpointed_training_under_torchrun(corpus, run_cli, capsys, method):
+    """Two gloo processes shard the bf16 backbone (LoRA's factors inside it stay whole, in fp32); the checkpoint then
+    evaluates on one process, on a base loaded in bf16 again (its fingerprint is of the bf16 weights)."""
     root, _, _ = corpus
     # 7 utterances in updates of 2 processes x 2 micro-batches of 1: the last update of an epoch gives one process 1
     # row and the other 2, so one runs an empty micro-batch (at weight zero): the layers' weights are gathered
@@ -135,15 +136,18 @@ def test_fsdp_bf16_checkpointed_training_under_torchrun(corpus, run_cli, capsys)
         (root / f"odd.{kind}").write_text("".join(src.read_text().splitlines(keepends=True)[:7]))
     data = [f"data.train_units={root}/odd.units", f"data.train_labels={root}/odd.labels",
             f"data.dev_units={root}/units/train.units", f"data.dev_labels={root}/train.labels"]
-    result = run_cli(["train", *data, f"base={root}/slam", f"run_dir={root}/fsdp", "batch_size=1", "grad_accum=2",
-                      "max_steps=4",
+    result = run_cli(["train", *data, f"base={root}/slam", f"run_dir={root}/fsdp_{method}", f"method.name={method}",
+                      "batch_size=1", "grad_accum=2", "max_steps=4",
                       "eval_every=2", "verbalizer.kind=learnable", "fsdp=true", "base_dtype=bfloat16",
                       "activation_checkpointing=true", "device=cpu"], torchrun=2)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["processes"] == 2
-    assert main(["evaluate", "--checkpoint", str(root / "fsdp" / "best"), "--units",
+    saved = ck.load_checkpoint(root / f"fsdp_{method}" / "best")
+    assert saved.meta["base"]["fingerprint"].startswith("sha256:")
+    assert all(v.dtype == torch.float32 for k, v in saved.tensors.items() if k.startswith("method."))  # full fp32
+    assert main(["evaluate", "--checkpoint", str(root / f"fsdp_{method}" / "best"), "--units",
                  str(root / "units" / "train.units"), "--labels", str(root / "train.labels"), "--out",
-                 str(root / "eval_fsdp"), "--device", "cpu"]) == 0
+                 str(root / f"eval_fsdp_{method}"), "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out.splitlines()[0])
     assert metrics["argmax.accuracy"] == pytest.approx(summary["dev"]["argmax.accuracy"])

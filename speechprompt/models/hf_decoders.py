@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,41 @@ def load_state_strict_meta(model: torch.nn.Module, state: Mapping[str, Tensor]) 
     model.load_state_dict(dict(state), strict=True, assign=True)
 
 
+def _layout(directory: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``(config.json, the decoder's own config, the weights' key prefix)`` of a slamkit or HF directory."""
+    top = read_config(directory)
+    if top.get("model_type") != SLAMKIT_TYPE:
+        return top, dict(top), ""
+    base = top.get("base_config")
+    if not isinstance(base, Mapping):
+        raise CheckpointError(f"{directory / 'config.json'}: a slamkit config without a 'base_config' object")
+    return top, {**base, "vocab_size": top.get("vocab_size", base.get("vocab_size"))}, "lm."
+
+
+def is_decoder_directory(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a speech LM this module loads (slamkit, or ``model_type`` opt/llama/qwen2)."""
+    try:
+        _, cfg_json, _ = _layout(Path(directory))
+    except CheckpointError:
+        return False
+    return cfg_json.get("model_type") in KEY_TABLES
+
+
+def hf_names(directory: str | os.PathLike, keys: Iterable[str]) -> dict[str, str]:
+    """``{our key: the directory's key}`` for the weight ``keys`` of a slamkit or HF decoder directory (the inverse
+    of the key table, prefix included), for writers that change tensors in the original's own names."""
+    _, cfg_json, prefix = _layout(Path(directory))
+    table = KEY_TABLES.get(cfg_json.get("model_type"))  # type: ignore[arg-type]
+    if table is None:
+        raise CheckpointError(f"{directory}: model_type {cfg_json.get('model_type')!r} is not a supported decoder")
+    out: dict[str, str] = {}
+    for key in keys:
+        if key.startswith(prefix) and not _ROTARY.fullmatch(key):
+            renamed, _ = rename({key[len(prefix):]: torch.empty(0)}, table)
+            out.update({ours: key for ours in renamed})
+    return out
+
+
 def load_hf_decoder(
     directory: str | os.PathLike, *, dtype: torch.dtype | None = None
 ) -> tuple[SpeechLM, UnitVocab]:
@@ -258,17 +293,8 @@ def load_hf_decoder(
         dtype: hold the weights in this dtype (``torch.bfloat16`` halves a frozen backbone); default float32.
     """
     directory = Path(directory)
-    top = read_config(directory)
+    top, cfg_json, prefix = _layout(directory)
     where = directory / "config.json"
-    prefix = ""
-    if top.get("model_type") == SLAMKIT_TYPE:
-        base = top.get("base_config")
-        if not isinstance(base, Mapping):
-            raise CheckpointError(f"{where}: a slamkit config without a 'base_config' object")
-        cfg_json = {**base, "vocab_size": top.get("vocab_size", base.get("vocab_size"))}
-        prefix = "lm."
-    else:
-        cfg_json = dict(top)
     state, source = read_weights(directory)
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     size = int(cfg_json.get("vocab_size") or 0)
@@ -329,5 +355,5 @@ def save_hf_unit_vocab(directory: str | os.PathLike, vocab: UnitVocab) -> None:
     (Path(directory) / UNIT_VOCAB_FILE).write_text(json.dumps(fields, indent=1) + "\n", encoding="utf-8")
 
 
-__all__ = ["KEY_TABLES", "SLAMKIT_TYPE", "UNIT_VOCAB_FILE", "decoder_config", "load_hf_decoder", "load_speech_lm",
-           "save_hf_unit_vocab"]
+__all__ = ["KEY_TABLES", "SLAMKIT_TYPE", "UNIT_VOCAB_FILE", "decoder_config", "hf_names", "is_decoder_directory",
+           "load_hf_decoder", "load_speech_lm", "save_hf_unit_vocab"]

@@ -152,12 +152,8 @@ class RotaryPositions(nn.Module):
 class SpeechLMDecoder(nn.Module):
     """The decoder of one family, named as the toolkit names the unit LM's (see :mod:`speechprompt.models.
     hf_decoders` for the HF key table): ``embed_tokens``, ``embed_positions`` (OPT), ``project_in``/``project_out``
-    (OPT when ``word_embed_dim`` differs), ``layers``, ``layer_norm`` (the final norm), ``output_projection``."""
-
-    # fairseq's projections, which UnitLM's shared forward reads: OPT's project_in/project_out are the same maps, but
-    # this family applies them in input_embeddings and logits, so that `hidden` stays in the layers' width.
-    project_in_dim: nn.Module | None = None
-    project_out_dim: nn.Module | None = None
+    (OPT when ``word_embed_dim`` differs; the unit LM's maps of the same names, which :meth:`UnitLM.features`
+    applies), ``layers``, ``layer_norm`` (the final norm), ``output_projection``."""
 
     def __init__(self, cfg: SpeechLMConfig) -> None:
         super().__init__()
@@ -199,8 +195,9 @@ class SpeechLMDecoder(nn.Module):
 class SpeechLM(UnitLM):
     """An OPT/LLaMA/Qwen2 causal LM over unit tokens, with the unit LM's interface and hooks.
 
-    Shapes as :class:`UnitLM`: tokens ``(B, T)`` -> logits ``(B, T, V)``, hidden ``(B, T, D)`` (before OPT's
-    ``project_out``). ``unit_vocab`` says which tokens are units (set by the loader).
+    Shapes as :class:`UnitLM`: tokens ``(B, T)`` -> logits ``(B, T, V)``, hidden ``(B, T, D_out)`` (after OPT's
+    ``project_out`` where it has one, as HF's last hidden state: ``word_embed_proj_dim`` wide, else ``D``).
+    ``unit_vocab`` says which tokens are units (set by the loader).
     """
 
     cfg: SpeechLMConfig
@@ -211,10 +208,6 @@ class SpeechLM(UnitLM):
 
     def _build_decoder(self, cfg: Any) -> nn.Module:
         return SpeechLMDecoder(cfg)
-
-    def input_embeddings(self, tokens: Tensor, embed_override: Mapping[int, Tensor] | None = None) -> Tensor:
-        x = self.embed(tokens, embed_override)  # (B, T, E)
-        return x if self.decoder.project_in is None else self.decoder.project_in(x)  # (B, T, D)
 
     def _token_states(
         self, tokens: Tensor, offset: Tensor | None, embed_override: Mapping[int, Tensor] | None
@@ -232,13 +225,6 @@ class SpeechLM(UnitLM):
             x = x + dec.embed_positions(positions + 2).to(x.dtype)
             return x, None
         return x, dec.rotary(positions)
-
-    def output_layer(self, hidden: Tensor) -> Tensor:
-        """``(..., D)`` hidden states -> ``(..., V)`` logits (through OPT's ``project_out`` when it has one)."""
-        dec = self.decoder
-        if dec.project_out is not None:
-            hidden = dec.project_out(hidden)
-        return dec.output_projection(hidden)
 
 
 # The published speech LMs' shapes over slamkit's 500-unit vocabulary (502 tokens), for counts and benchmarks

@@ -12,6 +12,12 @@ Two state-dict entries of fairseq's are not part of this model and are handled b
 version 3, so exports must carry ``[3]``) and ``decoder.embed_positions._float_tensor`` (a dummy buffer of
 fairseq's sinusoidal embedding that older fairseq requires in a strict load, and fairseq-fixed ignores).
 
+fairseq's optional input/output projections (``decoder.project_in_dim`` / ``project_out_dim``, which its CLI adds
+when only ``--decoder-embed-dim`` is given) are the maps OPT calls ``project_in`` / ``project_out``; this module and
+:mod:`~speechprompt.models.speech_lm` name them ``decoder.project_in`` / ``decoder.project_out``, and the loaders map
+each original's names onto them (:data:`FAIRSEQ_NAMES` here, the key table of :mod:`~speechprompt.models.
+hf_decoders` for OPT), so the exports still write fairseq's names.
+
 The config is in :mod:`~speechprompt.models.unit_lm_config` and the positions in :mod:`~speechprompt.models.positions`.
 This module stays over 400 lines on purpose: :meth:`UnitLM.features` is the one forward that prompts, prefixes,
 verbalizers and the cache share, for GSLM and for today's speech LMs (:mod:`~speechprompt.models.speech_lm`
@@ -44,9 +50,9 @@ from speechprompt.models.unit_lm_config import NAMED_CONFIGS, UnitLMConfig
 
 # Names other modules import from here, wherever they are defined.
 __all__ = [
-    "NAMED_CONFIGS", "LearnedPositions", "SinusoidalPositions", "UnitLM", "UnitLMConfig", "UnitLMDecoder",
-    "UnitLMOutput", "fairseq_state_dict", "load_state_strict", "load_unit_lm", "make_positions", "save_unit_lm",
-    "state_fingerprint",
+    "FAIRSEQ_NAMES", "NAMED_CONFIGS", "LearnedPositions", "SinusoidalPositions", "UnitLM", "UnitLMConfig",
+    "UnitLMDecoder", "UnitLMOutput", "fairseq_state_dict", "load_state_strict", "load_unit_lm", "make_positions",
+    "save_unit_lm", "state_fingerprint",
 ]
 
 
@@ -63,8 +69,9 @@ class UnitLMDecoder(nn.Module):
         self.padding_idx = cfg.padding_idx
         self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.token_dim, padding_idx=cfg.padding_idx)
-        # fairseq's optional bias-free projections between the embedding/output widths and the layers' width d.
-        self.project_in_dim = nn.Linear(cfg.token_dim, d, bias=False) if cfg.token_dim != d else None
+        # fairseq's optional bias-free projections between the embedding/output widths and the layers' width d
+        # (its project_in_dim / project_out_dim; OPT's project_in / project_out).
+        self.project_in = nn.Linear(cfg.token_dim, d, bias=False) if cfg.token_dim != d else None
         self.embed_positions: nn.Module = (
             LearnedPositions(cfg.max_positions, d, cfg.padding_idx) if cfg.learned_pos
             else SinusoidalPositions(d, cfg.padding_idx)
@@ -75,7 +82,7 @@ class UnitLMDecoder(nn.Module):
             for _ in range(cfg.layers)
         )
         self.layer_norm = nn.LayerNorm(d) if cfg.final_layer_norm else None
-        self.project_out_dim = nn.Linear(d, cfg.hidden_out_dim, bias=False) if cfg.hidden_out_dim != d else None
+        self.project_out = nn.Linear(d, cfg.hidden_out_dim, bias=False) if cfg.hidden_out_dim != d else None
         self.output_projection = nn.Linear(cfg.hidden_out_dim, cfg.vocab_size, bias=False)
         self.dropout = Dropout(cfg.dropout)
         self._init_weights(cfg)
@@ -87,7 +94,7 @@ class UnitLMDecoder(nn.Module):
         """fairseq's initialisation, so that `pretrain-ulm` starts where fairseq would."""
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=cfg.token_dim**-0.5)
         nn.init.normal_(self.output_projection.weight, mean=0.0, std=cfg.hidden_out_dim**-0.5)
-        for proj in (self.project_in_dim, self.project_out_dim):
+        for proj in (self.project_in, self.project_out):
             if proj is not None:
                 nn.init.xavier_uniform_(proj.weight)
         with torch.no_grad():
@@ -105,8 +112,8 @@ class UnitLMOutput:
     """What :meth:`UnitLM.forward` returns with ``return_hidden=True``."""
 
     logits: Tensor  # (B, T, V)
-    hidden: Tensor  # (B, T, D_out): final states (after the final LayerNorm and project_out_dim), before the
-    # output projection; D_out is cfg.hidden_out_dim (embed_dim unless the model has fairseq's project_out_dim)
+    hidden: Tensor  # (B, T, D_out): final states (after the final LayerNorm and project_out), before the output
+    # projection; D_out is the output projection's input width (embed_dim unless the model has project_out)
 
 
 class UnitLM(nn.Module):
@@ -149,12 +156,12 @@ class UnitLM(nn.Module):
 
     def input_embeddings(self, tokens: Tensor, embed_override: Mapping[int, Tensor] | None = None) -> Tensor:
         """What the first layer receives for ``tokens`` ``(B, T)``, without positions: ``(B, T, D)`` with
-        ``D = cfg.embed_dim`` (the scaled embeddings, then fairseq's ``project_in_dim`` when the table is narrower
-        or wider than the layers). Input prompts live in this space, and prompts initialised from unit tokens start
+        ``D = cfg.embed_dim`` (the scaled embeddings, then ``project_in`` when the table is narrower or wider than
+        the layers). Input prompts live in this space, and prompts initialised from unit tokens start
         from these."""
         dec = self.decoder
         x = dec.embed_scale * self.embed(tokens, embed_override)  # (B, T, token_dim)
-        return x if dec.project_in_dim is None else dec.project_in_dim(x)
+        return x if dec.project_in is None else dec.project_in(x)
 
     def _token_states(
         self, tokens: Tensor, offset: Tensor | None, embed_override: Mapping[int, Tensor] | None
@@ -180,13 +187,13 @@ class UnitLM(nn.Module):
         prefix_padding: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states ``(B, T, D_out)`` of the token positions (after the final LayerNorm and, where the
-        model has it, fairseq's ``project_out_dim``; ``D_out = cfg.hidden_out_dim``).
+        model has it, ``project_out``, as fairseq's features and HF OPT's last hidden state are).
 
         Args:
             tokens: ``(B, T)`` token ids. Padding (``padding_idx``) may sit on either side: pads are masked as keys
                 and positions count only real tokens (fairseq's ``make_positions``).
             input_prompt: ``(1 or B, L, D)`` vectors placed before the tokens, after token embedding, scaling,
-                ``project_in_dim`` and positions (see :meth:`input_embeddings`); they get no positional embedding and no
+                ``project_in`` and positions (see :meth:`input_embeddings`); they get no positional embedding and no
                 outputs.
             kv_replace: per layer, ``(K_in, V_in)`` each ``(1 or B, L, D)``: the key/value *inputs* of the first L
                 positions, i.e. of the input prompt, which must have the same L (SpeechPrompt's deep prompt).
@@ -281,8 +288,8 @@ class UnitLM(nn.Module):
         x = x[:, L:]  # (B, T, D): the prompt positions give no output
         if dec.layer_norm is not None:
             x = dec.layer_norm(x)
-        if dec.project_out_dim is not None:
-            x = dec.project_out_dim(x)  # (B, T, D_out)
+        if dec.project_out is not None:
+            x = dec.project_out(x)  # (B, T, D_out)
         return x
 
     def output_layer(self, hidden: Tensor) -> Tensor:
@@ -321,9 +328,15 @@ def _shared_row(t: Tensor) -> Tensor:
 # Checkpoints
 
 
+# fairseq's names of the input/output projections -> ours (and back on export).
+FAIRSEQ_NAMES = {"decoder.project_in_dim.weight": "decoder.project_in.weight",
+                 "decoder.project_out_dim.weight": "decoder.project_out.weight"}
+
+
 def _to_our_state(state: dict[str, Tensor], cfg: UnitLMConfig) -> dict[str, Tensor]:
-    """Upgrade a fairseq state dict to this model's keys (the renames fairseq's own ``upgrade_state_dict`` does)."""
-    state = dict(state)
+    """Upgrade a fairseq state dict to this model's keys (the renames fairseq's own ``upgrade_state_dict`` does,
+    and fairseq's projection names to ours)."""
+    state = {FAIRSEQ_NAMES.get(k, k): v for k, v in state.items()}
     state.pop("decoder.version", None)
     for dummy in ("decoder.embed_positions._float_tensor", "decoder.embed_positions.weights"):
         if not cfg.learned_pos:
@@ -414,9 +427,10 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str
 
 
 def fairseq_state_dict(model: UnitLM) -> dict[str, Tensor]:
-    """The model's state dict as fairseq saves it: plus ``decoder.version`` and, for sinusoidal positions, the
-    ``_float_tensor`` dummy that older fairseq expects."""
-    state = dict(model.state_dict())
+    """The model's state dict as fairseq saves it: fairseq's projection names, plus ``decoder.version`` and, for
+    sinusoidal positions, the ``_float_tensor`` dummy that older fairseq expects."""
+    to_fairseq = {ours: theirs for theirs, ours in FAIRSEQ_NAMES.items()}
+    state = {to_fairseq.get(k, k): v for k, v in model.state_dict().items()}
     state["decoder.version"] = torch.tensor([3.0])
     if not model.cfg.learned_pos:
         state["decoder.embed_positions._float_tensor"] = torch.zeros(1)
@@ -476,6 +490,6 @@ def state_fingerprint(obj: nn.Module | Mapping[str, Tensor]) -> str:
 
 
 __all__: list[str] = [
-    "NAMED_CONFIGS", "UnitLM", "UnitLMConfig", "UnitLMOutput", "fairseq_state_dict", "load_state_strict",
-    "load_unit_lm", "make_positions", "save_unit_lm", "state_fingerprint",
+    "FAIRSEQ_NAMES", "NAMED_CONFIGS", "UnitLM", "UnitLMConfig", "UnitLMOutput", "fairseq_state_dict",
+    "load_state_strict", "load_unit_lm", "make_positions", "save_unit_lm", "state_fingerprint",
 ]

@@ -49,10 +49,11 @@ class UnitLMConfig:
     padding_idx: int = option(1, help="id of <pad> in the dictionary (fairseq: 1)")
     input_dim: int | None = option(
         None, help="width of the token embedding table (decoder_input_dim); when it differs from embed_dim a "
-        "bias-free decoder.project_in_dim maps it to embed_dim after scaling, before positions. None = embed_dim")
+        "bias-free decoder.project_in (fairseq's project_in_dim) maps it to embed_dim after scaling, before positions. "
+        "None = embed_dim")
     output_dim: int | None = option(
         None, help="width the output projection reads (decoder_output_dim); when it differs from embed_dim a "
-        "bias-free decoder.project_out_dim maps the final states to it. None = embed_dim")
+        "bias-free decoder.project_out (fairseq's project_out_dim) maps the final states to it. None = embed_dim")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "ffn_dim", "layers", "heads", "max_positions"):

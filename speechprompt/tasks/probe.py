@@ -17,7 +17,8 @@ from speechprompt.tasks.data import Batch, class_loss, mean_loss
 
 
 class LinearProbe:
-    """Classification by ``Linear(D, C)`` on the final LM hidden states, mean-pooled over the unit input.
+    """Classification by ``Linear(D, C)`` on the final LM hidden states, mean-pooled over the unit input (``D`` is
+    their width: the layers', or the output width of a ``project_out``).
 
     Args:
         model: The frozen unit LM.
@@ -33,7 +34,7 @@ class LinearProbe:
 
     def __init__(self, model: nn.Module, method: nn.Module, labels: Sequence[str]) -> None:
         self.model, self.method, self.labels = model, method, list(labels)
-        dim = model.cfg.embed_dim
+        dim = model.decoder.output_projection.in_features  # the hidden states' width (after any project_out)
         self.head: nn.Module = nn.Linear(dim, len(self.labels))
         self._index = {label: i for i, label in enumerate(self.labels)}
 

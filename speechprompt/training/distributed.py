@@ -155,23 +155,28 @@ def shard_frozen_backbone(model: torch.nn.Module, trained: Sequence[Tensor]) -> 
     (and its attention, whose ``project_kv`` deep prompts call outside the layer's forward) is a unit gathered just
     before it runs and freed after, and the embeddings and head form the root unit. Returns the number of units.
 
-    The trained tensors must live outside the backbone (prompts, prefixes, verbalizers): they stay plain replicated
-    tensors, whose gradients :func:`all_reduce_gradients` sums as without FSDP. Every process must then run every
-    forward (evaluation included), since each layer's weights are gathered from all of them.
+    Only the *frozen* weights are sharded. The trained tensors stay plain replicated tensors wherever they live:
+    outside the backbone (prompts, prefixes, verbalizers) or inside it (LoRA factors, adapters, BitFit's biases,
+    S3-Router scores, which FSDP is told to ignore). So their gradients are summed once, by
+    :func:`all_reduce_gradients` as without FSDP, and never by FSDP's reduce-scatter (FSDP reduces gradients only of
+    the parameters it manages, and every one of those is frozen); the optimizer, EMA and checkpoints see full
+    tensors. Every process must run every forward (evaluation included), since each layer's frozen weights are
+    gathered from all of them.
 
     Raises:
-        ConfigError: a trained tensor is a backbone parameter (LoRA, adapters, BitFit, masks live in the backbone).
+        ConfigError: every backbone parameter is trained (full fine-tuning): there is no frozen weight to shard.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    inside = {id(p) for p in model.parameters()} & {id(p) for p in trained}
-    if inside:
-        raise ConfigError("fsdp shards the frozen backbone, but this method trains tensors inside it; use fsdp with "
-                          "a method whose tensors live outside it (prompt, prefix)")
+    trained_ids = {id(p) for p in trained}
+    inside = {p for p in model.parameters() if id(p) in trained_ids}
+    if len(inside) == len(list(model.parameters())):
+        raise ConfigError("fsdp shards the frozen backbone, but this method trains all of it (full fine-tuning); "
+                          "run it without fsdp")
     layers = list(model.transformer_layers())  # type: ignore[operator]
     for layer in layers:
-        fully_shard(layer.self_attn)
+        fully_shard(layer.self_attn, ignored_params=inside)
         register_fsdp_forward_method(layer.self_attn, "project_kv")
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=inside)
+    fully_shard(model, ignored_params=inside)
     return 2 * len(layers) + 1

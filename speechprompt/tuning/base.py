@@ -66,7 +66,8 @@ class LinearName(str, enum.Enum):
     down_proj     down_proj               fc2
     ============  ======================  =============
 
-    A projection named twice (``fc1`` and ``gate_proj``) is targeted once.
+    A projection named twice (``fc1`` and ``gate_proj``) is targeted once. LLaMA's and Qwen2's name of the attention
+    output, ``o_proj``, is accepted for ``out_proj`` (:data:`LINEAR_ALIASES`).
     """
 
     Q = "q_proj"
@@ -78,6 +79,11 @@ class LinearName(str, enum.Enum):
     GATE = "gate_proj"
     UP = "up_proj"
     DOWN = "down_proj"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LinearName | None:
+        alias = LINEAR_ALIASES.get(value) if isinstance(value, str) else None
+        return cls(alias) if alias is not None else None
 
     @property
     def path(self) -> str:
@@ -101,6 +107,11 @@ class LinearName(str, enum.Enum):
             return ["fc2"]
         return [self.path]
 
+
+# Other names users know a projection by (the Hugging Face LLaMA/Qwen2 attention output) -> ours.
+LINEAR_ALIASES = {"o_proj": "out_proj"}
+# Every spelling a config or the command line may use for a projection.
+LINEAR_CHOICES = [t.value for t in LinearName] + list(LINEAR_ALIASES)
 
 # The default target set of "every linear": q, k, v, out, fc1, fc2 (fc1/fc2 cover SwiGLU's three projections).
 ALL_LINEARS = [LinearName.Q, LinearName.K, LinearName.V, LinearName.OUT, LinearName.FC1, LinearName.FC2]

@@ -41,7 +41,8 @@ class LoraConfig:
     dropout: float = option(0.0, help="dropout on the LoRA branch's input (training mode only)")
     targets: list[LinearName] = option(
         [LinearName.Q, LinearName.V], help="linears to adapt: q_proj, k_proj, v_proj, out_proj, fc1, fc2 "
-        "(on SwiGLU layers fc1 = gate_proj + up_proj, fc2 = down_proj), gate_proj, up_proj, down_proj"
+        "(on SwiGLU layers fc1 = gate_proj + up_proj, fc2 = down_proj), gate_proj, up_proj, down_proj; o_proj "
+        "means out_proj"
     )
     layers: list[int] | None = option(None, help="layer indices to adapt (negative counts from the top); null = all")
 

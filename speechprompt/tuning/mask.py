@@ -68,7 +68,8 @@ class MaskConfig:
     init: ScoreInit = option(ScoreInit.MAGNITUDE, help="score init: kaiming | magnitude | rank")
     targets: list[LinearName] = option(
         list(ALL_LINEARS), help="linears to mask: q_proj, k_proj, v_proj, out_proj, fc1, fc2 "
-        "(on SwiGLU layers fc1 = gate_proj + up_proj, fc2 = down_proj), gate_proj, up_proj, down_proj"
+        "(on SwiGLU layers fc1 = gate_proj + up_proj, fc2 = down_proj), gate_proj, up_proj, down_proj; o_proj "
+        "means out_proj"
     )
     ffn_only: bool = option(False, help="mask only the FFN (fc1, fc2) of the targets")
     layers: list[int] | None = option(None, help="layer indices to mask (negative counts from the top); null = all")
@@ -310,13 +311,15 @@ def sparsity_sweep(
 def prunable_weights(model: nn.Module, targets: Sequence[LinearName] = ALL_LINEARS,
                      layers: list[int] | None = None) -> dict[str, nn.Parameter]:
     """``{"<linear path>.weight": weight}`` of the target linears of the chosen transformer layers, whether they are
-    plain or wrapped by a method (a :class:`MaskedLinear` keeps the same weight)."""
+    plain or wrapped by a method (a :class:`MaskedLinear` keeps the same weight). Targets resolve per layer as
+    :class:`LinearName` says (``fc1`` is SwiGLU's ``gate_proj`` and ``up_proj``; ``down_proj`` is an fc1/fc2
+    layer's ``fc2``)."""
     blocks = transformer_layers(model)
     paths = module_paths(model)
     out = {}
     for i in select_layers(len(blocks), layers):
-        for target in targets:
-            linear = blocks[i].get_submodule(target.path)
+        for path in dict.fromkeys(p for target in targets for p in target.paths(blocks[i])):  # once each, in order
+            linear = blocks[i].get_submodule(path)
             out[f"{paths[id(linear)]}.weight"] = linear.weight
     return out
 

@@ -65,6 +65,32 @@ def test_parity_with_transformers_on_padded_batches(name, tmp_path):
 
 
 @pytest.mark.transformers
+def test_opt_projections_are_the_unit_lms_and_hidden_is_hfs_last_hidden_state(tmp_path):
+    """OPT-350M's project_in/project_out load into the attributes fairseq's projections use (one pair of names),
+    and ``hidden`` is what transformers returns as the last hidden state: after ``project_out``, e wide."""
+    hf, directory = _hf_dir("opt_350m_like", tmp_path)
+    ours, _ = load_speech_lm(directory)
+    dec = ours.decoder
+    assert (dec.project_in.in_features, dec.project_in.out_features) == (16, 32) and dec.project_out.out_features == 16
+    assert not hasattr(dec, "project_in_dim") and not hasattr(dec, "project_out_dim")
+    tokens = torch.randint(2, 42, (2, 9))
+    with torch.no_grad():
+        out = ours(tokens, return_hidden=True)
+        expected = hf.model.decoder(input_ids=tokens).last_hidden_state
+    assert out.hidden.shape == (2, 9, 16)
+    torch.testing.assert_close(out.hidden, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, hf(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+    # The linear probe reads those states, so its head is as wide as they are.
+    from speechprompt.tasks.data import collate
+    from speechprompt.tasks.probe import LinearProbe
+    from speechprompt.tuning import build_method
+
+    probe = LinearProbe(ours, build_method("linear_probe", ours), ["a", "b", "c"])
+    assert probe.head.in_features == 16
+    assert probe.class_logits(collate([[3, 4, 5], [6, 7]], ["a", "b"], None, vocab=VOCAB)).shape == (2, 3)
+
+
+@pytest.mark.transformers
 def test_dynamic_ntk_scaling_past_the_trained_length(tmp_path):
     hf, directory = _hf_dir("qwen2_linear", tmp_path, max_position_embeddings=8,
                             rope_scaling={"type": "dynamic", "factor": 2.0})

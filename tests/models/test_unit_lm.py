@@ -171,7 +171,7 @@ def test_cli_built_lm_with_input_output_projections_matches_fairseq(fairseq_unit
     assert {"decoder.project_in_dim.weight", "decoder.project_out_dim.weight"} <= set(ref["keys"])
     model, _ = load_unit_lm(path)
     assert (model.cfg.embed_dim, model.cfg.input_dim, model.cfg.output_dim) == (32, 512, 512)
-    assert model.decoder.project_in_dim.bias is None and model.decoder.project_out_dim.bias is None
+    assert model.decoder.project_in.bias is None and model.decoder.project_out.bias is None
     assert model.cfg.tie_embeddings == name.endswith("_tied")
 
     tokens, padded = _batch(), _padded()
@@ -217,9 +217,9 @@ def test_deep_prompt_trains_on_a_projected_lm(fairseq_unit_lm) -> None:
                                        init_units="5 6 7", deep_init="activations"), model)
     assert method.prompt.shape == (3, 32) and method.deep_key.shape == (2, 3, 32)
     assert method.separator.shape == (512,)  # the <s> row of the 512-wide table
-    # The input prompt starts from unit rows as the layers receive them: scaled by sqrt(32), then project_in_dim.
+    # The input prompt starts from unit rows as the layers receive them: scaled by sqrt(32), then project_in.
     rows = model.decoder.embed_tokens.weight[torch.tensor([9, 10, 11])] * 32**0.5  # units 5 6 7 are tokens 9..11
-    torch.testing.assert_close(method.prompt, model.decoder.project_in_dim(rows).detach())
+    torch.testing.assert_close(method.prompt, model.decoder.project_in(rows).detach())
     params = freeze_except(model, method)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = _batch()
@@ -240,7 +240,7 @@ def test_deep_prompt_trains_on_a_projected_lm(fairseq_unit_lm) -> None:
 def test_projections_config_checks_and_defaults() -> None:
     cfg = UnitLMConfig.named("tiny")
     assert cfg.input_dim is None and cfg.output_dim is None and cfg.token_dim == cfg.hidden_out_dim == 64
-    assert "project_in_dim" not in str(list(UnitLM(cfg).state_dict()))  # no projections unless asked
+    assert "project_in" not in str(list(UnitLM(cfg).state_dict()))  # no projections unless asked
     with pytest.raises(ConfigError, match="tied embeddings need input_dim == output_dim"):
         UnitLMConfig.named("tiny", input_dim=48)
     with pytest.raises(ConfigError, match="input_dim must be positive"):
@@ -250,6 +250,13 @@ def test_projections_config_checks_and_defaults() -> None:
     assert model.decoder.output_projection.weight.shape == (N_UNITS + 4, 40)
     out = model(_batch(), return_hidden=True)
     assert out.hidden.shape == (3, 7, 40) and out.logits.shape == (3, 7, N_UNITS + 4)
+    # One name for the projections in our modules (OPT's project_in/out); fairseq's own names in its checkpoints.
+    from speechprompt.models.unit_lm import fairseq_state_dict
+
+    ours, theirs = set(model.state_dict()), set(fairseq_state_dict(model))
+    assert {"decoder.project_in.weight", "decoder.project_out.weight"} <= ours
+    assert {"decoder.project_in_dim.weight", "decoder.project_out_dim.weight"} <= theirs
+    assert not {"decoder.project_in.weight", "decoder.project_out.weight"} & theirs
     # from_fairseq: absent dims (fairseq < 0.10 args) mean decoder_embed_dim, as base_lm_architecture sets them.
     legacy = UnitLMConfig.from_fairseq(dict(arch="transformer_lm", decoder_embed_dim=32, decoder_layers=2,
                                             decoder_ffn_embed_dim=64, decoder_attention_heads=4))
