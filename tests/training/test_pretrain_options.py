@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from speechprompt.config import ConfigError, describe, from_dict, option
-from speechprompt.training.config import RunOptions, PretrainOptions
+from speechprompt.training.config import PretrainOptions, RunOptions
 
 SHARED = ["max_steps", "lr", "warmup_steps", "schedule", "lr_decay_steps", "min_lr_ratio", "betas", "adam_eps",
           "weight_decay", "clip_norm", "eval_every", "save_every", "num_workers"]
