@@ -1,7 +1,7 @@
 """What the two pretraining trainers (``pretrain-ulm``, ``pretrain-hubert``) share besides their config keys
-(:class:`~speechprompt.training.config.PretrainOptions`): where a run is and how it resumes, its clock across
-sessions, the end of the run (``metrics.json`` and the learning curves) and the command-line wrapper. Each trainer
-keeps its own loop, data and evaluation.
+(:class:`~speechprompt.training.config.PretrainOptions`): where a run is and how it resumes, the loader of the steps
+still to train, its clock across sessions, the end of the run (``metrics.json`` and the learning curves) and the
+command-line wrapper. Each trainer keeps its own loop, data and evaluation.
 """
 
 from __future__ import annotations
