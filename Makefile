@@ -56,7 +56,7 @@ system-deps:
 
 install: venv system-deps
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e .
+	$(PIP) install -e ".[phones]"
 
 # The toolkit's test environment: numpy 2 (whatever pip resolves with the pinned torch) and never fairseq. An
 # environment that an older `make test` filled with fairseq-fixed and numpy<2 is put right once.

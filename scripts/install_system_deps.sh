@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that are missing, and only those:
 #   always            what the synthetic corpus needs: espeak-ng, flite, festival and three festival voices, sox;
+#                     and pocketsphinx-testdata, CMU's few real recordings (tests of the phones reader,
+#                     scripts/demo_on_real_speech.sh);
 #   --build-tools     what building fairseq-fixed (`make oracle-env`) needs: a C/C++ compiler and the headers
 #                     (Python.h) of the interpreter given with --python (default: python3).
 # Needs root or sudo; otherwise says what to run and fails.
@@ -25,6 +27,7 @@ command -v festival >/dev/null || need+=(festival)
 [ -d /usr/share/festival/voices/english/ked_diphone ] || need+=(festvox-kdlpc16k)
 [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need+=(festvox-us-slt-hts)
 command -v sox >/dev/null || need+=(sox)
+[ -f /usr/share/pocketsphinx/test/data/goforward.raw ] || need+=(pocketsphinx-testdata)
 
 if [ "$build_tools" -eq 1 ]; then
     { command -v g++ >/dev/null || command -v c++ >/dev/null; } && command -v gcc >/dev/null \

@@ -3,12 +3,14 @@
 #
 #   stage 1  synth        12-class Speech Commands-style words, and unlabeled sentences, from espeak-ng, flite and
 #                         festival (festival is held out: it is heard only in the test_synth split)
-#   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (mfcc_cmn)
+#   stage 2  kmeans       100 units learned on mean-normalised MFCC frames of the unlabeled sentences (mfcc_cmn),
+#                         and the identity quantizer of PocketSphinx's 42 English phones (phones)
 #   stage 3  hubert       a small HuBERT (recipes/pretrain_hubert, small.yaml, iteration 1) pretrained on the
 #                         sentences to predict the mfcc_cmn units of masked frames (--nj processes)
-#   stage 4  choose       k-means of each --hubert-layers layer; every candidate (mfcc_cmn and those layers) turns
-#                         the commands' train and dev into units, a bag-of-units probe scores them on dev, and the
-#                         best becomes the demo's units (${exp}/units_choice.json)
+#   stage 4  choose       k-means of each --hubert-layers layer; every candidate (mfcc_cmn, those layers and the
+#                         phones of a recognizer trained on real speech) turns the commands' train and dev into
+#                         units, a bag-of-units probe scores them on dev, and the best becomes the demo's units
+#                         (${exp}/units_choice.json)
 #   stage 5  prepare      every split and the sentences to deduplicated units of the chosen source (--nj shards)
 #   stage 6  pretrain     a small GSLM-style unit LM on the sentences' units (--nj processes, torch DDP)
 #   stage 7  compare      the best prompt method and the baselines on the frozen LM, several seeds, evaluated on
@@ -53,9 +55,9 @@ Options [default]:
   --per-class N        training utterances per command class [${per_class}]
   --eval-per-class N   dev/test/test_synth utterances per command class [${eval_per_class}]
   --sentences N        unlabeled training sentences for k-means and the unit LM [${sentences}]
-  --k K                number of units (of every candidate source) [${k}]
-  --unit-source SRC    auto (the best on dev of mfcc_cmn and the HuBERT layers), hubert (the best layer) or
-                       mfcc_cmn (no HuBERT stage) [${unit_source}]
+  --k K                number of k-means units of mfcc_cmn and of each HuBERT layer (phones: 42) [${k}]
+  --unit-source SRC    auto (the best on dev of mfcc_cmn, the HuBERT layers and phones), hubert (the best
+                       layer), mfcc_cmn or phones (these two skip the HuBERT stage) [${unit_source}]
   --hubert-steps N     HuBERT pretraining updates (8 sentences each) [${hubert_steps}]
   --hubert-layers "L.." the HuBERT's layers (1-based, of 4) that are candidates [${hubert_layers}]
   --hubert-percent P   fraction of the sentences a HuBERT layer's k-means learns from [${hubert_percent}]
@@ -107,9 +109,10 @@ cands=${exp}/candidates
 hubert=${exp}/hubert
 [ $((ulm_batch % nj)) -eq 0 ] || die "--ulm-batch ${ulm_batch} does not split over --nj ${nj} processes"
 case "${unit_source}" in
-    auto|hubert|mfcc_cmn) ;;
-    *) die "--unit-source must be auto, hubert or mfcc_cmn, not '${unit_source}'" ;;
+    auto|hubert|mfcc_cmn|phones) ;;
+    *) die "--unit-source must be auto, hubert, mfcc_cmn or phones, not '${unit_source}'" ;;
 esac
+hubert_on() { [ "${unit_source}" = auto ] || [ "${unit_source}" = hubert ]; }
 
 # Deduplicated units of the source $1 for the manifests $3..., into $2/<stem>.units: one process per manifest, all at
 # once (for small manifests, where sharding and merging would cost more in start-up than it saves). Finished files
@@ -128,10 +131,11 @@ units_each() {
     for pid in "${pids[@]}"; do wait "${pid}" || die "units of ${source} failed"; done
 }
 
-# The feature-reader options of a unit source: mfcc_cmn, or hubert_L<layer> of the demo's HuBERT.
+# The feature-reader options of a unit source: mfcc_cmn, phones (PocketSphinx), or hubert_L<layer> of the demo's
+# HuBERT.
 reader_of() {
     case "$1" in
-        mfcc_cmn) echo "--features mfcc_cmn" ;;
+        mfcc_cmn|phones) echo "--features $1" ;;
         hubert_L*) echo "--features hubert --checkpoint ${hubert}/it1/checkpoint_best.pt --layer ${1#hubert_L}" ;;
         *) die "unknown unit source '$1'" ;;
     esac
@@ -173,9 +177,12 @@ if stage_on 2; then
     log "stage 2: learn ${k} units on mfcc_cmn features of the sentences"
     [ -f "${exp}/km_mfcc_cmn.safetensors" ] || speechprompt kmeans --manifest "${data}/sentences/train.tsv" \
         --features mfcc_cmn --k "${k}" --percent 1.0 --n-init 3 --seed "${seed}" --out "${exp}/km_mfcc_cmn.safetensors"
+    # Phones need no clustering: the quantizer is the identity over the recognizer's phone set.
+    [ -f "${exp}/km_phones.safetensors" ] || speechprompt kmeans --manifest "${data}/sentences/train.tsv" \
+        --features phones --out "${exp}/km_phones.safetensors"
 fi
 
-if stage_on 3 && [ "${unit_source}" != mfcc_cmn ]; then
+if stage_on 3 && hubert_on; then
     log "stage 3: pretrain a small HuBERT on the sentences (${hubert_steps} updates, ${nj} processes)"
     # Iteration 1 of recipes/pretrain_hubert on the sentences, its targets the mfcc_cmn units of stage 2 at every
     # 10 ms frame (so no second MFCC k-means is learned); each process takes 8 / nj sentences of an update.
@@ -189,8 +196,11 @@ fi
 if stage_on 4; then
     log "stage 4: choose the units on the commands' dev split (${unit_source})"
     candidates=()
-    [ "${unit_source}" = hubert ] || candidates+=(mfcc_cmn)
-    if [ "${unit_source}" != mfcc_cmn ]; then
+    case "${unit_source}" in
+        auto) candidates+=(mfcc_cmn phones) ;;
+        mfcc_cmn|phones) candidates+=("${unit_source}") ;;
+    esac
+    if hubert_on; then
         need_file "${hubert}/it1/checkpoint_best.pt" "the demo's HuBERT (run stage 3)"
         pids=()
         for layer in ${hubert_layers}; do  # one k-means per layer, all at once, one thread each
@@ -232,8 +242,14 @@ if stage_on 5; then
 fi
 
 if stage_on 6; then
-    log "stage 6: pretrain the unit LM on the sentences (${nj} processes)"
-    pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${k}"
+    need_file "${units}/source.txt" "the units (run stage 5)"
+    chosen=$(cat "${units}/source.txt")
+    # The LM's vocabulary is the chosen quantizer's units: --k of a k-means, or the recognizer's phone set.
+    n_units=$("$(dirname "$(command -v speechprompt)")/python" -c 'import sys
+from speechprompt.data_prep.kmeans import load_quantizer
+print(load_quantizer(sys.argv[1]).k)' "${exp}/km_${chosen}.safetensors")
+    log "stage 6: pretrain the unit LM on the sentences' ${n_units} ${chosen} units (${nj} processes)"
+    pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" max_steps="${ulm_steps}" n_units="${n_units}"
               batch_size=$((ulm_batch / nj)))
     if [ "${nj}" -gt 1 ]; then  # data-parallel: nj processes of one thread, each taking ulm_batch / nj blocks
         torchrun --standalone --nproc_per_node "${nj}" "$(command -v speechprompt)" "${pretrain[@]}"

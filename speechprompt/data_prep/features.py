@@ -85,6 +85,11 @@ register_feature_reader("ssl", SslFeatureReader)
 register_feature_reader("mfcc", MfccFeatureReader)
 register_feature_reader("mfcc_cmn", MfccCmnFeatureReader)
 register_feature_reader("logmel", LogMelFeatureReader)
+# PocketSphinx's phones (data_prep/phones.py, which builds on the reader base above; pocketsphinx is imported only
+# when the reader is built).
+from speechprompt.data_prep.phones import PhoneFeatureReader  # noqa: E402
+
+register_feature_reader("phones", PhoneFeatureReader)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,10 +100,12 @@ def add_feature_arguments(parser: argparse.ArgumentParser, required: bool = True
     """The options that choose a feature reader, shared by ``kmeans`` and ``prepare``."""
     parser.add_argument("--features", required=required, choices=feature_reader_names(),
                         help="feature reader: hubert or ssl (a layer of a HuBERT, wav2vec 2.0, data2vec-audio or WavLM "
-                        "checkpoint, 50 Hz), mfcc (39-d, 100 Hz), mfcc_cmn (mfcc minus its per-utterance mean) or "
-                        "logmel (80-d, 100 Hz)")
+                        "checkpoint, 50 Hz), mfcc (39-d, 100 Hz), mfcc_cmn (mfcc minus its per-utterance mean), "
+                        "logmel (80-d, 100 Hz) or phones (PocketSphinx's English phones as one-hot frames, 100 Hz; "
+                        "pip install pocketsphinx)")
     parser.add_argument("--checkpoint", default=None, help="encoder checkpoint: a fairseq or WavLM .pt, or a Hugging "
-                        "Face directory (hubert/ssl only)")
+                        "Face directory (hubert/ssl); phones: a PocketSphinx acoustic model directory (default: the "
+                        "pocketsphinx wheel's en-us)")
     parser.add_argument("--layer", type=int, default=None, help="1-based transformer layer to read (hubert/ssl only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device that runs the feature reader and the quantizer")

@@ -347,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise QuantizerError(str(e)) from None
     reader = reader_from_args(args)
+    if getattr(reader, "discrete", False):
+        return _write_identity(args, reader)
     feats, info = collect_features(args.manifest, reader, cfg.percent, cfg.seed, batch_seconds=args.batch_seconds)
     logger.info("clustering %d frames (%d-d) of %d utterances into %d clusters", len(feats), feats.shape[1],
                 info["utterances_used"], cfg.k)
@@ -361,3 +363,14 @@ def run(args: argparse.Namespace) -> int:
           f"({info['utterances_used']} utterances, {len(info['skipped'])} skipped) in {seconds:.1f} s")
     return 0
 
+
+
+def _write_identity(args: argparse.Namespace, reader: FeatureReader) -> int:
+    """A reader of symbols (one-hot frames, e.g. phones) is quantized by the identity: each symbol is a unit.
+    Nothing is read or clustered; ``--k`` and the clustering options do not apply."""
+    symbols = getattr(reader, "symbols", None)
+    save_quantizer(args.out, torch.eye(reader.dim), features=reader.describe(),
+                   extra={"identity": True, "symbols": symbols})
+    print(f"wrote {args.out}: the {reader.dim} symbols of the {reader.name} reader are the units (identity "
+          "quantizer; no clustering)")
+    return 0
