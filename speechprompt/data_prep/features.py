@@ -21,7 +21,8 @@ match it: units from the wrong layer or checkpoint are silently meaningless othe
 
 This module is the registry and the command-line options, and it re-exports the rest, so that every name is
 imported from here: the interface is in :mod:`.feature_reader`, the encoder reader in :mod:`.encoder_features`, the
-MFCC and log-mel readers in :mod:`.spectral_features`, and batched reading in :mod:`.feature_batches`.
+MFCC and log-mel readers in :mod:`.spectral_features`, PocketSphinx's phones in :mod:`.phones`, and batched reading
+in :mod:`.feature_batches`.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from speechprompt.data_prep.feature_batches import (
     read_waveforms,
 )
 from speechprompt.data_prep.feature_reader import DTYPES, FeatureError, FeatureReader, feature_mismatch, file_sha256
+from speechprompt.data_prep.phones import PhoneFeatureReader
 from speechprompt.data_prep.spectral_features import LogMelFeatureReader, MfccCmnFeatureReader, MfccFeatureReader
 
 __all__ = [
     "DEFAULT_BATCH_SECONDS", "FeatureError", "FeatureReader", "FileFeatures", "HubertFeatureReader",
-    "LogMelFeatureReader", "MfccCmnFeatureReader", "MfccFeatureReader", "SslFeatureReader", "add_feature_arguments",
+    "LogMelFeatureReader", "MfccCmnFeatureReader", "MfccFeatureReader", "PhoneFeatureReader", "SslFeatureReader",
+    "add_feature_arguments",
     "build_feature_reader", "checkpoint_fingerprint", "feature_mismatch", "feature_reader_names", "file_sha256",
     "length_batches", "read_files", "read_waveforms", "reader_from_args", "register_feature_reader",
 ]
@@ -85,11 +88,7 @@ register_feature_reader("ssl", SslFeatureReader)
 register_feature_reader("mfcc", MfccFeatureReader)
 register_feature_reader("mfcc_cmn", MfccCmnFeatureReader)
 register_feature_reader("logmel", LogMelFeatureReader)
-# PocketSphinx's phones (data_prep/phones.py, which builds on the reader base above; pocketsphinx is imported only
-# when the reader is built).
-from speechprompt.data_prep.phones import PhoneFeatureReader  # noqa: E402
-
-register_feature_reader("phones", PhoneFeatureReader)
+register_feature_reader("phones", PhoneFeatureReader)  # pocketsphinx is imported only when the reader is built
 
 
 # --------------------------------------------------------------------------------------------------------------
