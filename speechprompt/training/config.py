@@ -10,6 +10,7 @@ how often to evaluate and save.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from typing import Any
 
@@ -118,18 +119,17 @@ class PretrainOptions(RunOptions):
             if defaults:
                 raise TypeError(f"{cls.__name__}: pretraining defaults are set where PretrainOptions is inherited")
             return
-        if "__annotations__" not in cls.__dict__:
-            cls.__annotations__ = {}
-        own = cls.__dict__["__annotations__"]
+        own = dict(inspect.get_annotations(cls))  # the class's own keys, in their order
         for key in dataclasses.fields(_PretrainKeys):
             if key.name in own:
                 raise TypeError(f"{cls.__name__} declares {key.name}: give its default as a class keyword instead")
             value = defaults.pop(key.name, key.default)
-            own[key.name] = _PretrainKeys.__annotations__[key.name]
+            own[key.name] = inspect.get_annotations(_PretrainKeys)[key.name]
             setattr(cls, key.name, value if isinstance(value, dataclasses.Field)
                     else option(value, help=key.metadata["help"]))
         if defaults:
             raise TypeError(f"{cls.__name__}: {', '.join(sorted(defaults))} are not keys of PretrainOptions")
+        cls.__annotations__ = own
 
     def __post_init__(self) -> None:
         super().__post_init__()
