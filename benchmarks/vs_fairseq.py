@@ -7,8 +7,13 @@ fairseq's alternate, and the best time over all rounds is kept (the least distur
 
 Cases (CPU sizes; ``--quick`` shrinks every model and input to a smoke test):
   hubert_one      HuBERT base, layer-6 features of 8 utterances x 4 s, one utterance at a time.
-  hubert_batched  16 utterances of 2-6 s in length-sorted batches of 8 with padding masks, both sides on the same
-                  batches; also against fairseq one utterance at a time (GSLM's reader has no batching).
+  hubert_batched  16 utterances of 2-6 s in length-sorted batches of 8, both sides on the same batches: ours through
+                  ``HubertFeatureReader.read_batch`` (the path ``prepare``/``kmeans`` run, exact padding, as
+                  ``benchmarks/encoders.py`` measures it), fairseq's model with its padding mask; also against
+                  fairseq one utterance at a time (GSLM's reader has no batching). Our batched features are checked
+                  against fairseq's one at a time, which exact padding must equal; fairseq's padded batches are not:
+                  their GroupNorm statistics see the padding, and a frame that is only partly padding is kept, so
+                  they have a few more frames than the same utterances read alone.
   lm_train        ``gslm_big`` (fairseq ``transformer_lm_big``, 151M) full training step on 4 x 128 tokens: forward,
                   cross-entropy, backward, gradient-norm clipping at 1.0, Adam with decoupled weight decay 0.01.
                   Time and peak memory. Ours with ``torch.optim.AdamW(fused=True)``, and with the default (foreach)
@@ -47,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from oracles.measure import current_rss_mb, pad_batch, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime
+from oracles.measure import current_rss_mb, peak_rss_mb, reset_peak_rss, timed, warm_up_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 FAIRSEQ_SIDE = REPO / "benchmarks" / "oracles" / "fairseq_side.py"
@@ -124,14 +129,10 @@ def _ours_hubert(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
     def one_at_a_time() -> list[torch.Tensor]:
         return [reader.read(w) for w in wavs]  # the toolkit's reader: inference mode, GSLM's chunking
 
-    @torch.inference_mode()
     def batched() -> list[torch.Tensor]:
         out = []
-        for idx in spec["batches"]:
-            source, padding = pad_batch(wavs, idx, device)
-            x = model.extract_features(source, padding, output_layer=layer)  # (B, frames, D)
-            frame_padding = model.frame_padding_mask(padding, x.shape[1])
-            out.extend(x[row][~frame_padding[row]] for row in range(len(idx)))
+        for idx in spec["batches"]:  # fairseq's batches, in their order: one padded forward each
+            out.extend(reader.read_batch([wavs[i] for i in idx]))
         return out
 
     fn = batched if spec["mode"] == "batched" else one_at_a_time
@@ -365,13 +366,16 @@ def _speedups(slow: dict[str, Any], fast: dict[str, Any], threads: int) -> dict[
             "verdict_on": "cpu_seconds" if on_cpu else "seconds"}
 
 
-def _compare_features(ours: str, theirs: str, dtype: str) -> dict[str, Any]:
+def _compare_features(ours: str, theirs: str, dtype: str, order: list[int] | None = None) -> dict[str, Any]:
     """The largest difference between the two sides' features, and whether it is float rounding: 1e-4 in fp32
-    (layer outputs are layer-normed, of order 1), 0.1 in bf16 (8 mantissa bits through 6 layers)."""
+    (layer outputs are layer-normed, of order 1), 0.1 in bf16 (8 mantissa bits through 6 layers). ``order``: the
+    utterances of ``theirs`` to compare, in the order of ``ours``."""
     try:
         a, b = (torch.load(p, weights_only=True) for p in (ours, theirs))
     except (OSError, RuntimeError) as e:
         return {"features_agree": None, "features_note": f"not compared: {e}"}
+    if order is not None:
+        b = [b[i] for i in order]
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return {"features_agree": False, "features_note": "different shapes"}
     diff = max(float((x - y).abs().max()) for x, y in zip(a, b)) if a else 0.0
@@ -510,12 +514,19 @@ def run_case(case: str, setting: dict[str, Any], size: dict[str, Any], rounds: i
         out_dir = Path(setting["hubert_state"]).parent
         spec_ours = {**spec, "features_out": str(out_dir / f"{case}_ours.pt")}
         spec_fs = {**spec, "features_out": str(out_dir / f"{case}_fairseq.pt")}
-        extra = [] if one else [("fairseq_one_at_a_time", {**spec, "mode": "one"}, run_fairseq)]
+        fs_one_out = str(out_dir / f"{case}_fairseq_one.pt")
+        extra = [] if one else [("fairseq_one_at_a_time", {**spec, "mode": "one", "features_out": fs_one_out},
+                                 run_fairseq)]
         runs = _alternate(spec_ours, spec_fs, rounds, extra)
         ours, fs = _best(runs["ours"]), _best(runs["fairseq"])
         row.update(ours=ours, fairseq=fs, **_speedups(fs, ours, setting["threads"]))
-        row.update(_compare_features(spec_ours["features_out"], spec_fs["features_out"], setting["dtype"]))
-        if not one:
+        if one:
+            row.update(_compare_features(spec_ours["features_out"], spec_fs["features_out"], setting["dtype"]))
+        else:
+            # read_batch pads exactly, so ours must equal fairseq one utterance at a time (read in input order; ours
+            # are in the batches' order), not fairseq's padded batches (see the module docstring).
+            order = [i for idx in setting["batches"] for i in idx]
+            row.update(_compare_features(spec_ours["features_out"], fs_one_out, setting["dtype"], order))
             fs_one = _best(runs["fairseq_one_at_a_time"])
             row["fairseq_one_at_a_time"] = fs_one
             row["vs_fairseq_one_at_a_time"] = _speedups(fs_one, ours, setting["threads"])

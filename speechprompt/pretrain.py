@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
-import sys
 import time
 from typing import Any
 
@@ -32,21 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechprompt.config import ConfigError, describe, load_config, option
+from speechprompt.config import ConfigError, option
 from speechprompt.devices import torch_threads
 from speechprompt.dictionary import Dictionary
-from speechprompt.fileio import write_json
 from speechprompt.lm_data import PackedLMDataset, StepBatches
 from speechprompt.models.transformer import set_activation_checkpointing
 from speechprompt.models.unit_lm import NAMED_CONFIGS, UnitLM, UnitLMConfig, save_unit_lm
 from speechprompt.rng import seed_everything
-from speechprompt.training.config import RUN_KEYS_MAY_CHANGE, RunOptions
+from speechprompt.training.config import PRETRAIN_KEYS_MAY_CHANGE, PretrainOptions
 from speechprompt.training.distributed import Dist, distributed
 from speechprompt.training.ema import maybe_averaged
-from speechprompt.training.optim import OptimConfig, Updater, check_schedule_unchanged
+from speechprompt.training.optim import Updater
 from speechprompt.training.precision import MixedPrecision
+from speechprompt.training.pretraining import Clock, add_config_arguments, finish, resume, run_command, step_loader
 from speechprompt.training.run import RunDir
-from speechprompt.training.schedule import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +50,17 @@ KIND = "pretrain-ulm"
 STATE_VERSION = 2
 
 # Config keys that may change when a run is resumed: they do not change what the next update computes.
-MAY_CHANGE = RUN_KEYS_MAY_CHANGE | {"max_steps", "eval_every", "save_every", "num_workers"}
+MAY_CHANGE = PRETRAIN_KEYS_MAY_CHANGE
 
 
 @dataclasses.dataclass(kw_only=True)
-class PretrainConfig(RunOptions):
+class PretrainConfig(
+    PretrainOptions,
+    lr_decay_steps=option(
+        0, help="updates over which cosine decays to min_lr_ratio*lr (0: max_steps); fix it to extend a run"),
+    min_lr_ratio=option(0.0, help="cosine floor, as a fraction of lr"),
+    eval_every=option(200, help="evaluate dev perplexity every this many updates (and at the end)"),
+):
     """Everything ``speechprompt pretrain-ulm`` reads; see ``--help`` for each key."""
 
     train: str | list[str] = option([], help="training unit file(s): one utterance per line, space-separated ints")
@@ -72,47 +74,21 @@ class PretrainConfig(RunOptions):
     tokens_per_sample: int = option(256, help="targets per packed block (fairseq tokens_per_sample)")
     batch_size: int = option(16, help="blocks per micro-batch and process (an update takes batch_size x "
                              "grad_accum x processes blocks)")
-    max_steps: int = option(2000, help="number of updates to train for")
-    lr: float = option(1e-3, help="peak learning rate")
-    warmup_steps: int = option(200, help="updates of linear warmup from 0 to lr")
-    schedule: str = option("inverse_sqrt", help=f"LR schedule after warmup: {', '.join(SCHEDULES)}")
-    lr_decay_steps: int = option(
-        0, help="updates over which cosine decays to min_lr_ratio*lr (0: max_steps); fix it to extend a run"
-    )
-    min_lr_ratio: float = option(0.0, help="cosine floor, as a fraction of lr")
-    betas: tuple[float, float] = option((0.9, 0.98), help="Adam betas")
-    adam_eps: float = option(1e-8, help="Adam epsilon")
-    weight_decay: float = option(0.01, help="decoupled (AdamW) weight decay, applied to every parameter as fairseq")
-    clip_norm: float = option(1.0, help="clip the gradient norm to this (0 disables)")
-    eval_every: int = option(200, help="evaluate dev perplexity every this many updates (and at the end)")
-    save_every: int = option(200, help="save checkpoint_last.pt and the training state every this many updates")
     seed: int = option(1, help="seeds model init, dropout and the block order")
     run_dir: str = option("exp/pretrain_ulm", help="output directory (a moved run directory resumes where it is)")
-    num_workers: int = option(0, help="DataLoader worker processes building batches")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.train, str):
             self.train = [self.train]
-        self.betas = tuple(self.betas)
         if not self.train:
             raise ConfigError("train: give one or more unit files (train=FILE or train=[A,B])")
         if not self.dev:
             raise ConfigError("dev: give a dev unit file (dev=FILE)")
-        for name in ("n_units", "tokens_per_sample", "batch_size", "max_steps", "eval_every", "save_every"):
+        for name in ("n_units", "tokens_per_sample", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.optim()  # lr, betas, schedule, ... checked once, as every trainer checks them
         self.model_config()  # fail now, not after the data is read
-
-    def optim(self) -> OptimConfig:
-        """The optimizer settings in the form every trainer shares."""
-        return OptimConfig(lr=self.lr, betas=list(self.betas), eps=self.adam_eps, weight_decay=self.weight_decay,
-                           clip=self.clip_norm, schedule=self.schedule, warmup_steps=self.warmup_steps,
-                           min_lr_ratio=self.min_lr_ratio, decay_steps=self.lr_decay_steps)
 
     def model_config(self) -> UnitLMConfig:
         """The architecture: the named config, ``model_overrides``, ``dropout``, and a vocabulary of K + 4."""
@@ -182,14 +158,6 @@ def _ppl(nll: float) -> dict[str, float]:
 # The run
 
 
-@dataclasses.dataclass
-class _Position:
-    step: int = 0
-    best_dev_loss: float = math.inf
-    best_step: int = -1
-    seconds: float = 0.0  # training time of earlier sessions
-
-
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining as ``cfg`` says. Returns the final metrics (also in ``run_dir/metrics.json``)."""
     with torch_threads(cfg.threads), distributed(cfg.device) as (d, device), \
@@ -211,18 +179,11 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
     seed_everything(cfg.seed + d.rank)  # dropout differs between processes; every RNG is part of the saved state
     optim = cfg.optim()
     updater = Updater(model.parameters(), optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
-    pos = _Position()
-    if run.saved is not None:
-        saved = run.saved
-        check_schedule_unchanged(optim, saved["config"]["max_steps"], cfg.max_steps, saved["position"]["step"],
-                                 run.state_path)
-        model.load_state_dict(saved["model"])
-        updater.load_state_dict(saved["updater"])
-        pos = _Position(**saved["position"])
-        run.restore_rng(saved)
+    pos = resume(run, cfg, model, updater)
 
     def save(metrics: dict[str, Any] | None = None) -> None:
         """checkpoint_last.pt (fairseq format), then the training state, whose atomic rename commits the step."""
+        clock.lap()
         if d.main:
             with maybe_averaged(updater.ema):
                 save_unit_lm(model, dictionary, run.path / "checkpoint_last.pt", extra={"step": pos.step})
@@ -248,13 +209,7 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
     # Update s takes its blocks from positions that depend on s alone (lm_data.StepBatches): resuming at step s
     # replays exactly, with any number of loader workers.
     batches = StepBatches(train_data, cfg.batch_size * cfg.grad_accum, cfg.seed, d.rank, d.world_size)
-    loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(pos.step, cfg.max_steps), num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        # Its own generator: an iterator would otherwise draw a seed from the global RNG, which a resumed run
-        # would draw at a different step than an uninterrupted one.
-        generator=torch.Generator(),
-    )
+    loader = step_loader(batches, pos, cfg.max_steps, cfg.num_workers, device)
     if d.main:
         logger.info(
             "%s on %s: %d parameters; train %d utterances, %d tokens, %d blocks of %d; dev %d tokens; unigram dev "
@@ -262,9 +217,9 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
             f"{d.world_size} processes" if d.active else device, updater.num_parameters, train_data.num_utterances,
             train_data.num_targets, len(train_data), cfg.tokens_per_sample, dev_data.num_targets, math.exp(unigram),
         )
-    session_start = seconds_mark = time.monotonic()
+    clock = Clock(pos)
     window = [0.0, 0]  # summed train NLL and targets since the last log line
-    window_start, session_tokens = session_start, 0
+    window_start, session_tokens = clock.session_start, 0
     train_loss, dev = math.nan, None
     with run.logger(pos.step) as log, run.progress(cfg.max_steps, pos.step, every=cfg.log_every) as bar:
         if pos.step == 0:
@@ -293,14 +248,11 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
             if pos.step % cfg.eval_every == 0 or last:
                 dev = evaluate_dev()
             if pos.step % cfg.save_every == 0 or last:
-                now = time.monotonic()
-                pos.seconds, seconds_mark = pos.seconds + now - seconds_mark, now
                 save()
 
         if dev is None:  # a finished run resumed: nothing trained, report what is there
             with maybe_averaged(updater.ema):
                 dev = _ppl(evaluate(model, dev_data, cfg.batch_size, device, d))
-    now = time.monotonic()
     metrics = {
         "step": pos.step,
         "train_loss": None if math.isnan(train_loss) else train_loss,  # None: resumed a finished run
@@ -313,14 +265,8 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
         "num_params": updater.num_parameters,
         "train_tokens": train_data.num_targets,
         "dev_tokens": dev_data.num_targets,
-        "world_size": d.world_size,
-        "wall_time_s": pos.seconds + now - seconds_mark,
-        "train_tokens_per_s": session_tokens / max(now - session_start, 1e-9),  # this session's speed
     }
-    if d.main:
-        write_json(run.path / "metrics.json", metrics)
-        run.plot_learning_curves(f"unit LM pretraining ({cfg.model})")
-    return metrics
+    return finish(run, clock, metrics, ("train_tokens_per_s", session_tokens), f"unit LM pretraining ({cfg.model})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,14 +274,8 @@ def _pretrain(cfg: PretrainConfig, run: RunDir, d: Dist, device: torch.device) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (keys below); key=value overrides are applied after it")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=500")
-    parser.epilog = "config keys:\n" + describe(PretrainConfig)
+    add_config_arguments(parser, PretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    metrics = pretrain(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics), file=sys.stdout, flush=True)
-    return 0
+    return run_command(args, PretrainConfig, pretrain)

@@ -39,21 +39,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from speechprompt.config import describe, load_config, to_dict
+from speechprompt.config import to_dict
 from speechprompt.devices import torch_threads
 from speechprompt.dictionary import Dictionary
-from speechprompt.fileio import write_json
 from speechprompt.hubert_data import BatchMaker, LabeledAudio, Masking, StepBatches, dev_batches, share
 from speechprompt.models.hubert import HubertConfig, HubertModel
 from speechprompt.models.hubert_pretraining import (
@@ -66,11 +61,12 @@ from speechprompt.models.hubert_pretraining import (
 from speechprompt.models.transformer import set_activation_checkpointing
 from speechprompt.pretrain_hubert_config import PretrainHubertConfig
 from speechprompt.rng import seed_everything
-from speechprompt.training.config import RUN_KEYS_MAY_CHANGE
+from speechprompt.training.config import PRETRAIN_KEYS_MAY_CHANGE
 from speechprompt.training.distributed import Dist, distributed
 from speechprompt.training.ema import maybe_averaged
-from speechprompt.training.optim import Updater, check_schedule_unchanged
+from speechprompt.training.optim import Updater
 from speechprompt.training.precision import MixedPrecision
+from speechprompt.training.pretraining import Clock, add_config_arguments, finish, resume, run_command, step_loader
 from speechprompt.training.run import RunDir
 
 logger = logging.getLogger(__name__)
@@ -79,7 +75,7 @@ KIND = "pretrain-hubert"
 STATE_VERSION = 1
 
 # Config keys that may change when a run is resumed: they do not change what the next update computes.
-MAY_CHANGE = RUN_KEYS_MAY_CHANGE | {"max_steps", "eval_every", "save_every", "num_workers"}
+MAY_CHANGE = PRETRAIN_KEYS_MAY_CHANGE
 
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation
@@ -135,14 +131,6 @@ def evaluate(model: HubertModel, maker: BatchMaker, batches: list[Any], cfg: Pre
 
 # --------------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclasses.dataclass
-class _Position:
-    step: int = 0
-    best_dev_loss: float = math.inf
-    best_step: int = -1
-    seconds: float = 0.0  # training time of earlier sessions
 
 
 def _checkpoint_cfg(cfg: PretrainHubertConfig, model_cfg: HubertConfig) -> dict[str, Any]:
@@ -202,15 +190,7 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
     seed_everything(cfg.seed + d.rank)  # dropout differs between processes; every RNG is part of the saved state
     optim = cfg.optim()
     updater = Updater(model.parameters(), optim, MixedPrecision(cfg.precision, device), d, cfg.ema_decay)
-    pos = _Position()
-    if run.saved is not None:
-        saved = run.saved
-        check_schedule_unchanged(optim, saved["config"]["max_steps"], cfg.max_steps, saved["position"]["step"],
-                                 run.state_path)
-        model.load_state_dict(saved["model"])
-        updater.load_state_dict(saved["updater"])
-        pos = _Position(**saved["position"])
-        run.restore_rng(saved)
+    pos = resume(run, cfg, model, updater)
 
     masking = Masking(cfg.mask_prob, cfg.mask_length)
     makers = [BatchMaker(data, model.num_frames, model.downsample, masking, cfg.max_sample_size)
@@ -230,6 +210,7 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
 
     def save() -> None:
         """checkpoint_last.pt, then the training state, whose atomic rename commits the step."""
+        clock.lap()
         if d.main:
             with maybe_averaged(updater.ema):
                 save_checkpoint("checkpoint_last.pt", {})
@@ -252,10 +233,7 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
 
     # Update s takes global batch s, cropped and masked from (seed, s) alone (hubert_data.StepBatches): resuming
     # at step s replays exactly, with any number of loader workers.
-    loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(pos.step, cfg.max_steps), num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator(),  # never draw from the global RNG
-    )
+    loader = step_loader(batches, pos, cfg.max_steps, cfg.num_workers, device)
     if d.main:
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -264,9 +242,9 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
             "starting", f"{d.world_size} processes" if d.active else device, cfg.model, cfg.frontend, n_params,
             len(train_data), train_data.seconds / 60, train_data.dropped, len(dev_data), global_batch,
             batches.batches_per_epoch)
-    session_start = seconds_mark = time.monotonic()
+    clock = Clock(pos)
     window = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
-    window_start, window_audio, session_audio = session_start, 0.0, 0.0
+    window_start, window_audio, session_audio = clock.session_start, 0.0, 0.0
     train_metrics: dict[str, float] = {}
     dev_metrics: dict[str, float] | None = None
     with run.logger(pos.step) as log, run.progress(cfg.max_steps, pos.step, every=cfg.log_every) as bar:
@@ -300,14 +278,11 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
             if pos.step % cfg.eval_every == 0 or last:
                 dev_metrics = evaluate_dev()
             if pos.step % cfg.save_every == 0 or last:
-                now = time.monotonic()
-                pos.seconds, seconds_mark = pos.seconds + now - seconds_mark, now
                 save()
 
         if dev_metrics is None:  # a finished run resumed: nothing trained, report what is there
             with maybe_averaged(updater.ema):
                 dev_metrics = evaluate(model, makers[1], dev, cfg, device, d)
-    now = time.monotonic()
     metrics = {
         "step": pos.step,
         **train_metrics,
@@ -317,14 +292,9 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
         "num_params": sum(p.numel() for p in model.parameters()),
         "train_utterances": len(train_data),
         "train_hours": train_data.seconds / 3600,
-        "world_size": d.world_size,
-        "wall_time_s": pos.seconds + now - seconds_mark,
-        "audio_s_per_s": session_audio / max(now - session_start, 1e-9),  # this session's speed
     }
-    if d.main:
-        write_json(run.path / "metrics.json", metrics)
-        run.plot_learning_curves(f"HuBERT pretraining ({cfg.model}, {cfg.frontend} front end)")
-    return metrics
+    return finish(run, clock, metrics, ("audio_s_per_s", session_audio),
+                  f"HuBERT pretraining ({cfg.model}, {cfg.frontend} front end)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,14 +302,8 @@ def _pretrain(cfg: PretrainHubertConfig, run: RunDir, d: Dist, device: torch.dev
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (keys below); key=value overrides are applied after it")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=500")
-    parser.epilog = "config keys:\n" + describe(PretrainHubertConfig)
+    add_config_arguments(parser, PretrainHubertConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainHubertConfig, args.config, args.overrides)
-    metrics = pretrain_hubert(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics), file=sys.stdout, flush=True)
-    return 0
+    return run_command(args, PretrainHubertConfig, pretrain_hubert)

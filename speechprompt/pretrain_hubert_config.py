@@ -10,13 +10,9 @@ from typing import Any
 
 from speechprompt.config import ConfigError, from_dict, option, to_dict
 from speechprompt.models.hubert import HubertConfig
-from speechprompt.models.hubert_pretraining import (
-    min_maskable_frames,
-)
+from speechprompt.models.hubert_pretraining import min_maskable_frames
 from speechprompt.models.wav2vec2 import FrontEnd
-from speechprompt.training.config import RunOptions
-from speechprompt.training.optim import OptimConfig
-from speechprompt.training.schedule import SCHEDULES
+from speechprompt.training.config import PretrainOptions
 
 # Named architectures: HubertConfig fields, and the recipe values that go with them in fairseq's configs.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -43,7 +39,12 @@ def _as_list(value: Any) -> list[Any]:
 
 
 @dataclasses.dataclass(kw_only=True)
-class PretrainHubertConfig(RunOptions):
+class PretrainHubertConfig(
+    PretrainOptions, max_steps=400000, lr=5e-4, warmup_steps=32000, schedule="polynomial_decay", adam_eps=1e-6,
+    clip_norm=10.0, eval_every=10000, save_every=10000,
+    weight_decay=option(0.01, help="decoupled (AdamW) weight decay, on every parameter as fairseq"),
+    num_workers=option(0, help="DataLoader worker processes reading and cropping audio"),
+):
     """Everything ``speechprompt pretrain-hubert`` reads; see ``--help`` for each key."""
 
     train: str = option("", help="training manifest (root line, then relpath<TAB>num_samples at 16 kHz)")
@@ -77,28 +78,14 @@ class PretrainHubertConfig(RunOptions):
     skip_nomask: bool = option(False, help="do not compute unmasked frames' logits (then acc_u is not logged)")
     batch_size: int = option(8, help="utterances per micro-batch and process (an update takes batch_size x "
                              "grad_accum x processes)")
-    max_steps: int = option(400000, help="number of updates to train for")
-    lr: float = option(5e-4, help="peak learning rate")
-    warmup_steps: int = option(32000, help="updates of linear warmup from 0 to lr")
-    schedule: str = option("polynomial_decay", help=f"LR schedule after warmup: {', '.join(SCHEDULES)}")
-    lr_decay_steps: int = option(0, help="updates over which the rate decays (0: max_steps); fix it to extend a run")
-    min_lr_ratio: float = option(0.0, help="where the decay ends, as a fraction of lr")
-    betas: tuple[float, float] = option((0.9, 0.98), help="Adam betas")
-    adam_eps: float = option(1e-6, help="Adam epsilon")
-    weight_decay: float = option(0.01, help="decoupled (AdamW) weight decay, on every parameter as fairseq")
-    clip_norm: float = option(10.0, help="clip the gradient norm to this (0 disables)")
-    eval_every: int = option(10000, help="evaluate the dev loss every this many updates (and at the end)")
-    save_every: int = option(10000, help="save checkpoint_last.pt and the training state every this many updates")
     seed: int = option(1337, help="seeds model init, dropout, the batch order, crops and masks")
     run_dir: str = option("exp/pretrain_hubert", help="output directory (a moved run directory resumes where it is)")
-    num_workers: int = option(0, help="DataLoader worker processes reading and cropping audio")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.train_labels = [str(p) for p in _as_list(self.train_labels)]
         self.dev_labels = [str(p) for p in _as_list(self.dev_labels)]
         self.n_units = [int(k) for k in _as_list(self.n_units)]
-        self.betas = tuple(self.betas)
         if not self.train or not self.train_labels:
             raise ConfigError("train and train_labels: give the training manifest and its label file(s)")
         if not self.dev or not self.dev_labels:
@@ -108,11 +95,10 @@ class PretrainHubertConfig(RunOptions):
                               f"n_units ({len(self.n_units)}) must name the same label sets")
         if min(self.n_units) < 1 or self.label_rate <= 0:
             raise ConfigError("n_units and label_rate must be positive")
-        for name in ("batch_size", "max_steps", "eval_every", "save_every", "mask_length", "max_sample_size"):
+        for name in ("batch_size", "mask_length", "max_sample_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "num_workers", "min_sample_size", "pred_masked_weight",
-                     "pred_nomask_weight", "features_pen_weight"):
+        for name in ("min_sample_size", "pred_masked_weight", "pred_nomask_weight", "features_pen_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model not in ARCHITECTURES:
@@ -129,7 +115,6 @@ class PretrainHubertConfig(RunOptions):
             raise ConfigError("pred_nomask_weight > 0 needs the unmasked frames' logits: set skip_nomask=false")
         if self.max_sample_size < self.min_sample_size:
             raise ConfigError(f"max_sample_size {self.max_sample_size} < min_sample_size {self.min_sample_size}")
-        self.optim()
         cfg = self.model_config()
         # A crop of min_sample_size must leave frames that cannot all be masked (fairseq fails there mid-run).
         need = min_maskable_frames(self.mask_prob, self.mask_length)
@@ -138,12 +123,6 @@ class PretrainHubertConfig(RunOptions):
             raise ConfigError(f"min_sample_size={self.min_sample_size} gives {have} frames, but spans of "
                               f"mask_length={self.mask_length} at mask_prob={self.mask_prob} need at least {need}: "
                               f"raise min_sample_size to {math.ceil((need + 2) * 16000 / cfg.num_frames(16000))}")
-
-    def optim(self) -> OptimConfig:
-        """The optimizer settings in the form every trainer shares."""
-        return OptimConfig(lr=self.lr, betas=list(self.betas), eps=self.adam_eps, weight_decay=self.weight_decay,
-                           clip=self.clip_norm, schedule=self.schedule, warmup_steps=self.warmup_steps,
-                           min_lr_ratio=self.min_lr_ratio, decay_steps=self.lr_decay_steps)
 
     def model_config(self) -> HubertConfig:
         """The architecture: the named one, the front end, then ``model_overrides``."""

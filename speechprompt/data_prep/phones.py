@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speechprompt.data_prep.features import FeatureError, FeatureReader
+from speechprompt.data_prep.feature_reader import FeatureError, FeatureReader
 
 # The files of a PocketSphinx acoustic model whose bytes decide the decoding (the fingerprint covers them all).
 _MODEL_FILES = ("mdef", "means", "variances", "mixture_weights", "sendump", "transition_matrices", "feat.params",

@@ -8,6 +8,9 @@ module                  what
 ======================  =======================================================================================
 :mod:`.run`             :class:`RunDir`: lock, resume policy, ``config.yaml``, state save/RNG, log, progress,
                         learning curves
+:mod:`.config`          :class:`RunOptions`, the keys every trainer has; :class:`PretrainOptions`, those the two
+                        pretraining trainers add (steps, optimizer, schedule, evaluation and save intervals)
+:mod:`.pretraining`     the pretraining trainers' position, resume, clock, step loader, ``metrics.json`` and CLI
 :mod:`.state`           ``train_state.pt``: atomic save, safe load, the resume policy (``auto|true|false``)
 :mod:`.optim`           :class:`OptimConfig`, :class:`Updater`: gradient accumulation, all-reduce over processes,
                         clipping, fp16 loss scaling, moving average, non-finite loss check
