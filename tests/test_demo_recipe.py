@@ -43,20 +43,30 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
         assert row["checkpoint_bytes"] == (tmp_path / row["checkpoint"]).stat().st_size
     # Even this small a world learns something that carries over to voices never heard: 12 classes, chance 1/12.
     assert max(r["accuracy_mean"] for r in rows) >= 1.5 / 12, rows
+    choice = json.loads((exp / "units_choice.json").read_text())
     # deep prompt, L = 20 on the 4-layer demo LM: (2 * 4 + 1) * 20 * 128 + the <s> separator, and the learnable
-    # verbalizer Linear(30 units + 4 specials, 12 classes)
-    assert rows[0]["trainable_params"] == 9 * 20 * 128 + 128 + (30 + 4) * 12
+    # verbalizer Linear(units + 4 specials, 12 classes): --k 30 units of a k-means, or PocketSphinx's 42 phones
+    n_units = 42 if choice["chosen"] == "phones" else 30
+    assert rows[0]["trainable_params"] == 9 * 20 * 128 + 128 + (n_units + 4) * 12
     assert (exp / "results.md").read_text().count("\n") == 4
     assert (exp / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deep_prompt_learnable" in proc.stdout  # the table is printed
-    # The units were chosen on dev between the MFCC units and the HuBERT's layer, and the choice is on record.
-    choice = json.loads((exp / "units_choice.json").read_text())
-    assert set(choice["results"]) == {"mfcc_cmn", "hubert_L4"} and choice["split"] == "dev"
+    # The units were chosen on dev among the MFCC units, the phones and the HuBERT's layer, and the choice is on
+    # record.
+    assert set(choice["results"]) == {"mfcc_cmn", "phones", "hubert_L4"} and choice["split"] == "dev"
     assert choice["chosen"] == (exp / "units_choice.txt").read_text().strip()
     best = max(r["dev_accuracy"] for r in choice["results"].values())
     assert choice["results"][choice["chosen"]]["dev_accuracy"] == best
     assert (exp / "units/dev.units").read_text() == (exp / "candidates" / choice["chosen"] / "dev.units").read_text()
     assert (exp / "hubert/it1/checkpoint_best.pt").is_file()
+    if choice["chosen"] == "phones":
+        # The sentences' units were taken from the HuBERT's phone targets, repeats merged: what `prepare --dedup`
+        # gives.
+        subprocess.run([sys.executable, "-m", "speechprompt.cli", "prepare", "--manifest",
+                        "exp/synthetic_commands/data/sentences/dev.tsv", "--features", "phones", "--kmeans",
+                        "exp/synthetic_commands/km_phones.safetensors", "--dedup", "--out", "check"],
+                       cwd=tmp_path, check=True, capture_output=True, timeout=300)
+        assert (tmp_path / "check/dev.units").read_text() == (exp / "units/sentences/dev.units").read_text()
     # Units were extracted in 2 shards (--nj 2) and merged; only the merged files stay.
     assert (exp / "units/train.summary.json").is_file()
     assert not list((exp / "units").rglob("*_2.units")) and not list((exp / "units").rglob("*_2.summary.json"))

@@ -36,6 +36,8 @@ class FeatureReader(abc.ABC):
     name: ClassVar[str]
     frame_rate: float  # a class attribute, or set per instance (an encoder's conv stack decides it)
     dim: int
+    # True for readers whose frames are one-hot symbols (phones): their quantizer is the identity, not a k-means.
+    discrete: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

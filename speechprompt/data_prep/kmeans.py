@@ -5,6 +5,9 @@ The centroids are saved as safetensors, with JSON metadata naming the feature re
 official GSLM ``km.bin`` (a joblib pickle of sklearn's MiniBatchKMeans) loads too: only its centroids are read,
 and nothing in the pickle is executed.
 
+A reader of symbols (``--features phones``: one-hot phone frames) is not clustered: its quantizer is the identity
+over the symbols, written in the same format, so that ``prepare`` and everything after it treat both alike.
+
 Example:
     speechprompt kmeans --manifest data/train.tsv --features hubert --checkpoint hubert_base_ls960.pt \\
         --layer 6 --k 100 --out km100.safetensors
@@ -347,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise QuantizerError(str(e)) from None
     reader = reader_from_args(args)
-    if getattr(reader, "discrete", False):
+    if reader.discrete:
         return _write_identity(args, reader)
     feats, info = collect_features(args.manifest, reader, cfg.percent, cfg.seed, batch_seconds=args.batch_seconds)
     logger.info("clustering %d frames (%d-d) of %d utterances into %d clusters", len(feats), feats.shape[1],
