@@ -173,7 +173,7 @@ if stage_on 2; then
 fi
 
 if stage_on 3; then
-    log "stage 3: iteration 1, ${k1} MFCC units at 100 Hz"
+    log "stage 3: iteration 1, ${k1} ${features1} units at 100 Hz"
     pretrain "${exp}/it1" "${exp}/it1_labels" "${k1}" 100 "${steps1}"
 fi
 
