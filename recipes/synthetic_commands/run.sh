@@ -123,11 +123,13 @@ case "${unit_source}" in
 esac
 hubert_on() { [ "${unit_source}" = auto ] || [ "${unit_source}" = hubert ]; }
 
-# The number of units of a quantizer file: --k of a k-means, or the size of a recognizer's phone set.
+# The number of units of a quantizer file (--k of a k-means, or the size of a recognizer's phone set): the "k" of
+# the metadata in its safetensors header (docs/formats.md).
 units_in() {
-    "$(dirname "$(command -v speechprompt)")/python" -c 'import sys
-from speechprompt.data_prep.kmeans import load_quantizer
-print(load_quantizer(sys.argv[1]).k)' "$1"
+    local k
+    k=$(grep -ao '"k":"[0-9]*"' "$1" | head -n 1 | tr -dc 0-9)
+    [ -n "${k}" ] || die "$1 is not a quantizer of speechprompt kmeans"
+    echo "${k}"
 }
 
 # Deduplicated units of the source $1 for the manifests $3..., into $2/<stem>.units: one process per manifest, all at
