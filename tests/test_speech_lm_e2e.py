@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from tiny_decoders import build_hf_decoder, save_slamkit
+from tiny_decoders import build_hf_decoder, save_slamkit, write_tone
 
 from speechprompt import checkpoint as ck
 from speechprompt import config as C
@@ -24,13 +22,6 @@ from speechprompt.data_prep.speech2unit import prepare
 pytestmark = [pytest.mark.transformers, pytest.mark.usefixtures("one_thread")]
 
 K = 8  # units of the k-means; the slamkit LM then has K + 2 tokens (pad 0, bos = eos 1)
-SR = 16000
-
-
-def _tone(path, freq, seed):
-    t = np.arange(int(SR * 0.3)) / SR
-    noise = np.random.default_rng(seed).normal(0, 0.01, t.size)
-    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32), SR)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def corpus(tmp_path_factory, one_thread):
     audio = root / "audio"
     audio.mkdir()
     for i in range(8):
-        _tone(audio / f"{'low' if i % 2 else 'high'}{i}.wav", 300 if i % 2 else 3000, seed=i)
+        write_tone(audio / f"{'low' if i % 2 else 'high'}{i}.wav", 300 if i % 2 else 3000, seed=i)
     manifest, _ = write_manifest(sorted(audio.glob("*.wav")), root / "train.tsv")
     (root / "train.labels").write_text("".join(f"{e.relpath.split('.')[0].rstrip('0123456789')}\n"
                                                for e in manifest.entries))

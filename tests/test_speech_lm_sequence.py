@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from tiny_decoders import build_hf_decoder, save_slamkit
+from tiny_decoders import build_hf_decoder, save_slamkit, write_tone
 
 from speechprompt import checkpoint as ck
 from speechprompt import config as C
@@ -29,7 +27,6 @@ from speechprompt.tasks.loading import load_task
 pytestmark = [pytest.mark.slow, pytest.mark.transformers, pytest.mark.usefixtures("one_thread")]  # whole runs
 
 K = 16  # k-means units; the transcripts' characters + <unk> need 12 pieces, each one unit
-SR = 16000
 TRANSCRIPTS = {300: "stop now", 3000: "go left"}  # tone frequency -> what is "said"
 # A plain HF directory: OPT's own specials (pad 1, bos 0, eos 2), then the units from token 4 on (GSLM-like offsets,
 # but bos != eos and a vocabulary that is not the slamkit layout).
@@ -37,12 +34,6 @@ TRANSCRIPTS = {300: "stop now", 3000: "go left"}  # tone frequency -> what is "s
 # trained one has, and a prompt can steer them within a few dozen steps.
 INIT = 0.3
 OPT_VOCAB = {"unit_offset": 4, "num_units": K, "bos": 0, "eos": 2, "pad": 1}
-
-
-def _tone(path, freq, seed):
-    t = np.arange(int(SR * 0.3)) / SR
-    noise = np.random.default_rng(seed).normal(0, 0.01, t.size)
-    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32), SR)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def corpus(tmp_path_factory, one_thread):
     audio.mkdir()
     freqs = [300, 3000] * 4
     for i, freq in enumerate(freqs):
-        _tone(audio / f"u{i}.wav", freq, seed=i)
+        write_tone(audio / f"u{i}.wav", freq, seed=i)
     manifest, _ = write_manifest(sorted(audio.glob("*.wav")), root / "train.tsv")
     by_name = {f"u{i}.wav": TRANSCRIPTS[f] for i, f in enumerate(freqs)}
     (root / "train.labels").write_text("".join(by_name[e.relpath] + "\n" for e in manifest.entries))
