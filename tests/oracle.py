@@ -141,6 +141,15 @@ def oracle_python(oracle: str) -> Path:
     return Path(override) if override else REPO / f".venv-{oracle}" / "bin" / "python"
 
 
+def require_oracle_python(oracle: str) -> Path:
+    """:func:`oracle_python`, or fail the calling test (``pytest.fail``) with how to build it when it is missing."""
+    python = oracle_python(oracle)
+    if not python.is_file():
+        pytest.fail(f"the {oracle} oracle environment is missing ({python}); build it with `make oracle-env`, or "
+                    f"point {_ENV_VARS[oracle]} at a python that has {oracle}", pytrace=False)
+    return python
+
+
 class _Server:
     """tests/oracles/serve.py in an oracle's environment: the library imported once, each script run in a fork."""
 
@@ -206,10 +215,7 @@ def run_oracle(oracle: str, script: str, out_dir: str | os.PathLike, timeout: fl
     output), or when the caller breaks the marking rules of the module docstring.
     """
     _check_caller(oracle)
-    python = oracle_python(oracle)
-    if not python.is_file():
-        pytest.fail(f"the {oracle} oracle environment is missing ({python}); build it with `make oracle-env`, or "
-                    f"point {_ENV_VARS[oracle]} at a python that has {oracle}", pytrace=False)
+    python = require_oracle_python(oracle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     argv = [str(ORACLES / oracle / f"{script}.py"), str(out), json.dumps(params)]

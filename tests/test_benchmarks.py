@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from oracle import oracle_python
+from oracle import require_oracle_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,10 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.fairseq
 def test_vs_fairseq_quick_runs_every_case_and_both_sides_agree() -> None:
-    python = oracle_python("fairseq")
-    if not python.is_file():
-        pytest.fail(f"the fairseq oracle environment is missing ({python}); point SPEECHPROMPT_FAIRSEQ_PYTHON at a "
-                    "python that has fairseq-fixed", pytrace=False)
+    python = require_oracle_python("fairseq")
     env = {**os.environ, "SPEECHPROMPT_FAIRSEQ_PYTHON": str(python)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_fairseq.py"), "--quick", "--threads", "1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -87,10 +84,7 @@ def test_speechlm_quick_runs_ours_and_reports_peft_or_why_not() -> None:
 @pytest.mark.slow
 @pytest.mark.fairseq
 def test_encoders_quick_measures_every_architecture_and_ours_batched_is_exact() -> None:
-    python = oracle_python("fairseq")
-    if not python.is_file():
-        pytest.fail(f"the fairseq oracle environment is missing ({python}); point SPEECHPROMPT_FAIRSEQ_PYTHON at a "
-                    "python that has fairseq-fixed", pytrace=False)
+    python = require_oracle_python("fairseq")
     env = {**os.environ, "SPEECHPROMPT_FAIRSEQ_PYTHON": str(python)}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoders.py"), "--quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
