@@ -104,3 +104,32 @@ def test_encoders_quick_measures_every_architecture_and_ours_batched_is_exact() 
         assert all(row[impl]["one"]["max_abs_diff"] < 1e-4 for impl in ("ours", *peers))
         assert row["ours"]["batched"]["max_abs_diff"] < 1e-4
         assert row["ours_batched_vs_fastest_peer"] > 0
+
+
+@pytest.mark.slow
+def test_speechlm_memory_counts_without_allocating_what_the_real_step_allocates() -> None:
+    """The fake (storage-less) step must count exactly what the same step allocates on real tensors."""
+    base = [sys.executable, str(REPO / "benchmarks" / "speechlm_memory.py"), "--shapes", "slam_qwen2.5_0.5b",
+            "--layers", "2", "--batch", "4", "--length", "32"]
+    runs = {}
+    for mode in ("fake", "real"):
+        done = subprocess.run(base + (["--real"] if mode == "real" else []), cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout)
+        assert out["benchmark"] == "speechlm_memory" and out["fake"] is (mode == "fake")
+        runs[mode] = {r["config"]: r for r in out["results"]}
+    fake, real = runs["fake"], runs["real"]
+    assert set(fake) == {"deep_prompt_bf16", "deep_prompt_bf16_ckpt", "full_ft_fp32"}
+    for name in fake:
+        assert fake[name]["peak_gb_by_category"] == real[name]["peak_gb_by_category"], name
+        assert fake[name]["peak_gb"] == real[name]["peak_gb"] > 0, name
+    deep, ckpt, full = fake["deep_prompt_bf16"], fake["deep_prompt_bf16_ckpt"], fake["full_ft_fp32"]
+    base_params = full["parameters"]
+    # bf16 frozen weights and fp32 prompts; fp32 weights, their gradients and two Adam moments.
+    assert deep["peak_gb_by_category"]["Parameter"] == pytest.approx(
+        (2 * base_params + 4 * deep["trainable"]) / 1e9, abs=2e-3)
+    assert full["peak_gb_by_category"]["Optstate"] == pytest.approx(2 * 4 * base_params / 1e9, abs=2e-3)
+    assert deep["peak_gb_by_category"]["Gradient"] == 0 and full["peak_gb_by_category"]["Gradient"] > 0
+    assert ckpt["peak_gb_by_category"]["Activation"] < deep["peak_gb_by_category"]["Activation"]
+    assert deep["peak_gb"] < full["peak_gb"] / 4

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechprompt.models.lean_ops import SiluGate
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -58,7 +60,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
-        h = ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # (B, T, ffn_dim)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, ffn_dim) each
+        if self.activation == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            h = SiluGate.apply(gate, up)  # keeps gate and up for backward, not silu(gate) as well
+        else:
+            h = ACTIVATIONS[self.activation](gate) * up
         return self.down_proj(h if dropout is None else dropout(h))
 
 

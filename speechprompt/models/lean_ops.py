@@ -1,5 +1,6 @@
 """Memory-lean autograd functions of the shared transformer layer: the same values as the plain ops, less kept for
-backward. ReLU and dropout keep 1-byte masks instead of float tensors, and attention with dropout on a CPU keeps a
+backward. ReLU and dropout keep 1-byte masks instead of float tensors, SwiGLU's gate keeps its two inputs and not
+the activation as well, and attention with dropout on a CPU keeps a
 byte mask and the log-sum-exp instead of three ``(B, H, T, S)`` float tensors (flash attention's trade: recompute the
 probabilities in backward). :mod:`speechprompt.models.transformer` decides when each applies."""
 
@@ -29,6 +30,32 @@ class ReluKeepingMask(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
         (positive,) = ctx.saved_tensors
         return torch.where(positive, grad, grad.new_zeros(()))
+
+
+class SiluGate(torch.autograd.Function):
+    """SwiGLU's gate, ``silu(gate) * up``, keeping only ``gate`` and ``up`` for backward.
+
+    Autograd keeps three ``(B, T, ffn_dim)`` tensors for ``F.silu(gate) * up``: ``gate`` (silu's backward),
+    ``silu(gate)`` and ``up`` (the product's). The activation is recomputed from ``gate`` in backward instead, which
+    takes a third off the FFN's activations of LLaMA/Qwen2 layers (the largest share of what a frozen backbone keeps
+    for a deep prompt's backward). The same forward ops and the same backward kernels, so the same values and
+    gradients, bit for bit; the price is one more ``silu`` in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gate, up = ctx.saved_tensors
+        # autograd's own kernels in autograd's order (the product's backward, then silu's): the same gradients, bit
+        # for bit, and no more temporaries than autograd's
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 class Dropout(nn.Dropout):

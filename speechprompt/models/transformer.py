@@ -36,12 +36,13 @@ from torch import Tensor, nn
 
 from speechprompt.models.kv_cache import KVCache, LayerKV
 from speechprompt.models.layer_parts import ACTIVATIONS, RMSNorm, SwiGLU, apply_rotary
-from speechprompt.models.lean_ops import AttentionWithDropout, Dropout, ReluKeepingMask
+from speechprompt.models.lean_ops import AttentionWithDropout, Dropout, ReluKeepingMask, SiluGate
 
 # Names other modules import from here (the layer's public surface), wherever they are defined.
 __all__ = [
     "ACTIVATIONS", "AttentionWithDropout", "Dropout", "KVCache", "LayerKV", "MultiheadAttention", "RMSNorm",
-    "ReluKeepingMask", "SwiGLU", "TransformerLayer", "apply_rotary", "attention_mask", "set_activation_checkpointing",
+    "ReluKeepingMask", "SiluGate", "SwiGLU", "TransformerLayer", "apply_rotary", "attention_mask",
+    "set_activation_checkpointing",
 ]
 
 

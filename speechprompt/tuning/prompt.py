@@ -123,7 +123,8 @@ class PromptTuning(TuningMethod):
         self.separator_id = self.vocab.bos
         if config.train_separator:
             self.separator = nn.Parameter(table[self.separator_id].to(torch.float32, copy=True))
-        self.to(table.device)
+        if any(p.device != table.device for p in self.parameters()):  # not a no-op .to(): fake tensors refuse it
+            self.to(table.device)
 
     def _init_tokens(self) -> torch.Tensor | None:
         """``(L,)`` token ids the prompts start from (``None`` for ``init=normal``)."""

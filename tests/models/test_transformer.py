@@ -14,6 +14,8 @@ from speechprompt.models.transformer import (
     KVCache,
     LayerKV,
     ReluKeepingMask,
+    SiluGate,
+    SwiGLU,
     TransformerLayer,
     attention_mask,
 )
@@ -127,3 +129,38 @@ def test_selected_cache_rows_keep_writing_in_place() -> None:
     assert key.data_ptr() == ptr  # written into the selected buffer's spare room
     assert torch.equal(key, torch.cat([k0[rows], k1], dim=2)) and torch.equal(value, torch.cat([v0[rows], v1], dim=2))
     assert torch.equal(cache.layers[0].key, k0)  # the original is untouched
+
+
+def test_silu_gate_keeps_its_inputs_only_and_has_autograd_gradients() -> None:
+    g = torch.Generator().manual_seed(3)
+    gate = torch.randn(2, 5, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(2, 5, 24, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 24, dtype=torch.float64, generator=g)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = SiluGate.apply(gate, up)
+    assert len(saved) == 2  # gate and up; autograd's own keeps silu(gate) too
+    reference = F.silu(gate) * up
+    assert torch.equal(ours, reference)
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), grad), torch.autograd.grad(reference, (gate, up), grad)):
+        assert torch.equal(a, b)  # autograd's kernels in autograd's order
+    # Only the gradients asked for: a frozen up projection's output needs none.
+    (only_gate,) = torch.autograd.grad(SiluGate.apply(gate, up.detach()), gate, grad)
+    (expected,) = torch.autograd.grad(F.silu(gate) * up, gate, grad)
+    assert torch.equal(only_gate, expected)
+
+
+def test_swiglu_in_training_takes_the_lean_gate_with_the_same_values() -> None:
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 40).requires_grad_(False)  # a frozen backbone's FFN, its input trained (a deep prompt's path)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ffn(x)
+    activations = [tuple(t.shape) for t in saved if t.shape[:2] == (3, 4)]  # the rest are the weights (no copies)
+    assert activations == [(3, 4, 40), (3, 4, 40)]  # gate and up, nothing more
+    h = F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)
+    reference = ffn.down_proj(h)
+    assert torch.equal(out, reference)
+    grad = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
