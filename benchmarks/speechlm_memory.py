@@ -106,10 +106,8 @@ def _measure(shape_name: str, config: str, args: argparse.Namespace, mode: Any) 
         if deep:
             method = build_method(PromptConfig(length=5, deep=True), model)  # fp32, on the model's device
             params = freeze_except(model, method)
-            kwargs: dict[str, Any] = method.forward_kwargs(args.batch)
         else:
             params = list(model.parameters())
-            kwargs = {}
         if config.endswith("_ckpt"):
             set_activation_checkpointing(model)
         model.train()
@@ -121,8 +119,8 @@ def _measure(shape_name: str, config: str, args: argparse.Namespace, mode: Any) 
         tracker.track_external(model, opt)
         with tracker:
             for step in range(2):  # the second step has Adam's state from the first: the steady state
-                kw = method.forward_kwargs(args.batch) if deep else kwargs
-                logits = model(tokens, **kw)
+                kwargs = method.forward_kwargs(args.batch) if deep else {}  # inside: its tensors count
+                logits = model(tokens, **kwargs)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
                 loss.backward()
                 opt.step()

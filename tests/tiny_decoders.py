@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile as sf
 import torch
 
 SR = 16000
@@ -18,12 +20,10 @@ SR = 16000
 def write_tone(path: str | Path, freq: float, seed: int, seconds: float = 0.3) -> None:
     """A noisy sine wave at ``freq`` Hz: the stand-in utterance of the speech-LM end-to-end tests, whose units (and
     so whose label) the tone's pitch decides."""
-    import numpy as np
-    import soundfile as sf
-
     t = np.arange(int(SR * seconds)) / SR
     noise = np.random.default_rng(seed).normal(0, 0.01, t.size)
     sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32), SR)
+
 
 # Two shapes per family, covering the variants the loader must tell apart.
 CONFIGS: dict[str, dict[str, Any]] = {

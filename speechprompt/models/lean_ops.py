@@ -1,8 +1,8 @@
 """Memory-lean autograd functions of the shared transformer layer: the same values as the plain ops, less kept for
-backward. ReLU and dropout keep 1-byte masks instead of float tensors, SwiGLU's gate keeps its two inputs and not
-the activation as well, and attention with dropout on a CPU keeps a
-byte mask and the log-sum-exp instead of three ``(B, H, T, S)`` float tensors (flash attention's trade: recompute the
-probabilities in backward). :mod:`speechprompt.models.transformer` decides when each applies."""
+backward. ReLU and dropout keep 1-byte masks instead of float tensors, SwiGLU's gate keeps its two inputs and not the
+activation as well, and attention with dropout on a CPU keeps a byte mask and the log-sum-exp instead of three
+``(B, H, T, S)`` float tensors (flash attention's trade: recompute the probabilities in backward).
+:mod:`speechprompt.models.transformer` decides when each applies."""
 
 from __future__ import annotations
 
