@@ -135,7 +135,8 @@ class TrainConfig(RunOptions):
     )
     eval_batch_size: int = option(64, help="utterances per batch when evaluating")
     dropout: bool = option(
-        True, help="keep the frozen LM's dropout active while training (as fairseq does when prompt tuning)"
+        True, help="keep the frozen LM's dropout active while training (as fairseq does when prompt tuning); "
+        "false trained the demo's prompts and probe better (docs/demo.md)"
     )
     fsdp: bool = option(False, help="under torchrun, shard the frozen base's weights over the processes (FSDP2), "
                         "for a backbone one device cannot hold; the method's tensors stay replicated, inside the "
