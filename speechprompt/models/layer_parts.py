@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechprompt.models.lean_ops import SiluGate
+from speechprompt.models.lean_ops import SiluGate, records_grad
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -61,7 +61,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, ffn_dim) each
-        if self.activation == "silu" and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        if self.activation == "silu" and records_grad(gate, up):
             h = SiluGate.apply(gate, up)  # keeps gate and up for backward, not silu(gate) as well
         else:
             h = ACTIVATIONS[self.activation](gate) * up

@@ -2,13 +2,20 @@
 backward. ReLU and dropout keep 1-byte masks instead of float tensors, SwiGLU's gate keeps its two inputs and not the
 activation as well, and attention with dropout on a CPU keeps a byte mask and the log-sum-exp instead of three
 ``(B, H, T, S)`` float tensors (flash attention's trade: recompute the probabilities in backward).
-:mod:`speechprompt.models.transformer` decides when each applies."""
+The layer's modules (:mod:`speechprompt.models.transformer`, SwiGLU in :mod:`speechprompt.models.layer_parts`) decide
+when each applies, and only where :func:`records_grad` says autograd will keep something."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (and so keeps tensors for its backward): grad mode is on and
+    one of them requires grad. Elsewhere the plain op keeps nothing, and a lean function would only cost a call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class ReluKeepingMask(torch.autograd.Function):

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from speechprompt.models.kv_cache import KVCache, LayerKV
 from speechprompt.models.layer_parts import ACTIVATIONS, RMSNorm, SwiGLU, apply_rotary
-from speechprompt.models.lean_ops import AttentionWithDropout, Dropout, ReluKeepingMask, SiluGate
+from speechprompt.models.lean_ops import AttentionWithDropout, Dropout, ReluKeepingMask, SiluGate, records_grad
 
 # Names other modules import from here (the layer's public surface), wherever they are defined.
 __all__ = [
@@ -152,8 +152,7 @@ class MultiheadAttention(nn.Module):
         if attn_bias is not None:
             attn_mask = _merge_bias(attn_mask, attn_bias.to(q.dtype), k.shape[2])
         dropout = self.dropout if self.training else 0.0
-        if dropout and q.device.type == "cpu" and torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad):
+        if dropout and q.device.type == "cpu" and records_grad(q, k, v):
             out = AttentionWithDropout.apply(q, k, v, attn_mask, is_causal, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
@@ -300,8 +299,8 @@ class TransformerLayer(nn.Module):
     def _activation(self, x: Tensor) -> Tensor:
         """The FFN activation; relu keeps only a byte mask for backward when a frozen, untouched ``fc2`` will not
         keep its input anyway (frozen weights need no gradient; a hooked or wrapped linear may read it)."""
-        if (self.activation == "relu" and x.requires_grad and torch.is_grad_enabled()
-                and not self.fc2.weight.requires_grad and _plain_linear(self.fc2)):
+        if (self.activation == "relu" and records_grad(x) and not self.fc2.weight.requires_grad
+                and _plain_linear(self.fc2)):
             return ReluKeepingMask.apply(x)
         return ACTIVATIONS[self.activation](x)
 

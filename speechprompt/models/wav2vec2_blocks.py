@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechprompt.audio import fbank
+from speechprompt.models.lean_ops import records_grad
 from speechprompt.models.transformer import MultiheadAttention
 from speechprompt.models.wav2vec2_config import ExtractorMode, Wav2Vec2Config
 
@@ -183,7 +184,7 @@ class WeightNormConv1d(nn.Module):
         """``(groups, n // 2 + 1, C/groups out, C/groups in)``: the conjugate spectrum of the weight; cached while
         the weights are frozen (the key changes with any in-place update, reload or move of them)."""
         v, g = self.weight_v, self.weight_g
-        if torch.is_grad_enabled() and (v.requires_grad or g.requires_grad):
+        if records_grad(v, g):  # trained weights: a fresh spectrum that autograd can go through
             self._cache = None
             return self._compute_spectrum(n)
         key = (n, v._version, g._version, v.data_ptr(), g.data_ptr(), v.dtype, v.device)

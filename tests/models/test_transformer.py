@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from speechprompt.models.lean_ops import records_grad
 from speechprompt.models.transformer import (
     AttentionWithDropout,
     Dropout,
@@ -164,3 +165,13 @@ def test_swiglu_in_training_takes_the_lean_gate_with_the_same_values() -> None:
     assert torch.equal(out, reference)
     grad = torch.randn_like(out)
     assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
+
+
+def test_records_grad_asks_grad_mode_and_every_tensor() -> None:
+    frozen, trained = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert records_grad(frozen, trained) and records_grad(trained)
+    assert not records_grad(frozen) and not records_grad()
+    with torch.no_grad():
+        assert not records_grad(trained)
+    with torch.inference_mode():
+        assert not records_grad(trained)
