@@ -59,6 +59,10 @@ def test_demo_recipe_end_to_end(tmp_path: Path) -> None:
     assert choice["results"][choice["chosen"]]["dev_accuracy"] == best
     assert (exp / "units/dev.units").read_text() == (exp / "candidates" / choice["chosen"] / "dev.units").read_text()
     assert (exp / "hubert/it1/checkpoint_best.pt").is_file()
+    # The unit LM read the sentences and, unlabeled, the commands' training clips four times over.
+    ulm_config = (exp / "ulm/config.yaml").read_text()
+    assert "- exp/synthetic_commands/units/sentences/train.units\n" in ulm_config
+    assert ulm_config.count("- exp/synthetic_commands/units/train.units\n") == 4
     if choice["chosen"] == "phones":
         # The sentences' units were taken from the HuBERT's phone targets, repeats merged: what `prepare --dedup`
         # gives.

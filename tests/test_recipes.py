@@ -192,6 +192,28 @@ def test_synthetic_task_stages_call_the_cli(tmp_path):
         f"--out {runs}/seed7"]
 
 
+def test_demo_unit_lm_reads_the_commands_training_clips(tmp_path):
+    # Stage 6 of `make demo`: the unit LM's corpus is the sentences' units and, without labels, the commands' training
+    # clips' units, --ulm-task-repeats times over (4 unless told; 0 is the sentences alone).
+    bin_dir, log = _fake_speechprompt(tmp_path)
+    units = "exp/synthetic_commands/units"
+    (tmp_path / units).mkdir(parents=True)
+    (tmp_path / units / "source.txt").write_text("phones\n")
+    (tmp_path / "exp/synthetic_commands/km_phones.safetensors").write_bytes(b'{"__metadata__":{"k":"42"}}')
+    script = ROOT / "recipes" / "synthetic_commands" / "run.sh"
+    for options, repeats in (((), 4), (("--ulm-task-repeats", "0"), 0), (("--ulm-task-repeats", "2"), 2)):
+        log.unlink(missing_ok=True)
+        result = _run(script, "--stage", "6", "--stop-stage", "6", "--nj", "1", *options, cwd=tmp_path,
+                      bin_dir=bin_dir)
+        assert result.returncode == 0, result.stderr
+        corpus = ",".join([f"{units}/sentences/train.units"] + [f"{units}/train.units"] * repeats)
+        assert log.read_text().splitlines() == [
+            f"speechprompt pretrain-ulm --config {script.parent}/conf/ulm.yaml train=[{corpus}] max_steps=400 "
+            f"n_units=42 batch_size=16"]
+    bad = _run(script, "--stage", "6", "--stop-stage", "6", "--ulm-task-repeats", "-1", cwd=tmp_path, bin_dir=bin_dir)
+    assert bad.returncode == 1 and "--ulm-task-repeats must be a whole number, not '-1'" in bad.stderr
+
+
 # The published numbers each encoder recipe quotes in its README (with their source) and, the headline ones, in --help.
 ENCODER_PUBLISHED = {
     "speech_commands_superb": ["96.30"], "fluent_commands_superb": ["98.34"], "voxceleb1_superb": ["81.42"],
