@@ -287,10 +287,10 @@ if stage_on 6; then
     log "stage 6: pretrain the unit LM on the ${n_units} ${chosen} units of the sentences and of the commands'" \
         "training clips x ${ulm_task_repeats} (${ulm_steps} updates, ${nj} processes)"
     # Task-adaptive pretraining: the LM also reads the task's own training audio, as units and without labels,
-    # repeated so that it is about a quarter of the corpus (4 x 4k units beside the sentences' 50k). A frozen LM
-    # whose states already tell the ten words apart leaves the prompts less to do. Over three LM seeds (10 task seeds
-    # each) it lifted v2 on dev and cut its gap to full fine-tuning on unseen voices from 0.051 to 0.008, while the
-    # gap on the unseen synthesizer grew from 0.004 to 0.031 (docs/demo.md).
+    # repeated so that it is about a quarter of the corpus (on phones, 4 x 4k units beside the sentences' 50k). A
+    # frozen LM whose states already tell the ten words apart leaves the prompts less to do. Over three LM seeds (10
+    # task seeds each) it lifted v2 on dev and cut its gap to full fine-tuning on unseen voices from 0.051 to 0.008,
+    # while the gap on the unseen synthesizer grew from 0.004 to 0.031 (docs/demo.md).
     ulm_train=${units}/sentences/train.units
     for _ in $(seq 1 "${ulm_task_repeats}"); do ulm_train+=",${units}/train.units"; done
     pretrain=(pretrain-ulm --config "${recipe}/conf/ulm.yaml" "train=[${ulm_train}]" max_steps="${ulm_steps}"
